@@ -1,0 +1,402 @@
+"""convert.py: a Hugging Face Phi-4-mini-flash folder -> one phi4flash safetensors file.
+
+    python convert.py SRC DST [--dtype bfloat16|float32] [--force]
+
+SRC is a snapshot folder (config.json, model.safetensors or model-0000K-of-0000N.safetensors +
+model.safetensors.index.json, tokenizer files, generation_config.json). Everything is checked before a
+byte is written; tensors are then streamed a few MB at a time into DST/model.safetensors under the
+names phi4flash.tensor_shapes() lists, and DST appears only when the whole conversion succeeded.
+
+Layout choices: fused projections are split so every tensor has one meaning (see
+phi4flash.tensor_shapes); weights stay [out, in] as in the checkpoint, which is already the layout
+a batch-1 matrix-vector product reads row by row; bf16 is stored as bf16 (lossless for the real
+checkpoint) or widened to float32 (--dtype float32, twice the size). Norms, biases, A_log, D, the conv
+kernel and λ vectors are always float32: they are tiny and feed fp32 statistics.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+
+import numpy as np
+
+import phi4flash
+from phi4flash import Config, Phi4FlashError, read_safetensors_header
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "added_tokens.json", "generation_config.json")
+CHUNK_BYTES = 32 << 20  # source bytes read per step: peak memory is a few of these, never a tensor
+
+
+# ----------------------------------------------------------------------------------------------
+# config.json -> Config
+
+def config_from_hf(hf, where="config.json"):
+    """Read a Hugging Face Phi4Flash config dict; one-line Phi4FlashError on anything we cannot run."""
+    if hf.get("model_type") != "phi4flash" and "Phi4FlashForCausalLM" not in (hf.get("architectures") or []):
+        raise Phi4FlashError(f"{where}: model_type is {hf.get('model_type')!r} and architectures is "
+                             f"{hf.get('architectures')!r}; expected Phi-4-mini-flash (model_type 'phi4flash')")
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "sliding_window"):
+        if key not in hf:
+            raise Phi4FlashError(f"{where}: missing key {key!r}")
+    L, D = hf["num_hidden_layers"], hf["hidden_size"]
+    H, H_kv = hf["num_attention_heads"], hf["num_key_value_heads"]
+    if L % 4 or L < 4:
+        raise Phi4FlashError(f"{where}: num_hidden_layers is {L}; SambaY needs a multiple of 4")
+    if D % H or H % H_kv or H % 2 or H_kv % 2:
+        raise Phi4FlashError(f"{where}: {H} heads / {H_kv} KV heads for hidden_size {D}; need H | hidden, "
+                             "H_kv | H, and both even (differential attention splits heads in two stripes)")
+    if hf.get("mb_per_layer", 2) != 2:
+        raise Phi4FlashError(f"{where}: mb_per_layer is {hf['mb_per_layer']}; only 2 (Mamba every other layer) exists")
+    dt_rank = hf.get("mamba_dt_rank", "auto")
+    dt_rank = math.ceil(D / 16) if dt_rank in (None, "auto") else dt_rank
+    if not isinstance(dt_rank, int) or dt_rank < 1:
+        raise Phi4FlashError(f"{where}: mamba_dt_rank is {hf.get('mamba_dt_rank')!r}; expected 'auto' or a positive int")
+    # sliding_window: an int means W on the self-decoder's attention layers (odd i < L/2); a list
+    # (the original config class expands it) gives each layer's window, null = full. layer_types,
+    # if present, is not needed: layer kinds follow from the schedule and are checked against tensors.
+    sw = hf["sliding_window"]
+    if isinstance(sw, int) and sw > 0:
+        windows = [sw if (i % 2 and i < L // 2) else None for i in range(L)]
+    elif isinstance(sw, list) and len(sw) == L and all(w is None or (isinstance(w, int) and w > 0) for w in sw):
+        windows = [sw[i] if (i % 2 and i < L // 2) else None for i in range(L)]
+        if sw[L // 2 + 1] is not None:
+            raise Phi4FlashError(f"{where}: sliding_window[{L // 2 + 1}] is {sw[L // 2 + 1]}; the shared-KV layer must be full attention")
+    else:
+        raise Phi4FlashError(f"{where}: sliding_window is {sw!r}; expected a positive int or a list of {L} ints/nulls")
+    ints = {"mamba_d_state": 16, "mamba_d_conv": 4, "mamba_expand": 2}
+    values = {k: hf.get(k, v) if hf.get(k) is not None else v for k, v in ints.items()}
+    for k, v in values.items():
+        if not isinstance(v, int) or v < 1:
+            raise Phi4FlashError(f"{where}: {k} is {v!r}; expected a positive int")
+    return Config(vocab_size=hf["vocab_size"], hidden_size=D, intermediate_size=hf["intermediate_size"],
+                  num_hidden_layers=L, num_attention_heads=H, num_key_value_heads=H_kv,
+                  sliding_window=tuple(windows), mamba_dt_rank=dt_rank,
+                  layer_norm_eps=float(hf.get("layer_norm_eps", 1e-5)),
+                  context_length=min(int(hf.get("max_position_embeddings") or 65536), 65536), **values)
+
+
+# ----------------------------------------------------------------------------------------------
+# The Hugging Face tensor table and how each of our tensors is cut from it
+
+def hf_tensor_shapes(cfg):
+    """Every tensor of the Hugging Face checkpoint: name -> shape (434 tensors for the real model)."""
+    D, F, V, N = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.mamba_d_state
+    E, R, hd = cfg.d_inner, cfg.mamba_dt_rank, cfg.head_dim
+    H, H_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    shapes = {"model.embed_tokens.weight": (V, D), "model.final_layernorm.weight": (D,), "model.final_layernorm.bias": (D,)}
+    for i, kind in enumerate(cfg.layer_kinds):
+        p = f"model.layers.{i}."
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            shapes.update({p + norm + ".weight": (D,), p + norm + ".bias": (D,)})
+        shapes.update({p + "mlp.fc1.weight": (2 * F, D), p + "mlp.fc2.weight": (D, F)})
+        a = p + "attn."
+        if kind == "mamba":
+            shapes.update({a + "in_proj.weight": (2 * E, D), a + "conv1d.weight": (E, 1, cfg.mamba_d_conv),
+                           a + "conv1d.bias": (E,), a + "x_proj.weight": (R + 2 * N, E),
+                           a + "dt_proj.weight": (E, R), a + "dt_proj.bias": (E,),
+                           a + "A_log": (E, N), a + "D": (E,), a + "out_proj.weight": (D, E)})
+        elif kind == "gmu":
+            shapes.update({a + "in_proj.weight": (E, D), a + "out_proj.weight": (D, E)})
+        else:
+            rows = (H + 2 * H_kv) * hd if kind == "attn" else H * hd  # cross-attention: query rows only
+            shapes.update({a + "Wqkv.weight": (rows, D), a + "Wqkv.bias": (rows,),
+                           a + "out_proj.weight": (D, D), a + "out_proj.bias": (D,),
+                           a + "inner_cross_attn.subln.weight": (2 * hd,)})
+            shapes.update({a + f"inner_cross_attn.lambda_{n}": (hd,) for n in ("q1", "k1", "q2", "k2")})
+    return shapes
+
+
+def conversion_plan(cfg):
+    """[(our name, hf name, first row, end row, is_matrix)]: our tensor = rows [r0, r1) of the HF one.
+    Matrices take --dtype; every other tensor is stored float32."""
+    F, E, R, N = cfg.intermediate_size, cfg.d_inner, cfg.mamba_dt_rank, cfg.mamba_d_state
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    hf = hf_tensor_shapes(cfg)
+    plan = []
+
+    def add(ours, theirs, r0=0, r1=None, matrix=False):
+        plan.append((ours, theirs, r0, hf[theirs][0] if r1 is None else r1, matrix))
+
+    add("embed_tokens.weight", "model.embed_tokens.weight", matrix=True)
+    add("final_layernorm.weight", "model.final_layernorm.weight")
+    add("final_layernorm.bias", "model.final_layernorm.bias")
+    for i, kind in enumerate(cfg.layer_kinds):
+        p, s = f"layers.{i}.", f"model.layers.{i}."
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            add(p + norm + ".weight", s + norm + ".weight")
+            add(p + norm + ".bias", s + norm + ".bias")
+        add(p + "mlp.fc1_gate", s + "mlp.fc1.weight", 0, F, True)
+        add(p + "mlp.fc1_up", s + "mlp.fc1.weight", F, 2 * F, True)
+        add(p + "mlp.fc2", s + "mlp.fc2.weight", matrix=True)
+        a = s + "attn."
+        if kind == "mamba":
+            m = p + "mamba."
+            add(m + "in_proj_x", a + "in_proj.weight", 0, E, True)
+            add(m + "in_proj_z", a + "in_proj.weight", E, 2 * E, True)
+            add(m + "conv1d_weight", a + "conv1d.weight")  # (E, 1, d_conv) stored as (E, d_conv): same bytes
+            add(m + "conv1d_bias", a + "conv1d.bias")
+            add(m + "x_proj_dt", a + "x_proj.weight", 0, R, True)
+            add(m + "x_proj_B", a + "x_proj.weight", R, R + N, True)
+            add(m + "x_proj_C", a + "x_proj.weight", R + N, R + 2 * N, True)
+            add(m + "dt_proj", a + "dt_proj.weight", matrix=True)
+            add(m + "dt_proj_bias", a + "dt_proj.bias")
+            add(m + "A_log", a + "A_log")
+            add(m + "D", a + "D")
+            add(m + "out_proj", a + "out_proj.weight", matrix=True)
+        elif kind == "gmu":
+            add(p + "gmu.in_proj", a + "in_proj.weight", matrix=True)
+            add(p + "gmu.out_proj", a + "out_proj.weight", matrix=True)
+        else:
+            t = p + "attn."
+            add(t + "Wq", a + "Wqkv.weight", 0, q, True)
+            add(t + "bq", a + "Wqkv.bias", 0, q)
+            if kind == "attn":
+                add(t + "Wk", a + "Wqkv.weight", q, q + kv, True)
+                add(t + "bk", a + "Wqkv.bias", q, q + kv)
+                add(t + "Wv", a + "Wqkv.weight", q + kv, q + 2 * kv, True)
+                add(t + "bv", a + "Wqkv.bias", q + kv, q + 2 * kv)
+            add(t + "out_proj", a + "out_proj.weight", matrix=True)
+            add(t + "out_proj_bias", a + "out_proj.bias")
+            add(t + "subln", a + "inner_cross_attn.subln.weight")
+            for n in ("q1", "k1", "q2", "k2"):
+                add(t + f"lambda_{n}", a + f"inner_cross_attn.lambda_{n}")
+    return plan
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading the source folder (headers only) and validating it
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise Phi4FlashError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise Phi4FlashError(f"{path}: not valid JSON ({e})") from None
+
+
+def find_tensors(src):
+    """{hf name: (file, header entry, data start)} for a single file or an indexed set of shards."""
+    index = os.path.join(src, "model.safetensors.index.json")
+    single = os.path.join(src, "model.safetensors")
+    if os.path.isfile(index):
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise Phi4FlashError(f"{index}: no 'weight_map' object")
+        files = sorted(set(weight_map.values()))
+    elif os.path.isfile(single):
+        weight_map, files = None, ["model.safetensors"]
+    else:
+        shards = [f for f in os.listdir(src) if f.endswith(".safetensors")]
+        hint = f" (found {shards[0]} but no model.safetensors.index.json)" if shards else ""
+        raise Phi4FlashError(f"{src}: no model.safetensors or model.safetensors.index.json{hint}")
+    found = {}
+    for name in files:
+        path = os.path.join(src, name)
+        if not os.path.isfile(path):
+            raise Phi4FlashError(f"{path}: missing shard (listed in model.safetensors.index.json)")
+        header, _, start = read_safetensors_header(path)
+        for tensor, info in header.items():
+            if tensor in found:
+                raise Phi4FlashError(f"{path}: tensor {tensor} also stored in {found[tensor][0]}")
+            found[tensor] = (path, info, start)
+    if weight_map is not None:
+        for tensor, name in weight_map.items():
+            if tensor not in found or os.path.basename(found[tensor][0]) != name:
+                raise Phi4FlashError(f"{os.path.join(src, name)}: tensor {tensor} is listed in the index but not stored in this shard")
+    return found
+
+
+def validate(src):
+    """Check SRC completely; -> (Config, tensors found, plan). Raises Phi4FlashError with one line."""
+    if not os.path.isdir(src):
+        raise Phi4FlashError(f"SRC {src}: not a folder (expected a Hugging Face snapshot folder)")
+    cfg = config_from_hf(_read_json(os.path.join(src, "config.json")), os.path.join(src, "config.json"))
+    if not os.path.isfile(os.path.join(src, "tokenizer.json")):
+        raise Phi4FlashError(f"{os.path.join(src, 'tokenizer.json')}: missing (the tokenizer is needed to chat)")
+    found = find_tensors(src)
+    expected = hf_tensor_shapes(cfg)
+    for name, shape in expected.items():
+        if name not in found:
+            raise Phi4FlashError(f"{src}: tensor {name} is missing (expected shape {list(shape)})")
+        path, info, _ = found[name]
+        if tuple(info["shape"]) != shape:
+            raise Phi4FlashError(f"{path}: tensor {name} has shape {info['shape']}, the config implies {list(shape)}")
+    unknown = sorted(set(found) - set(expected))
+    if unknown:
+        raise Phi4FlashError(f"{found[unknown[0]][0]}: unexpected tensor {unknown[0]} (not part of Phi-4-mini-flash"
+                             f"{'; ' + str(len(unknown)) + ' unexpected in all' if len(unknown) > 1 else ''})")
+    return cfg, found, conversion_plan(cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing: header first (every size is known), then each tensor in chunks of rows
+
+def f32_to_bf16(x):
+    """float32 -> bf16 bits, rounding to nearest even."""
+    u = x.view(np.uint32)
+    return ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)
+
+
+def _convert_rows(raw, src_dtype, to_bf16):
+    if src_dtype == "BF16":
+        return raw if to_bf16 else phi4flash.bf16_to_f32(raw)
+    x = raw.astype(np.float32)  # F16 widens exactly; F32 is a no-op copy
+    return f32_to_bf16(x) if to_bf16 else x
+
+
+def write_converted(path, cfg, found, plan, dtype, progress=None):
+    entries = [(ours, theirs, r0, r1, matrix and dtype == "bfloat16") for ours, theirs, r0, r1, matrix in plan]
+    shapes, offset = phi4flash.tensor_shapes(cfg), 0
+    header = {"__metadata__": {"format": phi4flash.FORMAT, "format_version": phi4flash.FORMAT_VERSION,
+                               "config": json.dumps(_config_json(cfg)), "weights_dtype": dtype}}
+    for ours, _, _, _, bf16 in entries:
+        nbytes = math.prod(shapes[ours]) * (2 if bf16 else 4)
+        header[ours] = {"dtype": "BF16" if bf16 else "F32", "shape": list(shapes[ours]),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-(8 + len(blob)) % 64)  # pad so the data starts 64-byte aligned
+    with open(path, "wb") as out:
+        out.write(len(blob).to_bytes(8, "little"))
+        out.write(blob)
+        files = {}
+        try:
+            for ours, theirs, r0, r1, bf16 in entries:
+                file, info, start = found[theirs]
+                f = files.get(file) or files.setdefault(file, open(file, "rb"))
+                src_dtype = np.dtype(phi4flash.SAFETENSORS_DTYPES[info["dtype"]])
+                row = math.prod(info["shape"][1:]) if len(info["shape"]) > 1 else 1
+                step = max(1, CHUNK_BYTES // (row * src_dtype.itemsize))
+                for a in range(r0, r1, step):
+                    n = min(r1, a + step) - a
+                    raw = np.empty(n * row, src_dtype)
+                    f.seek(start + info["data_offsets"][0] + a * row * src_dtype.itemsize)
+                    if f.readinto(memoryview(raw).cast("B")) != raw.nbytes:
+                        raise Phi4FlashError(f"{file}: truncated while reading {theirs}")
+                    out.write(_convert_rows(raw, info["dtype"], bf16).tobytes())
+                    if progress:
+                        progress(raw.nbytes)
+        finally:
+            for f in files.values():
+                f.close()
+
+
+def _config_json(cfg):
+    from dataclasses import asdict
+    return {**asdict(cfg), "sliding_window": list(cfg.sliding_window)}
+
+
+def convert(src, dst, dtype="bfloat16", force=False, show_progress=None):
+    """Validate SRC, then write DST atomically (a temporary sibling folder renamed into place)."""
+    src, dst = os.path.abspath(src), os.path.abspath(dst)
+    if dtype not in ("bfloat16", "float32"):
+        raise Phi4FlashError(f"--dtype {dtype}: expected bfloat16 or float32")
+    if os.path.exists(dst) and not force:
+        raise Phi4FlashError(f"DST {dst}: already exists (use --force to replace it)")
+    if os.path.exists(dst) and not os.path.isdir(dst):
+        raise Phi4FlashError(f"DST {dst}: exists and is not a folder")
+    if dst == src:
+        raise Phi4FlashError(f"DST {dst}: is SRC itself")
+    cfg, found, plan = validate(src)
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(dst)}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        total = sum((r1 - r0) * math.prod(found[t][1]["shape"][1:] or [1])
+                    * np.dtype(phi4flash.SAFETENSORS_DTYPES[found[t][1]["dtype"]]).itemsize for _, t, r0, r1, _ in plan)
+        show = total > (64 << 20) if show_progress is None else show_progress
+        if show:
+            from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+            with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                          TransferSpeedColumn(), TimeRemainingColumn(), transient=False) as bar:
+                task = bar.add_task(f"converting {os.path.basename(src)}", total=total)
+                write_converted(os.path.join(tmp, "model.safetensors"), cfg, found, plan, dtype,
+                                lambda n: bar.advance(task, n))
+        else:
+            write_converted(os.path.join(tmp, "model.safetensors"), cfg, found, plan, dtype)
+        for name in TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(src, name)):
+                shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
+        phi4flash.load(tmp)  # read back: headers, names and shapes must be what load() expects
+        if os.path.exists(dst):
+            old = tmp + ".old"
+            os.rename(dst, old)
+            os.rename(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# A model argument that may be a converted folder or a Hugging Face snapshot
+
+def cache_root():
+    return os.environ.get("PHI4FLASH_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "phi4flash")
+
+
+def is_converted(path):
+    try:
+        _, meta, _ = read_safetensors_header(os.path.join(path, "model.safetensors"))
+    except (OSError, Phi4FlashError):
+        return False
+    return meta.get("format") == phi4flash.FORMAT
+
+
+def resolve_model(path, dtype="bfloat16", show_progress=None):
+    """Converted folder -> itself. Hugging Face snapshot -> its conversion, made once into the cache
+    folder (keyed by the snapshot's path and weight files' sizes and times)."""
+    if not os.path.isdir(path):
+        raise Phi4FlashError(f"MODEL {path}: not a folder (expected a converted folder or a Hugging Face snapshot)")
+    if is_converted(path):
+        return path
+    key = hashlib.sha256(os.path.realpath(path).encode())
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors") or name.endswith(".json"):
+            st = os.stat(os.path.join(path, name))
+            key.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    key.update(f"{dtype}:{phi4flash.FORMAT_VERSION}".encode())
+    dst = os.path.join(cache_root(), f"{os.path.basename(os.path.realpath(path))}-{key.hexdigest()[:12]}")
+    if not is_converted(dst):
+        convert(path, dst, dtype, force=os.path.exists(dst), show_progress=show_progress)
+    return dst
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Convert a Hugging Face Phi-4-mini-flash folder for phi4flash.")
+    ap.add_argument("src", metavar="SRC", help="Hugging Face snapshot folder")
+    ap.add_argument("dst", metavar="DST", help="output folder (must not exist unless --force)")
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                    help="storage of the weight matrices (default bfloat16: lossless for the bf16 checkpoint)")
+    ap.add_argument("--force", action="store_true", help="replace DST if it exists")
+    args = ap.parse_args(argv)
+    try:
+        cfg = convert(args.src, args.dst, args.dtype, args.force)
+    except Phi4FlashError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+    n = sum(math.prod(s) for s in phi4flash.tensor_shapes(cfg).values())
+    print(f"wrote {os.path.join(args.dst, 'model.safetensors')}: {cfg.num_hidden_layers} layers, {n:,} parameters, {args.dtype}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
