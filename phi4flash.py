@@ -237,8 +237,10 @@ class Model:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
 
-def load(path):
+def load(path, device="cpu"):
     """Load a converted folder (see convert.py). Weights stay memory-mapped: loading reads headers only."""
+    if device != "cpu":
+        raise Phi4FlashError(f"device {device!r}: only 'cpu' exists so far (the CuPy/CUDA backend is not built yet)")
     path = os.fspath(path)
     file = os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
     folder = os.path.dirname(file)
@@ -707,3 +709,24 @@ def generate(model, ids, max_new_tokens=256, temperature=0.6, top_p=0.95, top_k=
         if token in stop_ids or n == max_new_tokens - 1:
             return
         logits = to_numpy(extend(model, cache, np.array([token])))[-1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Console scripts. chat.py and convert.py stay in the repository next to this file (so no generic
+# `chat`/`convert` module is installed); `pip install -e .` makes phi4flash-chat/-convert run them.
+
+def _sibling(name):
+    here = os.path.dirname(os.path.abspath(__file__))
+    if not os.path.isfile(os.path.join(here, name + ".py")):
+        raise SystemExit(f"error: {name}.py is not next to {__file__}; install from a clone with: pip install -e .")
+    sys.path.insert(0, here)
+    import importlib
+    return importlib.import_module(name)
+
+
+def chat_main():
+    sys.exit(_sibling("chat").main())
+
+
+def convert_main():
+    sys.exit(_sibling("convert").main())
