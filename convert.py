@@ -253,24 +253,32 @@ def _convert_rows(raw, src_dtype, to_bf16):
     return f32_to_bf16(x) if to_bf16 else x
 
 
-def write_converted(path, cfg, found, plan, dtype, progress=None):
-    entries = [(ours, theirs, r0, r1, matrix and dtype == "bfloat16") for ours, theirs, r0, r1, matrix in plan]
+def converted_header(cfg, plan, dtype):
+    """The safetensors header of a converted file, as bytes padded so the data starts 64-byte aligned;
+    -> (header bytes, [(our name, shape, stored as bf16)] in file order)."""
     shapes, offset = phi4flash.tensor_shapes(cfg), 0
     header = {"__metadata__": {"format": phi4flash.FORMAT, "format_version": phi4flash.FORMAT_VERSION,
                                "config": json.dumps(_config_json(cfg)), "weights_dtype": dtype}}
-    for ours, _, _, _, bf16 in entries:
+    layout = []
+    for ours, _, _, _, matrix in plan:
+        bf16 = matrix and dtype == "bfloat16"
         nbytes = math.prod(shapes[ours]) * (2 if bf16 else 4)
         header[ours] = {"dtype": "BF16" if bf16 else "F32", "shape": list(shapes[ours]),
                         "data_offsets": [offset, offset + nbytes]}
+        layout.append((ours, shapes[ours], bf16))
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-(8 + len(blob)) % 64)  # pad so the data starts 64-byte aligned
+    blob += b" " * (-(8 + len(blob)) % 64)
+    return len(blob).to_bytes(8, "little") + blob, layout
+
+
+def write_converted(path, cfg, found, plan, dtype, progress=None):
+    header, layout = converted_header(cfg, plan, dtype)
     with open(path, "wb") as out:
-        out.write(len(blob).to_bytes(8, "little"))
-        out.write(blob)
+        out.write(header)
         files = {}
         try:
-            for ours, theirs, r0, r1, bf16 in entries:
+            for (_, theirs, r0, r1, _), (_, _, bf16) in zip(plan, layout):
                 file, info, start = found[theirs]
                 f = files.get(file) or files.setdefault(file, open(file, "rb"))
                 src_dtype = np.dtype(phi4flash.SAFETENSORS_DTYPES[info["dtype"]])

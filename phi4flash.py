@@ -28,6 +28,7 @@ import math
 import mmap
 import os
 import sys
+import threading
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -324,17 +325,58 @@ def to_numpy(a):
 # Math helpers (all fp32)
 
 def linear(x, W, b=None):
-    """y = x·Wᵀ + b for W stored [out, in]. bf16 weights (uint16 bits) are widened a block of rows at
-    a time, so only a few MB are ever fp32 — never the whole matrix."""
-    xp = get_xp(x)
-    if W.dtype == np.uint16:
-        y = xp.empty((x.shape[0], W.shape[0]), xp.float32)                 # (T, out)
-        rows = max(1, (1 << 20) // W.shape[1])                             # ~4 MB of fp32 per block
-        for r in range(0, W.shape[0], rows):
-            y[:, r:r + rows] = x @ bf16_to_f32(W[r:r + rows]).T
-    else:
-        y = x @ W.T                                                        # (T, out)
+    """y = x·Wᵀ + b for W stored [out, in] (float32, or bf16 bits as uint16)."""
+    y = bf16_matmul(x, W) if W.dtype == np.uint16 else x @ W.T           # (T, out)
     return y if b is None else y + b
+
+
+# NumPy has no bf16 arithmetic, so bf16 weights are widened to fp32 a block of rows at a time into a
+# scratch buffer: the bits go into the high half of zeroed uint32s (exact), the buffer stays in cache,
+# and only a few MB are ever fp32. For a few rows (decode) the widening pass costs more than the
+# matmul, so threads (one per core) split the blocks, each with its own buffer (NumPy releases the
+# GIL in both the copy and the BLAS call). For many rows (prefill) BLAS dominates: bigger blocks, one
+# thread calling multithreaded BLAS.
+_scratch = threading.local()
+_pool = None
+_threads = min(8, os.cpu_count() or 1)
+
+
+def _widen(W, r, n):
+    """Rows r..r+n of bf16 bits W as a float32 view of this thread's scratch buffer."""
+    size = n * W.shape[1]
+    if getattr(_scratch, "buf", None) is None or _scratch.buf.size < size:
+        _scratch.buf = np.zeros(size, np.uint32)  # low halves are written once, as zeros, and stay zero
+    buf = _scratch.buf[:size].reshape(n, W.shape[1])
+    buf.view(np.uint16)[:, 1::2] = W[r:r + n]  # little-endian: index 1 of each pair is the high half
+    return buf.view(np.float32)
+
+
+def bf16_matmul(x, W):
+    xp = get_xp(x)
+    if xp is not np:
+        return x @ bf16_to_f32(W).T
+    global _pool
+    T, (rows, cols) = x.shape[0], W.shape
+    y = np.empty((T, rows), np.float32)                                  # (T, out)
+    if T >= 16:
+        step = max(1, (4 << 20) // cols)                                  # 16 MB of fp32 per block
+        for r in range(0, rows, step):
+            n = min(step, rows - r)
+            np.matmul(x, _widen(W, r, n).T, out=y[:, r:r + n])
+        return y
+    step = max(1, (256 << 10) // cols)                                    # 1 MB of fp32: fits in L2
+    starts = range(0, rows, step)
+
+    def work(part):
+        for r in starts[part::_threads]:
+            n = min(step, rows - r)
+            np.matmul(x, _widen(W, r, n).T, out=y[:, r:r + n])
+
+    if _pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+        _pool = ThreadPoolExecutor(_threads, thread_name_prefix="bf16")
+    list(_pool.map(work, range(_threads)))
+    return y
 
 
 def layer_norm(x, p, eps):
@@ -488,6 +530,7 @@ def attend(q, k, v, qpos, kpos, window, lam, lam_init, subln, block=256):
     q (H, T, hd); k, v (H_kv, S, hd); qpos (T,), kpos (S,) -> (T, H·hd)."""
     xp = get_xp(q)
     T = q.shape[1]
+    block = min(block, window) if window else block                       # a block sees ≤ block + W - 1 keys
     out = xp.empty((T, q.shape[0] * q.shape[2]), xp.float32)              # (T, H·hd)
     for a in range(0, T, block):
         b = min(T, a + block)

@@ -171,5 +171,6 @@ def test_linear_bf16_blocks_equal_fp32():
     W = rng.standard_normal((5000, 300)).astype(np.float32)
     bits = (W.view(np.uint32) >> 16).astype(np.uint16)  # truncate to bf16 values
     Wf = pf.bf16_to_f32(bits)
-    x = rng.standard_normal((3, 300)).astype(np.float32)
-    assert np.abs(pf.linear(x, bits) - x @ Wf.T).max() < 1e-4
+    for T in (1, 3, 40):  # the threaded few-rows path and the big-block many-rows path
+        x = rng.standard_normal((T, 300)).astype(np.float32)
+        assert np.abs(pf.linear(x, bits) - x @ Wf.T).max() < 1e-4

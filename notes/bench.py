@@ -1,0 +1,206 @@
+"""Benchmark phi4flash on random weights: decode speed against the memory roofline, prefill scaling,
+load time and memory. Nothing to download: the checkpoint is generated into a temporary folder.
+
+    python notes/bench.py --size mid --dtype float32
+    python notes/bench.py --size mid --dtype bfloat16
+    python notes/bench.py --size real --dtype bfloat16 --contexts 512 --prefill 512 --steps 4
+
+Roofline: a decode step must read every weight once (the tied embedding as the LM head), the
+sliding-window rings, the shared K/V once per layer that attends over it (layer L/2+1 and every
+cross-attention layer) and the Mamba states. Its floor is those bytes divided by the RAM bandwidth
+measured in the same run (a STREAM-style copy: bytes read + bytes written per second).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import convert  # noqa: E402
+import phi4flash  # noqa: E402
+from phi4flash import Config  # noqa: E402
+
+SIZES = {
+    # a few hundred MB of weights: big enough that decode streams from RAM, small enough to iterate
+    "mid": Config(vocab_size=32064, hidden_size=1024, intermediate_size=4096, num_hidden_layers=16,
+                  num_attention_heads=16, num_key_value_heads=8,
+                  sliding_window=tuple(512 if i % 2 and i < 8 else None for i in range(16)), mamba_dt_rank=64),
+    # the real Phi-4-mini-flash-reasoning shapes (3.85B parameters)
+    "real": Config(vocab_size=200064, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
+                   num_attention_heads=40, num_key_value_heads=20,
+                   sliding_window=tuple(512 if i % 2 and i < 16 else None for i in range(32)), mamba_dt_rank=160),
+}
+
+
+def write_random_model(folder, cfg, dtype, seed=0):
+    """A converted folder with random weights scaled so activations stay O(1) through every layer."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    plan = convert.conversion_plan(cfg)
+    header, layout = convert.converted_header(cfg, plan, dtype)
+    with open(os.path.join(folder, "model.safetensors"), "wb") as f:
+        f.write(header)
+        for name, shape, bf16 in layout:
+            last = name.rsplit(".", 1)[-1]
+            rows = max(1, (8 << 20) // math.prod(shape[1:] or (1,)))
+            for r in range(0, shape[0], rows):
+                n = min(rows, shape[0] - r)
+                part = (n, *shape[1:])
+                if last == "A_log":
+                    a = np.log(np.broadcast_to(np.arange(1, shape[1] + 1, dtype=np.float32), part))
+                elif last in ("weight", "subln", "D") and len(shape) == 1 and "conv1d" not in name:
+                    a = np.ones(part, np.float32)
+                elif last in ("bias", "bq", "bk", "bv", "out_proj_bias"):
+                    a = np.zeros(part, np.float32)
+                elif last == "dt_proj_bias":  # softplus(bias) ≈ Δ in [1e-3, 1e-1], as Mamba initialises it
+                    dt = np.exp(rng.uniform(math.log(1e-3), math.log(1e-1), part)).astype(np.float32)
+                    a = dt + np.log(-np.expm1(-dt))
+                elif last.startswith("lambda"):
+                    a = (0.1 * rng.standard_normal(part)).astype(np.float32)
+                else:
+                    fan_in = shape[1] if len(shape) > 1 else 1
+                    a = rng.standard_normal(part, dtype=np.float32) / np.float32(math.sqrt(fan_in))
+                a = np.ascontiguousarray(a, np.float32)
+                f.write((convert.f32_to_bf16(a) if bf16 else a).tobytes())
+
+
+def copy_bandwidth(nbytes=512 << 20, repeats=5):
+    """Best STREAM-style copy rate in bytes/s (read + write), on arrays far larger than the caches."""
+    a = np.ones(nbytes // 4, np.float32)
+    b = np.empty_like(a)
+    np.copyto(b, a)
+    best = min(_timed(lambda: np.copyto(b, a)) for _ in range(repeats))
+    return 2 * a.nbytes / best
+
+
+def _timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def rss():
+    """(current, peak) resident set size in bytes, from /proc/self/status."""
+    status = open("/proc/self/status").read()
+    field = lambda key: int(status.split(key + ":")[1].split()[0]) * 1024  # noqa: E731
+    return field("VmRSS"), field("VmHWM")
+
+
+def reset_peak_rss():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux: resets VmHWM to the current RSS
+    except OSError:
+        pass
+
+
+def decode_bytes(model, context):
+    """Bytes a decode step at this context length reads: all weights + caches."""
+    cfg = model.config
+    weights = sum(t.nbytes for t in _tensors(model))
+    hd, H_kv = cfg.head_dim, cfg.num_key_value_heads
+    kinds = cfg.layer_kinds
+    swa = sum(1 for i, k in enumerate(kinds) if k == "attn" and i != cfg.kv_layer)
+    readers = 1 + kinds.count("cross")  # layer L/2+1 and every cross-attention layer read the shared K/V
+    window = max(w for w in cfg.sliding_window if w) if swa else 0
+    kv = swa * 2 * H_kv * min(context, window) * hd * 4 + readers * 2 * H_kv * context * hd * 4
+    states = kinds.count("mamba") * 2 * (cfg.d_inner * cfg.mamba_d_state + (cfg.mamba_d_conv - 1) * cfg.d_inner) * 4
+    return weights + kv + states
+
+
+def _tensors(model):
+    yield model.embed_tokens
+    yield from model.final_layernorm.values()
+    for layer in model.layers:
+        for group in layer.values():
+            yield from group.values()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=sorted(SIZES), default="mid")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weight matrices in RAM")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--contexts", default="512,2048", help="decode contexts, comma-separated")
+    ap.add_argument("--prefill", default="512,2048,8192", help="prefill lengths, comma-separated")
+    ap.add_argument("--steps", type=int, default=16, help="timed decode steps per context")
+    ap.add_argument("--model", help="use this converted folder instead of generating one")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args(argv)
+    cfg = SIZES[args.size]
+    tmp = None
+    results = {"size": args.size, "dtype": args.dtype, "device": args.device, "cpus": os.cpu_count()}
+    try:
+        if args.model:
+            folder = args.model
+        else:
+            tmp = tempfile.mkdtemp(prefix="phi4flash-bench-", dir=os.environ.get("PHI4FLASH_BENCH_DIR"))
+            folder = os.path.join(tmp, "model")
+            results["generate_s"] = _timed(lambda: write_random_model(folder, cfg, args.dtype))
+        bw = copy_bandwidth()
+        results["copy_GBps"] = bw / 1e9
+        reset_peak_rss()
+        t = time.perf_counter()
+        model = phi4flash.load(folder, device=args.device)
+        results["load_s"] = time.perf_counter() - t
+        results["weights_GB"] = sum(t.nbytes for t in _tensors(model)) / 1e9
+        rng = np.random.default_rng(0)
+        results["decode"] = []
+        for ctx in [int(c) for c in args.contexts.split(",") if c]:
+            reset_peak_rss()
+            ids = rng.integers(0, cfg.vocab_size, ctx)
+            _, cache = model.prefill(ids, model.new_cache(ctx + args.steps + 2))
+            token = 1
+            for _ in range(2):  # warm-up: first touches of the mapped weights, thread pool start
+                token = int(np.argmax(model.step(cache, token)))
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                token = int(np.argmax(model.step(cache, token)))
+            per_token = (time.perf_counter() - t) / args.steps
+            floor = decode_bytes(model, ctx + 2 + args.steps // 2) / bw
+            results["decode"].append({"context": ctx, "s_per_token": per_token, "tok_per_s": 1 / per_token,
+                                      "roofline_s": floor, "x_roofline": per_token / floor,
+                                      "peak_rss_GB": rss()[1] / 1e9})
+        results["prefill"] = []
+        for n in [int(c) for c in args.prefill.split(",") if c]:
+            reset_peak_rss()
+            ids = rng.integers(0, cfg.vocab_size, n)
+            cache = model.new_cache(n + 1)
+            seconds = _timed(lambda: model.prefill(ids, cache))
+            results["prefill"].append({"tokens": n, "s": seconds, "tok_per_s": n / seconds, "peak_rss_GB": rss()[1] / 1e9})
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    report(results)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+def report(r):
+    print(f"size {r['size']}, {r['dtype']} weights ({r['weights_GB']:.2f} GB), device {r['device']}, {r['cpus']} CPUs; "
+          f"copy bandwidth {r['copy_GBps']:.1f} GB/s; load {r['load_s']:.3f} s")
+    print("\n| context | s/token | tok/s | roofline s/token | time / roofline | peak RSS GB |\n|---|---|---|---|---|---|")
+    for d in r["decode"]:
+        print(f"| {d['context']} | {d['s_per_token']:.4f} | {d['tok_per_s']:.1f} | {d['roofline_s']:.4f} | "
+              f"{d['x_roofline']:.2f} | {d['peak_rss_GB']:.2f} |")
+    print("\n| prompt tokens | prefill s | tok/s | peak RSS GB |\n|---|---|---|---|")
+    for p in r["prefill"]:
+        print(f"| {p['tokens']} | {p['s']:.3f} | {p['tok_per_s']:.0f} | {p['peak_rss_GB']:.2f} |")
+    lens = {p["tokens"]: p["s"] for p in r["prefill"]}
+    for n in sorted(lens):
+        if 4 * n in lens:
+            print(f"\nT({4 * n}) / T({n}) = {lens[4 * n] / lens[n]:.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
