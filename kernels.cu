@@ -1,0 +1,640 @@
+// kernels.cu: the hot spots of phi4flash on a CUDA GPU, loaded by phi4flash.py with cupy.RawModule.
+//
+// Read it next to phi4flash.py, section "GPU: CuPy + kernels.cu". Every kernel here has a NumPy
+// twin there with the same name and the same parameter list; the tests compare each kernel with its
+// twin, and each twin with the model's own functions (causal_conv1d, selective_scan_sequential,
+// attend, linear).
+//
+// Conventions
+//   * Everything is float32, except bf16 weights, which stay as their raw 16 bits (unsigned short)
+//     and are widened exactly (bits << 16) right before use. No fp16 anywhere.
+//   * Arrays are row-major, as the NumPy shapes in each header say; sizes arrive as int arguments.
+//   * Positions are long long (NumPy int64), -1 marks an empty cache slot (KVCache.pos).
+//   * The glossary letters are phi4flash.py's: T tokens, S key slots, d_inner, d_state (N),
+//     d_conv, H / H_kv heads, head_dim (hd), G = H / H_kv, W the sliding window.
+//   * CuPy compiles this file with NVRTC (-std=c++17 -ftz=true), so it includes no headers.
+
+#define WARP 32
+
+// ------------------------------------------------------------------------------------------------
+// Small device helpers, written exactly as phi4flash.py's sigmoid / silu / softplus.
+
+__device__ __forceinline__ float silu(float a) {
+    return a * (0.5f * (1.0f + tanhf(0.5f * a)));          // sigmoid as 0.5(1 + tanh(a/2)): no overflow
+}
+
+__device__ __forceinline__ float softplus(float v) {
+    return v > 20.0f ? v : log1pf(expf(v));                  // log(1 + e^v), and v itself past 20
+}
+
+__device__ __forceinline__ float neg_inf() {
+    return __int_as_float(0xff800000);                       // -inf without <cmath>'s INFINITY (NVRTC has no headers)
+}
+
+__device__ __forceinline__ float bf16_bits_to_float(unsigned int bits) {
+    return __uint_as_float(bits << 16);                      // bf16 is the top half of an fp32
+}
+
+// Sum over the `width` lanes of an aligned lane group (width a power of two <= 32). Every lane of
+// the warp must call it; each group gets its own sum in all of its lanes.
+__device__ __forceinline__ float group_sum(float v, int width) {
+    for (int offset = width / 2; offset > 0; offset /= 2)
+        v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+// ================================================================================================
+// 1a. conv1d_silu_prefill: Mamba's depthwise causal conv over T new tokens, then SiLU.
+//
+//   out[t, c] = silu(bias[c] + sum_k weight[c, k] * xs[t + k, c]),   xs = [conv_state; x]
+//
+//   so weight[:, d_conv-1] multiplies the current token and conv_state holds the d_conv-1 raw
+//   inputs before x. The caller updates conv_state afterwards (a tiny slice copy), because every
+//   thread here may still be reading it.
+//   x (T, d_inner), conv_state (d_conv-1, d_inner), weight (d_inner, d_conv), bias (d_inner,)
+//   -> out (T, d_inner)
+// Mapping: one thread per output element, flat index t * d_inner + c, so a warp reads 32
+//   consecutive channels of one token (coalesced). Grid ceil(T * d_inner / 256), block 256.
+// Traffic: x read once from DRAM (the d_conv-1 re-reads of neighbouring tokens hit L1/L2), out
+//   written once: about 8 * T * d_inner bytes.
+extern "C" __global__ void conv1d_silu_prefill(const float* x, const float* conv_state, const float* weight,
+                                               const float* bias, float* out, int T, int d_inner, int d_conv) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)T * d_inner) return;
+    int t = (int)(i / d_inner);
+    int c = (int)(i % d_inner);
+    float acc = bias[c];
+    for (int k = 0; k < d_conv; k++) {
+        int j = t + k;                                       // row of xs = [conv_state; x]
+        float xj = j < d_conv - 1 ? conv_state[(long long)j * d_inner + c]
+                                  : x[(long long)(j - (d_conv - 1)) * d_inner + c];
+        acc += weight[c * d_conv + k] * xj;
+    }
+    out[i] = silu(acc);
+}
+
+// ------------------------------------------------------------------------------------------------
+// 1b. conv1d_silu_step: the same conv for one decode token, updating conv_state in place.
+//
+//   out[c] = silu(bias[c] + sum_k weight[c, k] * window[k]),  window = [conv_state[:, c]; x[c]]
+//   conv_state[:, c] <- window[1:]                   (the oldest raw input drops out)
+//   x (d_inner,), conv_state (d_conv-1, d_inner), weight (d_inner, d_conv), bias (d_inner,) -> out (d_inner,)
+// Mapping: one thread per channel c; it alone reads and writes its column of conv_state, so the
+//   in-place shift has no race. Grid ceil(d_inner / 256), block 256. d_conv <= MAX_D_CONV.
+// Traffic: 4 * d_inner * (2 * d_conv + 2) bytes, a few hundred KB for the real model.
+#define MAX_D_CONV 8
+extern "C" __global__ void conv1d_silu_step(const float* x, float* conv_state, const float* weight,
+                                            const float* bias, float* out, int d_inner, int d_conv) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= d_inner) return;
+    float window[MAX_D_CONV];
+#pragma unroll
+    for (int k = 0; k < MAX_D_CONV; k++)                     // constant indices keep `window` in registers
+        if (k < d_conv) window[k] = k < d_conv - 1 ? conv_state[k * d_inner + c] : x[c];
+    float acc = bias[c];
+#pragma unroll
+    for (int k = 0; k < MAX_D_CONV; k++)
+        if (k < d_conv) acc += weight[c * d_conv + k] * window[k];
+    out[c] = silu(acc);
+#pragma unroll
+    for (int k = 0; k < MAX_D_CONV - 1; k++)
+        if (k < d_conv - 1) conv_state[k * d_inner + c] = window[k + 1];
+}
+
+// ================================================================================================
+// 2. scan_prefill: Mamba's selective scan over T tokens, with everything around it fused.
+//
+//   delta_t = softplus(dt_t + dt_bias)                    (dt = dt_low · dt_projᵀ, bias not yet added)
+//   A       = -exp(A_log)
+//   h_t     = exp(delta_t A) ⊙ h_{t-1} + delta_t B_t x_t  (per channel c and state n)
+//   y_t     = h_t · C_t + D ⊙ x_t                         (the pre-gate output: layer L/2's GMU memory)
+//   y_gated = y_t ⊙ silu(z_t)                              (what out_proj reads)
+//   x, dt, z (T, d_inner); dt_bias, D (d_inner,); A_log, ssm_state (d_inner, d_state); B, C (T, d_state)
+//   -> y, y_gated (T, d_inner); ssm_state updated in place (h_T).
+// Mapping: a block owns SCAN_CHANNELS = 32 channels; thread (c_local, n) = threadIdx.x / d_state,
+//   threadIdx.x % d_state keeps h[c, n] in a register for the whole sequence (parallel over channel
+//   and state, sequential over time). The sum over n of h·C is a shuffle reduction inside each group
+//   of d_state lanes (d_state a power of two <= 32). Time goes in chunks of SCAN_CHUNK steps: the
+//   block stages delta (softplus already applied), x, B and C of the chunk in shared memory with
+//   coalesced loads, runs the chunk's recurrence from shared memory, then writes y and y_gated of the
+//   chunk coalesced. Grid ceil(d_inner / 32), block 32 * d_state (512 for the real model).
+// Traffic: x, dt, z read once, y and y_gated written once: 20 * T * d_inner bytes; B and C are
+//   re-read by every block (8 * T * d_state * blocks, from L2); the state 8 * d_inner * d_state.
+#define SCAN_CHANNELS 32
+#define SCAN_CHUNK 32
+extern "C" __global__ void scan_prefill(const float* x, const float* dt, const float* dt_bias, const float* A_log,
+                                        const float* B, const float* C, const float* D, const float* z,
+                                        float* ssm_state, float* y, float* y_gated, int T, int d_inner, int d_state) {
+    __shared__ float s_delta[SCAN_CHUNK][SCAN_CHANNELS];
+    __shared__ float s_x[SCAN_CHUNK][SCAN_CHANNELS];
+    __shared__ float s_B[SCAN_CHUNK][WARP];
+    __shared__ float s_C[SCAN_CHUNK][WARP];
+    __shared__ float s_y[SCAN_CHUNK][SCAN_CHANNELS];
+    int c0 = blockIdx.x * SCAN_CHANNELS;
+    int c_local = threadIdx.x / d_state;
+    int n = threadIdx.x % d_state;
+    int c = c0 + c_local;
+    bool live = c < d_inner;                                 // dead threads still join the shuffles
+    float A = live ? -expf(A_log[c * d_state + n]) : 0.0f;
+    float h = live ? ssm_state[c * d_state + n] : 0.0f;
+    float Dc = live ? D[c] : 0.0f;
+    for (int t0 = 0; t0 < T; t0 += SCAN_CHUNK) {
+        int steps = min(SCAN_CHUNK, T - t0);
+        for (int i = threadIdx.x; i < SCAN_CHUNK * SCAN_CHANNELS; i += blockDim.x) {
+            int tt = i / SCAN_CHANNELS, cc = c0 + i % SCAN_CHANNELS;
+            bool ok = tt < steps && cc < d_inner;
+            long long g = (long long)(t0 + tt) * d_inner + cc;
+            s_delta[tt][i % SCAN_CHANNELS] = ok ? softplus(dt[g] + dt_bias[cc]) : 0.0f;
+            s_x[tt][i % SCAN_CHANNELS] = ok ? x[g] : 0.0f;
+        }
+        for (int i = threadIdx.x; i < SCAN_CHUNK * d_state; i += blockDim.x) {
+            int tt = i / d_state, nn = i % d_state;
+            bool ok = tt < steps;
+            s_B[tt][nn] = ok ? B[(long long)(t0 + tt) * d_state + nn] : 0.0f;
+            s_C[tt][nn] = ok ? C[(long long)(t0 + tt) * d_state + nn] : 0.0f;
+        }
+        __syncthreads();
+        for (int tt = 0; tt < steps; tt++) {
+            float delta = s_delta[tt][c_local], xt = s_x[tt][c_local];
+            h = expf(delta * A) * h + delta * s_B[tt][n] * xt;
+            float yt = group_sum(h * s_C[tt][n], d_state);
+            if (n == 0) s_y[tt][c_local] = yt + Dc * xt;
+        }
+        __syncthreads();
+        for (int i = threadIdx.x; i < steps * SCAN_CHANNELS; i += blockDim.x) {
+            int tt = i / SCAN_CHANNELS, cc = c0 + i % SCAN_CHANNELS;
+            if (cc >= d_inner) continue;
+            long long g = (long long)(t0 + tt) * d_inner + cc;
+            float yt = s_y[tt][i % SCAN_CHANNELS];
+            y[g] = yt;
+            y_gated[g] = yt * silu(z[g]);
+        }
+        __syncthreads();                                     // the next chunk overwrites the staging
+    }
+    if (live) ssm_state[c * d_state + n] = h;
+}
+
+// ================================================================================================
+// 3. scan_step: the same recurrence for one decode token, state read and written in place.
+//
+//   x, dt, z (d_inner,); B, C (d_state,); others as scan_prefill -> y, y_gated (d_inner,)
+// Mapping: thread (c, n) as in scan_prefill, 32 channels per block, block 32 * d_state, grid
+//   ceil(d_inner / 32); lane n == 0 of each group writes the channel's outputs.
+// Traffic: the state read and written (8 * d_inner * d_state bytes, 640 KB for the real model),
+//   A_log read (4 * d_inner * d_state), plus 24 * d_inner for the vectors.
+extern "C" __global__ void scan_step(const float* x, const float* dt, const float* dt_bias, const float* A_log,
+                                     const float* B, const float* C, const float* D, const float* z,
+                                     float* ssm_state, float* y, float* y_gated, int d_inner, int d_state) {
+    int c = blockIdx.x * SCAN_CHANNELS + threadIdx.x / d_state;
+    int n = threadIdx.x % d_state;
+    bool live = c < d_inner;
+    float contribution = 0.0f, delta = 0.0f, xt = 0.0f;
+    if (live) {
+        delta = softplus(dt[c] + dt_bias[c]);
+        xt = x[c];
+        float h = expf(delta * -expf(A_log[c * d_state + n])) * ssm_state[c * d_state + n] + delta * B[n] * xt;
+        ssm_state[c * d_state + n] = h;
+        contribution = h * C[n];
+    }
+    float yt = group_sum(contribution, d_state);
+    if (live && n == 0) {
+        yt += D[c] * xt;
+        y[c] = yt;
+        y_gated[c] = yt * silu(z[c]);
+    }
+}
+
+// ================================================================================================
+// Differential attention, shared by kernels 4 and 5 (phi4flash.py, "Differential attention").
+//
+// Heads are striped by parity and GQA maps inside each stripe: for KV group g (0 <= g < H_kv/2)
+// the 2G query heads 2(gG + r) + s (stripe s in {0, 1}, r < G) use K head 2g + s, and all of them
+// read the value pair [v_{2g} ‖ v_{2g+1}] (2·hd wide). So one block per KV group loads each key's
+// K_{2g}, K_{2g+1}, V_{2g}, V_{2g+1} once and serves all 2G queries, and both softmax maps of a
+// pair come out of the same block, where lambda, subln and (1 - lambda_init) are applied once:
+//   O_j = RMSNorm(A1_j − λ A2_j) ⊙ subln · (1 − λ_init),   written to output features [j·2hd, (j+1)·2hd)
+// A key s is visible to a query at position p iff kpos[s] >= 0, kpos[s] <= p and, with a window,
+// kpos[s] > p − W (W keys, the current one included). Scores are q·k / sqrt(hd), softmax in fp32.
+
+__device__ __forceinline__ bool key_visible(long long key_pos, long long query_pos, int window) {
+    return key_pos >= 0 && key_pos <= query_pos && (window == 0 || key_pos > query_pos - window);
+}
+
+// ------------------------------------------------------------------------------------------------
+// 4. attention_prefill: tiled differential attention with an online softmax (flash-style).
+//
+//   q (H, T, hd); k, v (H_kv, S, hd) with head stride kv_head_stride elements (so a prefix view of
+//   the shared buffer needs no copy); qpos (T,); kpos (S,) ascending (keys in time order);
+//   lambda (1,) on the device; subln (2·hd,) -> out (T, H·hd)
+// Mapping: grid (ceil(T / BQ), H_kv / 2), block 256. A block holds PREFILL_VECTORS = 64 query
+//   vectors: BQ = 64 / (2G) consecutive query rows × the group's 2G heads, vector v = s·32 + row·G + r.
+//   Thread 0 binary-searches kpos once for the keys the block's rows can see ([lo, hi), as attend
+//   slices them), then the block walks them in tiles of PREFILL_KEYS = 16:
+//     load K (both stripes) and V of the tile into shared memory;
+//     scores for 64 vectors × 16 keys (4 per thread), masked per (query, key) by position;
+//     threads 0..63 each run the online-softmax update of one vector: m' = max(m, tile max),
+//       p = exp(score − m'), l = l·exp(m − m') + Σp, and publish the rescale factor exp(m − m');
+//     thread (f = tid mod 2hd) accumulates feature f of vectors tid / 2hd + k·(256 / 2hd):
+//       acc = acc·rescale + Σ p·V[:, f], the accumulators in registers (hd/2 of them, <= 32).
+//   A thread holding a stripe-1 vector also holds its stripe-2 twin (32 vectors later), so the
+//   difference A1 − λ A2 is formed in registers; the RMS over 2hd features is a warp reduction.
+//   Requires hd a power of two in [4, 64] and 2G dividing 64.
+// Traffic: q read once and out written once (8 · T · H · hd bytes); each block reads the K/V rows
+//   its rows can see, BQ + W − 1 keys for a window (from L2 when neighbouring blocks share them):
+//   about 16 · hd · (BQ + W) · (T / BQ) · H_kv / 2 bytes.
+#define PREFILL_THREADS 256
+#define PREFILL_VECTORS 64
+#define PREFILL_KEYS 16
+#define MAX_HEAD_DIM 64
+extern "C" __global__ void __launch_bounds__(PREFILL_THREADS)
+attention_prefill(const float* q, const float* k, const float* v, const long long* qpos, const long long* kpos,
+                  const float* lambda, const float* subln, float* out, int T, int S, int H, int H_kv, int head_dim,
+                  long long kv_head_stride, int window, float lambda_init, float eps) {
+    __shared__ float s_q[PREFILL_VECTORS][MAX_HEAD_DIM];     // reused for the differences at the end
+    __shared__ float s_k[2][PREFILL_KEYS][MAX_HEAD_DIM + 1];  // +1: the 16 keys of a score row hit 16 banks
+    __shared__ float s_v[PREFILL_KEYS][2 * MAX_HEAD_DIM];
+    __shared__ float s_p[PREFILL_VECTORS][PREFILL_KEYS + 1];
+    __shared__ float s_rescale[PREFILL_VECTORS];
+    __shared__ float s_l[PREFILL_VECTORS];
+    __shared__ float s_inv_rms[PREFILL_VECTORS / 2];
+    __shared__ long long s_kpos[PREFILL_KEYS];
+    __shared__ long long s_qpos[PREFILL_VECTORS];
+    __shared__ int s_range[2];
+
+    const int G = H / H_kv, hd = head_dim, F2 = 2 * head_dim;
+    const int rows = PREFILL_VECTORS / (2 * G);              // BQ query rows per block
+    const int g = blockIdx.y;
+    const int t0 = blockIdx.x * rows;
+    const int tid = threadIdx.x;
+    const float scale = 1.0f / sqrtf((float)hd);
+
+    // Query vectors into shared memory: vector vec = s·32 + row·G + r is head 2(gG + r) + s at row t0 + row.
+    for (int i = tid; i < PREFILL_VECTORS * hd; i += PREFILL_THREADS) {
+        int vec = i / hd, d = i % hd;
+        int s = vec / 32, row = (vec % 32) / G, r = vec % G;
+        int t = t0 + row, head = 2 * (g * G + r) + s;
+        s_q[vec][d] = t < T ? q[((long long)head * T + t) * hd + d] : 0.0f;
+    }
+    if (tid < rows) s_qpos[tid] = t0 + tid < T ? qpos[t0 + tid] : -1;
+    if (tid == 0) {                                          // keys [lo, hi) that rows t0.. can see
+        int last = min(T, t0 + rows) - 1;
+        long long first_needed = window ? qpos[t0] - window + 1 : -1;
+        int lo = 0, hi = S;
+        while (lo < hi) { int mid = (lo + hi) / 2; if (kpos[mid] < first_needed) lo = mid + 1; else hi = mid; }
+        s_range[0] = window ? lo : 0;
+        lo = s_range[0]; hi = S;
+        while (lo < hi) { int mid = (lo + hi) / 2; if (kpos[mid] <= qpos[last]) lo = mid + 1; else hi = mid; }
+        s_range[1] = lo;
+    }
+    __syncthreads();
+
+    // Thread tid accumulates feature f of the stripe-1 vectors first_vec + a·vec_step (a < n_pairs,
+    // all < 32) in acc[a], and of their stripe-2 twins (32 vectors later) in acc[16 + a]: fixed
+    // register slots, so the difference A1 − λ A2 needs no data movement.
+    const int f = tid % F2;
+    const int first_vec = tid / F2, vec_step = PREFILL_THREADS / F2;
+    const int n_pairs = (PREFILL_VECTORS / 2) / vec_step;     // = hd / 4, at most 16
+    float acc[32];
+#pragma unroll
+    for (int a = 0; a < 32; a++) acc[a] = 0.0f;
+    float m = neg_inf(), l = 0.0f;                           // softmax state of vector tid (tid < 64)
+
+    for (int k0 = s_range[0]; k0 < s_range[1]; k0 += PREFILL_KEYS) {
+        int n_keys = min(PREFILL_KEYS, s_range[1] - k0);
+        for (int i = tid; i < PREFILL_KEYS * hd; i += PREFILL_THREADS) {
+            int kk = i / hd, d = i % hd;
+            bool ok = kk < n_keys;
+            long long row = (long long)(k0 + kk) * hd + d;
+            s_k[0][kk][d] = ok ? k[(2 * g) * kv_head_stride + row] : 0.0f;
+            s_k[1][kk][d] = ok ? k[(2 * g + 1) * kv_head_stride + row] : 0.0f;
+            s_v[kk][d] = ok ? v[(2 * g) * kv_head_stride + row] : 0.0f;
+            s_v[kk][hd + d] = ok ? v[(2 * g + 1) * kv_head_stride + row] : 0.0f;
+        }
+        if (tid < PREFILL_KEYS) s_kpos[tid] = tid < n_keys ? kpos[k0 + tid] : -1;
+        __syncthreads();
+        for (int i = tid; i < PREFILL_VECTORS * PREFILL_KEYS; i += PREFILL_THREADS) {
+            int vec = i / PREFILL_KEYS, kk = i % PREFILL_KEYS;
+            int s = vec / 32, row = (vec % 32) / G;
+            float score = neg_inf();
+            if (key_visible(s_kpos[kk], s_qpos[row], window)) {
+                float dot = 0.0f;
+                for (int d = 0; d < hd; d++) dot += s_q[vec][d] * s_k[s][kk][d];
+                score = dot * scale;
+            }
+            s_p[vec][kk] = score;
+        }
+        __syncthreads();
+        if (tid < PREFILL_VECTORS) {
+            float tile_max = neg_inf();
+            for (int kk = 0; kk < PREFILL_KEYS; kk++) tile_max = fmaxf(tile_max, s_p[tid][kk]);
+            float m_new = fmaxf(m, tile_max);
+            float rescale = 1.0f, sum = 0.0f;
+            if (m_new != neg_inf()) {                        // else nothing visible yet: keep acc = 0
+                rescale = expf(m - m_new);                   // exp(-inf) = 0 on the first visible tile
+                for (int kk = 0; kk < PREFILL_KEYS; kk++) {
+                    float p = expf(s_p[tid][kk] - m_new);
+                    s_p[tid][kk] = p;
+                    sum += p;
+                }
+            } else {
+                for (int kk = 0; kk < PREFILL_KEYS; kk++) s_p[tid][kk] = 0.0f;
+            }
+            l = l * rescale + sum;
+            m = m_new;
+            s_rescale[tid] = rescale;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int a = 0; a < 16; a++) {
+            if (a < n_pairs) {
+                int vec = first_vec + a * vec_step;          // stripe 1; vec + 32 is its stripe-2 twin
+                float sum1 = 0.0f, sum2 = 0.0f;
+                for (int kk = 0; kk < PREFILL_KEYS; kk++) {
+                    sum1 += s_p[vec][kk] * s_v[kk][f];
+                    sum2 += s_p[vec + 32][kk] * s_v[kk][f];
+                }
+                acc[a] = acc[a] * s_rescale[vec] + sum1;
+                acc[16 + a] = acc[16 + a] * s_rescale[vec + 32] + sum2;
+            }
+        }
+        __syncthreads();                                     // the next tile overwrites s_k, s_v, s_p
+    }
+
+    if (tid < PREFILL_VECTORS) s_l[tid] = l;
+    __syncthreads();
+    // A1 − λ A2 for pair vector vec < 32 (stripe 1) and vec + 32 (its stripe-2 twin), into s_q.
+    float (*s_diff)[2 * MAX_HEAD_DIM] = reinterpret_cast<float (*)[2 * MAX_HEAD_DIM]>(&s_q[0][0]);
+    const float lam = lambda[0];
+#pragma unroll
+    for (int a = 0; a < 16; a++) {
+        if (a < n_pairs) {
+            int vec = first_vec + a * vec_step;
+            float l1 = s_l[vec], l2 = s_l[vec + 32];
+            float a1 = l1 > 0.0f ? acc[a] / l1 : 0.0f;
+            float a2 = l2 > 0.0f ? acc[16 + a] / l2 : 0.0f;
+            s_diff[vec][f] = a1 - lam * a2;
+        }
+    }
+    __syncthreads();
+    const int warp = tid / WARP, lane = tid % WARP;
+    for (int pair = warp; pair < PREFILL_VECTORS / 2; pair += PREFILL_THREADS / WARP) {
+        float ss = 0.0f;
+        for (int ff = lane; ff < F2; ff += WARP) ss += s_diff[pair][ff] * s_diff[pair][ff];
+        ss = group_sum(ss, WARP);
+        if (lane == 0) s_inv_rms[pair] = 1.0f / sqrtf(ss / F2 + eps);
+    }
+    __syncthreads();
+    for (int i = tid; i < (PREFILL_VECTORS / 2) * F2; i += PREFILL_THREADS) {
+        int pair = i / F2, ff = i % F2;
+        int row = pair / G, r = pair % G, t = t0 + row;
+        if (t < T)
+            out[(long long)t * H * hd + (g * G + r) * F2 + ff] =
+                s_diff[pair][ff] * s_inv_rms[pair] * subln[ff] * (1.0f - lambda_init);
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// 5a. attention_decode_split: one query token over a long K/V, the keys split across blocks.
+//
+//   q (H, hd) for the one token at position qpos[0] (a device scalar, so a CUDA graph can replay
+//   the step); k, v (H_kv, S, hd) with head stride kv_head_stride, kpos (S,) in any order (the
+//   W-slot ring of a sliding layer, or the shared buffer of layer L/2+1, -1 = empty slot)
+//   -> for each split and query head: partial_m (running max of the scaled scores), partial_l
+//   (sum of exp(score − m)) and partial_acc (2hd, the unnormalised exp-weighted sum of [v1 ‖ v2]).
+//   Layout: partial_m, partial_l (n_splits, H); partial_acc (n_splits, H, 2hd).
+// Mapping: grid (n_splits, H_kv / 2), block DECODE_THREADS. Block (split, g) walks keys
+//   [split · keys_per_split, ...) in tiles of DECODE_KEYS = 32; a tile none of whose slots is visible
+//   (empty ring slots, or slots past the current length of a preallocated buffer) is skipped after
+//   reading only its positions, so a buffer sized for 32K tokens costs little at 2K. For a tile:
+//   load K_{2g}, K_{2g+1}, V_{2g} ‖ V_{2g+1}; 2G × 32 scores; threads 0..2G-1 update the softmax
+//   state of one query head each; thread f < 2hd accumulates feature f for all 2G heads (registers).
+//   Requires hd <= 64 and 2G <= DECODE_MAX_QUERIES.
+// Traffic: every visible key's K and V rows once per KV group: 16 · hd · S_visible · H_kv / 2 bytes
+//   in total (the whole layer's K/V once), plus 8 · S positions per group; partials are small.
+#define DECODE_THREADS 128
+#define DECODE_KEYS 32
+#define DECODE_MAX_QUERIES 8
+extern "C" __global__ void __launch_bounds__(DECODE_THREADS)
+attention_decode_split(const float* q, const float* k, const float* v, const long long* qpos, const long long* kpos,
+                       float* partial_acc, float* partial_m, float* partial_l, int S, int H, int H_kv, int head_dim,
+                       long long kv_head_stride, int window, int keys_per_split) {
+    __shared__ float s_q[DECODE_MAX_QUERIES][MAX_HEAD_DIM];
+    __shared__ float s_k[2][DECODE_KEYS][MAX_HEAD_DIM + 1];
+    __shared__ float s_v[DECODE_KEYS][2 * MAX_HEAD_DIM];
+    __shared__ float s_p[DECODE_MAX_QUERIES][DECODE_KEYS + 1];
+    __shared__ float s_rescale[DECODE_MAX_QUERIES];
+    __shared__ long long s_kpos[DECODE_KEYS];
+
+    const int G = H / H_kv, hd = head_dim, F2 = 2 * head_dim, Q = 2 * G;
+    const int split = blockIdx.x, g = blockIdx.y, tid = threadIdx.x;
+    const float scale = 1.0f / sqrtf((float)hd);
+    const long long query_pos = qpos[0];
+    // local query qi = s·G + r is head 2(gG + r) + s
+    for (int i = tid; i < Q * hd; i += DECODE_THREADS) {
+        int qi = i / hd, d = i % hd, s = qi / G, r = qi % G;
+        s_q[qi][d] = q[(2 * (g * G + r) + s) * hd + d];
+    }
+    float acc[DECODE_MAX_QUERIES];
+#pragma unroll
+    for (int a = 0; a < DECODE_MAX_QUERIES; a++) acc[a] = 0.0f;
+    float m = neg_inf(), l = 0.0f;                           // softmax state of query tid (tid < Q)
+
+    const int begin = split * keys_per_split, end = min(S, begin + keys_per_split);
+    for (int k0 = begin; k0 < end; k0 += DECODE_KEYS) {
+        int n_keys = min(DECODE_KEYS, end - k0);
+        bool visible = false;
+        if (tid < DECODE_KEYS) {
+            long long kp = tid < n_keys ? kpos[k0 + tid] : -1;
+            s_kpos[tid] = kp;
+            visible = key_visible(kp, query_pos, window);
+        }
+        if (!__syncthreads_or(visible)) continue;            // uniform: the whole block skips the tile
+        for (int i = tid; i < DECODE_KEYS * hd; i += DECODE_THREADS) {
+            int kk = i / hd, d = i % hd;
+            bool ok = kk < n_keys;
+            long long row = (long long)(k0 + kk) * hd + d;
+            s_k[0][kk][d] = ok ? k[(2 * g) * kv_head_stride + row] : 0.0f;
+            s_k[1][kk][d] = ok ? k[(2 * g + 1) * kv_head_stride + row] : 0.0f;
+            s_v[kk][d] = ok ? v[(2 * g) * kv_head_stride + row] : 0.0f;
+            s_v[kk][hd + d] = ok ? v[(2 * g + 1) * kv_head_stride + row] : 0.0f;
+        }
+        __syncthreads();
+        for (int i = tid; i < Q * DECODE_KEYS; i += DECODE_THREADS) {
+            int qi = i / DECODE_KEYS, kk = i % DECODE_KEYS, s = qi / G;
+            float score = neg_inf();
+            if (key_visible(s_kpos[kk], query_pos, window)) {
+                float dot = 0.0f;
+                for (int d = 0; d < hd; d++) dot += s_q[qi][d] * s_k[s][kk][d];
+                score = dot * scale;
+            }
+            s_p[qi][kk] = score;
+        }
+        __syncthreads();
+        if (tid < Q) {                                       // this tile has a visible key: m_new is finite
+            float tile_max = neg_inf();
+            for (int kk = 0; kk < DECODE_KEYS; kk++) tile_max = fmaxf(tile_max, s_p[tid][kk]);
+            float m_new = fmaxf(m, tile_max);
+            float rescale = expf(m - m_new), sum = 0.0f;
+            for (int kk = 0; kk < DECODE_KEYS; kk++) {
+                float p = expf(s_p[tid][kk] - m_new);
+                s_p[tid][kk] = p;
+                sum += p;
+            }
+            l = l * rescale + sum;
+            m = m_new;
+            s_rescale[tid] = rescale;
+        }
+        __syncthreads();
+        if (tid < F2) {
+#pragma unroll
+            for (int a = 0; a < DECODE_MAX_QUERIES; a++) {
+                if (a < Q) {
+                    float sum = 0.0f;
+                    for (int kk = 0; kk < DECODE_KEYS; kk++) sum += s_p[a][kk] * s_v[kk][tid];
+                    acc[a] = acc[a] * s_rescale[a] + sum;
+                }
+            }
+        }
+        __syncthreads();
+    }
+    // partials of query head 2(gG + r) + s for this split
+    if (tid < Q) {
+        int head = 2 * (g * G + tid % G) + tid / G;
+        partial_m[split * H + head] = m;
+        partial_l[split * H + head] = l;
+    }
+    if (tid < F2) {
+#pragma unroll
+        for (int a = 0; a < DECODE_MAX_QUERIES; a++) {
+            if (a < Q) {
+                int head = 2 * (g * G + a % G) + a / G;
+                partial_acc[((long long)split * H + head) * F2 + tid] = acc[a];
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// 5b. attention_decode_reduce: merge the splits, then the differential combine.
+//
+//   For each query head: M = max_s m_s, L = Σ_s l_s e^{m_s − M}, A = Σ_s acc_s e^{m_s − M}, a = A / L
+//   (splits with l = 0 saw no key and are skipped). For pair j (heads 2j, 2j+1):
+//   out[j·2hd + f] = RMSNorm(a_{2j} − λ a_{2j+1})[f] · subln[f] · (1 − λ_init)
+//   partial_* as written by attention_decode_split; lambda (1,); subln (2hd,) -> out (H·hd,)
+// Mapping: grid H / 2 (one block per pair j), block DECODE_THREADS; thread f < 2hd owns feature f and
+//   walks the splits itself (their m and l are read by every thread, from L1); the RMS is a block
+//   reduction (warp shuffles, then one shared slot per warp).
+// Traffic: the partials once: 4 · n_splits · H · (2hd + 2) bytes, and the output 4 · H · hd.
+extern "C" __global__ void __launch_bounds__(DECODE_THREADS)
+attention_decode_reduce(const float* partial_acc, const float* partial_m, const float* partial_l,
+                        const float* lambda, const float* subln, float* out, int n_splits, int H, int head_dim,
+                        float lambda_init, float eps) {
+    __shared__ float s_warp_sums[DECODE_THREADS / WARP];
+    const int j = blockIdx.x, tid = threadIdx.x, F2 = 2 * head_dim;
+    float merged[2];
+#pragma unroll
+    for (int s = 0; s < 2; s++) {
+        int head = 2 * j + s;
+        float M = neg_inf();
+        for (int i = 0; i < n_splits; i++)
+            if (partial_l[i * H + head] > 0.0f) M = fmaxf(M, partial_m[i * H + head]);
+        float L = 0.0f, A = 0.0f;
+        for (int i = 0; i < n_splits; i++) {
+            float li = partial_l[i * H + head];
+            if (li > 0.0f) {
+                float w = expf(partial_m[i * H + head] - M);
+                L += li * w;
+                if (tid < F2) A += partial_acc[((long long)i * H + head) * F2 + tid] * w;
+            }
+        }
+        merged[s] = L > 0.0f ? A / L : 0.0f;
+    }
+    float d = tid < F2 ? merged[0] - lambda[0] * merged[1] : 0.0f;
+    float ss = group_sum(d * d, WARP);
+    if (tid % WARP == 0) s_warp_sums[tid / WARP] = ss;
+    __syncthreads();
+    float total = 0.0f;
+    for (int w = 0; w < DECODE_THREADS / WARP; w++) total += s_warp_sums[w];
+    if (tid < F2) out[j * F2 + tid] = d / sqrtf(total / F2 + eps) * subln[tid] * (1.0f - lambda_init);
+}
+
+// ================================================================================================
+// kv_write: store one decode token's K/V into a layer's cache, at a slot computed on the device.
+//
+//   slot = pos % W for a sliding layer (the W-slot ring), pos for the append buffer (window = 0);
+//   k_cache[h, slot, :] = k_new[h, :], v_cache likewise, kpos[slot] = pos.
+//   k_new, v_new (H_kv, hd); k_cache, v_cache (H_kv, slots, hd); kpos (slots,); pos (1,)
+// Mapping: one thread per element of k_new, grid ceil(H_kv · hd / 256), block 256. The host makes
+//   sure the append buffer has room before the step; a slot past the end is not written.
+// Traffic: 16 · H_kv · hd bytes.
+extern "C" __global__ void kv_write(const float* k_new, const float* v_new, float* k_cache, float* v_cache,
+                                    long long* kpos, const long long* pos, int H_kv, int head_dim, int slots,
+                                    int window) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    long long p = pos[0];
+    long long slot = window ? p % window : p;
+    if (i >= H_kv * head_dim || slot >= slots) return;
+    int h = i / head_dim, d = i % head_dim;
+    k_cache[((long long)h * slots + slot) * head_dim + d] = k_new[i];
+    v_cache[((long long)h * slots + slot) * head_dim + d] = v_new[i];
+    if (i == 0) kpos[slot] = p;
+}
+
+// ================================================================================================
+// 6. gemv_bf16: y = x · Wᵀ for a few rows of x (decode), W kept as bf16 bits, fp32 accumulation.
+//
+//   x (rows, in_features) float32; W (out_features, in_features) bf16 bits -> y (rows, out_features)
+// Mapping: one warp per output feature o (8 warps, 256 threads per block; grid ceil(out / 8)). Lane
+//   l reads 8 consecutive bf16 (16 bytes) at columns 8(l + 32i), so a warp streams 512 contiguous
+//   bytes of the row per step, widens them exactly (bits << 16) and multiplies by the matching x
+//   columns (x is small and read from L1/L2) for every row of x at once: each weight is read once
+//   per call whatever the number of rows. The 32 lane sums meet in a butterfly reduction. When
+//   in_features is not a multiple of 8, or a pointer is not 16-byte aligned, lane l takes the
+//   single columns l + 32i instead. rows <= GEMV_MAX_ROWS.
+// Traffic: 2 · out · in bytes of weights (the whole point: the weights are the decode roofline),
+//   4 · rows · out written; x re-reads hit the caches.
+#define GEMV_WARPS 8
+#define GEMV_MAX_ROWS 8
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * WARP)
+gemv_bf16(const float* x, const unsigned short* W, float* y, int rows, int out_features, int in_features) {
+    const int lane = threadIdx.x % WARP;
+    const int o = blockIdx.x * GEMV_WARPS + threadIdx.x / WARP;
+    if (o >= out_features) return;                           // a whole warp leaves together
+    const unsigned short* w_row = W + (long long)o * in_features;
+    float sum[GEMV_MAX_ROWS];
+#pragma unroll
+    for (int t = 0; t < GEMV_MAX_ROWS; t++) sum[t] = 0.0f;
+    bool vector_path = in_features % 8 == 0 && ((unsigned long long)W % 16) == 0 && ((unsigned long long)x % 16) == 0;
+    if (vector_path) {
+        for (int col = 8 * lane; col < in_features; col += 8 * WARP) {
+            uint4 packed = *reinterpret_cast<const uint4*>(w_row + col);   // 8 bf16 weights
+            float w[8] = {bf16_bits_to_float(packed.x & 0xffffu), bf16_bits_to_float(packed.x >> 16),
+                          bf16_bits_to_float(packed.y & 0xffffu), bf16_bits_to_float(packed.y >> 16),
+                          bf16_bits_to_float(packed.z & 0xffffu), bf16_bits_to_float(packed.z >> 16),
+                          bf16_bits_to_float(packed.w & 0xffffu), bf16_bits_to_float(packed.w >> 16)};
+#pragma unroll
+            for (int t = 0; t < GEMV_MAX_ROWS; t++) {
+                if (t < rows) {
+                    const float4* xr = reinterpret_cast<const float4*>(x + (long long)t * in_features + col);
+                    float4 a = xr[0], b = xr[1];
+                    sum[t] += a.x * w[0] + a.y * w[1] + a.z * w[2] + a.w * w[3]
+                            + b.x * w[4] + b.y * w[5] + b.z * w[6] + b.w * w[7];
+                }
+            }
+        }
+    } else {
+        for (int col = lane; col < in_features; col += WARP) {
+            float w = bf16_bits_to_float(w_row[col]);
+#pragma unroll
+            for (int t = 0; t < GEMV_MAX_ROWS; t++)
+                if (t < rows) sum[t] += x[(long long)t * in_features + col] * w;
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < GEMV_MAX_ROWS; t++) {
+        if (t < rows) {
+            float total = group_sum(sum[t], WARP);
+            if (lane == 0) y[(long long)t * out_features + o] = total;
+        }
+    }
+}
