@@ -212,11 +212,11 @@ class Model:
     def forward(self, ids, trace=None):
         """Full forward, every position, nothing cached between calls: (T, V) float32 logits."""
         ids = check_ids(self, ids)
-        logits = extend(self, new_cache(self.config, len(ids)), ids, all_positions=True, trace=trace)
+        logits = extend(self, new_cache(self.config, len(ids), get_xp(self.embed_tokens)), ids, all_positions=True, trace=trace)
         return to_numpy(logits)
 
     def new_cache(self, capacity=None):
-        return new_cache(self.config, capacity or 256)
+        return new_cache(self.config, capacity or 256, get_xp(self.embed_tokens))
 
     def prefill(self, ids, cache=None):
         """Run the prompt (or a later chunk / chat turn) into `cache`: -> (last-token logits (V,), cache)."""
@@ -240,8 +240,10 @@ class Model:
 
 def load(path, device="cpu"):
     """Load a converted folder (see convert.py). Weights stay memory-mapped: loading reads headers only."""
-    if device != "cpu":
-        raise Phi4FlashError(f"device {device!r}: only 'cpu' exists so far (the CuPy/CUDA backend is not built yet)")
+    if device not in ("cpu", "cuda"):
+        raise Phi4FlashError(f"device {device!r}: expected 'cpu' or 'cuda'")
+    if device == "cuda":
+        require_cupy()                          # fail in one line before reading anything
     path = os.fspath(path)
     file = os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
     folder = os.path.dirname(file)
@@ -284,7 +286,7 @@ def load(path, device="cpu"):
     else:
         model.token_mask = np.ones(cfg.vocab_size, bool)
         model.stop_ids = tuple(_as_list(model.files.get("generation_config.json", {}).get("eos_token_id")))
-    return model
+    return to_device(model) if device == "cuda" else model
 
 
 def _as_list(x):
@@ -354,7 +356,7 @@ def _widen(W, r, n):
 def bf16_matmul(x, W):
     xp = get_xp(x)
     if xp is not np:
-        return x @ bf16_to_f32(W).T
+        return cuda_bf16_matmul(x, W)
     global _pool
     T, (rows, cols) = x.shape[0], W.shape
     y = np.empty((T, rows), np.float32)                                  # (T, out)
@@ -475,6 +477,8 @@ def selective_scan(x, delta, A, B, C, D, h, chunk=64):
 def mamba(u, p, conv_state, ssm_state):
     """Mamba-1 mixer. u (T, D) -> (out (T, D), y (T, d_inner), conv_state, ssm_state).
     y is the scan output with the D skip and before the z gate: layer L/2's y is the GMU memory."""
+    if get_xp(u) is not np:
+        return cuda_mamba(u, p, conv_state, ssm_state)
     x = linear(u, p["in_proj_x"])                                         # (T, d_inner)
     z = linear(u, p["in_proj_z"])                                         # (T, d_inner)
     x, conv_state = causal_conv1d(x, conv_state, p["conv1d_weight"], p["conv1d_bias"])
@@ -528,6 +532,8 @@ def attend(q, k, v, qpos, kpos, window, lam, lam_init, subln, block=256):
     included). Queries go in blocks; with more than one block the keys are in time order and each
     block slices only the keys it can see, so a sliding window costs O(T·W), not O(T²).
     q (H, T, hd); k, v (H_kv, S, hd); qpos (T,), kpos (S,) -> (T, H·hd)."""
+    if get_xp(q) is not np:
+        return cuda_attend(q, k, v, qpos, kpos, window, lam, lam_init, subln)
     xp = get_xp(q)
     T = q.shape[1]
     block = min(block, window) if window else block                       # a block sees ≤ block + W - 1 keys
@@ -602,6 +608,7 @@ class Cache:
     conv_state: dict = field(default_factory=dict)    # Mamba layer i -> (d_conv-1, d_inner): last raw inputs, oldest first
     ssm_state: dict = field(default_factory=dict)     # Mamba layer i -> (d_inner, N), fp32
     kv: dict = field(default_factory=dict)            # attention layer i -> KVCache
+    cuda: object = None                               # GPU only: the decode step's buffers and CUDA graph (CudaStep)
 
     def shared(self, cfg):  # the K/V every cross-attention layer reads
         return self.kv[cfg.kv_layer]
@@ -670,6 +677,8 @@ def extend(model, cache, ids, all_positions=False, trace=None):
     Prefill is linear (2507.06607 §2): layers 0..L/2 run on every token; layer L/2+1 writes K/V for
     every token but computes its query and output only for the rows we return; the cross-decoder
     (GMU + cross-attention, stateless) then runs on those rows only."""
+    if get_xp(cache.ssm_state[0]) is not np and len(ids) == 1 and not all_positions and trace is None:
+        return cuda_decode(model, cache, ids)                             # graph-safe GPU decode step
     cfg = model.config
     xp = get_xp(cache.ssm_state[0])
     T = len(ids)
@@ -752,6 +761,546 @@ def generate(model, ids, max_new_tokens=256, temperature=0.6, top_p=0.95, top_k=
         if token in stop_ids or n == max_new_tokens - 1:
             return
         logits = to_numpy(extend(model, cache, np.array([token])))[-1]
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: CuPy + kernels.cu
+#
+# load(path, device="cuda") copies the weights to the GPU (bf16 matrices stay bf16 bits, uint16,
+# since CuPy has no bf16 dtype; everything else float32) and the functions above run with
+# xp = cupy. Four hot spots come here instead: mamba -> cuda_mamba, attend -> cuda_attend, bf16
+# weights -> cuda_bf16_matmul, and a one-token extend -> cuda_decode, which runs the layer loop with
+# every position-dependent index read from device memory, so that a CUDA graph can replay it.
+#
+# Each kernel of kernels.cu has a NumPy twin here with the same name and parameter list, computing
+# the same thing with the same tiling and state layout into the same output arrays. `_launch` runs
+# the kernel on CuPy arrays and the twin on NumPy arrays, so every function of this section also
+# runs on the CPU, where the tests compare it with the model's own functions. The constants below
+# mirror kernels.cu's #defines (a test checks they agree).
+
+KERNELS_CU = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.cu")
+CUDA_GRAPHS = os.environ.get("PHI4FLASH_CUDA_GRAPHS", "1") != "0"  # replay the decode step as a CUDA graph
+
+MAX_D_CONV = 8            # conv1d_silu_step keeps the conv window in registers
+SCAN_CHANNELS = 32        # channels per scan block; a block is SCAN_CHANNELS * d_state threads
+PREFILL_THREADS = 256
+PREFILL_VECTORS = 64      # query vectors per attention_prefill block: 64 / (2G) rows x 2G heads
+PREFILL_KEYS = 16         # keys per attention_prefill tile
+MAX_HEAD_DIM = 64
+DECODE_THREADS = 128
+DECODE_KEYS = 32          # keys per attention_decode_split tile
+DECODE_MAX_QUERIES = 8    # 2G query heads per KV group
+KEYS_PER_SPLIT = 128      # keys per attention_decode_split block (a multiple of DECODE_KEYS)
+GEMV_WARPS = 8            # output features per gemv_bf16 block (one warp each)
+GEMV_MAX_ROWS = 8         # more rows than this go to the widened-tile cuBLAS path
+
+
+def require_cupy():
+    """The cupy module, or a one-line Phi4FlashError saying why the GPU path cannot run here."""
+    try:
+        import cupy
+    except ImportError:
+        raise Phi4FlashError("device 'cuda': CuPy is not installed (pip install cupy-cuda13x, "
+                             "or cupy-cuda12x for CUDA 12)") from None
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # CUDARuntimeError: no driver, or one older than CuPy's CUDA
+        raise Phi4FlashError(f"device 'cuda': no usable CUDA device ({(str(e) or type(e).__name__).splitlines()[0]})") from None
+    if count < 1:
+        raise Phi4FlashError("device 'cuda': no CUDA device is visible")
+    if not os.path.isfile(KERNELS_CU):
+        raise Phi4FlashError(f"device 'cuda': {KERNELS_CU} is missing; install from a clone with: pip install -e .")
+    return cupy
+
+
+def check_cuda_config(cfg):
+    """kernels.cu's shape limits, checked once at load time rather than deep inside a kernel."""
+    hd, H, H_kv, N = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.mamba_d_state
+    G = H // H_kv if H_kv else 0
+    problems = [f"head_dim {hd} is not a power of two in [4, {MAX_HEAD_DIM}]" * (hd not in (4, 8, 16, 32, 64)),
+                f"{H} query / {H_kv} KV heads: need H_kv even, G = H/H_kv with 2G dividing 64 and "
+                f"2G <= {DECODE_MAX_QUERIES}" * (not H_kv or H % H_kv or H_kv % 2 or 64 % (2 * G) or 2 * G > DECODE_MAX_QUERIES),
+                f"mamba_d_state {N} is not a power of two <= 32" * (N not in (1, 2, 4, 8, 16, 32)),
+                f"mamba_d_conv {cfg.mamba_d_conv} > {MAX_D_CONV}" * (cfg.mamba_d_conv > MAX_D_CONV)]
+    problems = [p for p in problems if p]
+    if problems:
+        raise Phi4FlashError(f"device 'cuda': kernels.cu does not support this config: {problems[0]}")
+
+
+def to_device(model):
+    """Copy every weight to the GPU: bf16 bits stay uint16, everything else becomes float32."""
+    cupy = require_cupy()
+    check_cuda_config(model.config)
+
+    def move(a):  # (any shape) host -> device
+        return cupy.asarray(a if a.dtype in (np.uint16, np.float32) else a.astype(np.float32))
+
+    model.embed_tokens = move(model.embed_tokens)
+    model.final_layernorm = {k: move(a) for k, a in model.final_layernorm.items()}
+    model.layers = [{group: {k: move(a) for k, a in params.items()} for group, params in layer.items()}
+                    for layer in model.layers]
+    return model
+
+
+_module = None
+
+
+def _kernel(name):
+    """Kernel `name` of kernels.cu, compiled once by NVRTC for the current GPU."""
+    global _module
+    if _module is None:
+        import cupy
+        with open(KERNELS_CU) as f:
+            _module = cupy.RawModule(code=f.read(), options=("-std=c++17",))
+    return _module.get_function(name)
+
+
+def _launch(twin, grid, block, args):
+    """Run kernels.cu's kernel named like `twin` on CuPy arrays, or the NumPy `twin` itself on NumPy
+    arrays. Scalars must be np.int32 / np.int64 / np.float32, as the kernel's C parameters."""
+    if get_xp(args[0]) is np:
+        twin(*args)
+    else:
+        _kernel(twin.__name__)(grid, block, args)
+
+
+def _blocks(n, per_block):
+    return (n + per_block - 1) // per_block
+
+
+def _contiguous(a, dtype=np.float32):
+    return get_xp(a).ascontiguousarray(a, dtype=dtype)
+
+
+# --- NumPy twins of the kernels (same names and parameters as kernels.cu; outputs written in place)
+
+def conv1d_silu_prefill(x, conv_state, weight, bias, out, T, d_inner, d_conv):
+    """out = silu(bias + Σ_k weight[:, k] ⊙ xs[t+k]), xs = [conv_state; x]. x, out (T, d_inner)."""
+    xs = np.concatenate([conv_state, x])                                  # (d_conv-1+T, d_inner)
+    acc = np.broadcast_to(bias, (T, d_inner)).copy()                      # (T, d_inner)
+    for k in range(d_conv):                                               # the kernel's order: tap 0 first
+        acc += weight[:, k] * xs[k:k + T]
+    out[...] = silu(acc)
+
+
+def conv1d_silu_step(x, conv_state, weight, bias, out, d_inner, d_conv):
+    """One token: out = silu(bias + Σ_k weight[:, k] ⊙ window[k]), then conv_state <- window[1:]."""
+    window = np.concatenate([conv_state, x.reshape(1, d_inner)])          # (d_conv, d_inner)
+    acc = bias.copy()                                                     # (d_inner,)
+    for k in range(d_conv):
+        acc += weight[:, k] * window[k]
+    out.reshape(d_inner)[...] = silu(acc)
+    conv_state[...] = window[1:]
+
+
+def scan_prefill(x, dt, dt_bias, A_log, B, C, D, z, ssm_state, y, y_gated, T, d_inner, d_state):
+    """The selective scan with softplus(dt + dt_bias), the D skip and the z gate fused; the state
+    h (d_inner, d_state) is updated in place. The kernel stages SCAN_CHUNK steps at a time in shared
+    memory, which changes no number, so the twin simply walks the tokens."""
+    A = -np.exp(A_log)                                                    # (d_inner, N)
+    h = ssm_state.copy()                                                  # (d_inner, N)
+    for t in range(T):
+        delta = softplus(dt[t] + dt_bias)                                 # (d_inner,)
+        h = np.exp(delta[:, None] * A) * h + (delta * x[t])[:, None] * B[t]
+        y[t] = (h * C[t]).sum(-1) + D * x[t]
+    y_gated[...] = y * silu(z)
+    ssm_state[...] = h
+
+
+def scan_step(x, dt, dt_bias, A_log, B, C, D, z, ssm_state, y, y_gated, d_inner, d_state):
+    """scan_prefill for one token (x, dt, z, y, y_gated (1, d_inner); B, C (1, d_state))."""
+    scan_prefill(x.reshape(1, d_inner), dt.reshape(1, d_inner), dt_bias, A_log, B.reshape(1, d_state),
+                 C.reshape(1, d_state), D, z.reshape(1, d_inner), ssm_state, y.reshape(1, d_inner),
+                 y_gated.reshape(1, d_inner), 1, d_inner, d_state)
+
+
+def _visible(kpos, qpos, window):
+    """(..., S) key positions vs (..., 1) query positions -> True where the query sees the key."""
+    return (kpos >= 0) & (kpos <= qpos) & ((window == 0) | (kpos > qpos - window))
+
+
+def _online_softmax_update(m, l, acc, scores, vt):
+    """One key tile of the online softmax: running max m and sum l (...,), accumulator acc (..., 2hd),
+    scores (..., keys) with -inf where masked, values vt (keys, 2hd). Rows with nothing visible
+    yet keep m = -inf, l = 0, acc = 0, as in the kernels."""
+    m_new = np.maximum(m, scores.max(-1))                                 # (...,)
+    live = m_new > -np.inf
+    m_safe = np.where(live, m_new, 0.0).astype(np.float32)
+    rescale = np.where(live, np.exp(m - m_safe), 1.0).astype(np.float32)  # exp(-inf) = 0 on a first visible tile
+    p = np.exp(scores - m_safe[..., None])                                # (..., keys), 0 where masked
+    return m_new, l * rescale + p.sum(-1), acc * rescale[..., None] + p @ vt
+
+
+def _differential_combine(a1, a2, lam, subln, lambda_init, eps):
+    """RMSNorm(A1 − λ A2) ⊙ subln · (1 − λ_init) over the last axis (2hd)."""
+    d = a1 - lam * a2
+    return d / np.sqrt((d * d).mean(-1, keepdims=True) + eps) * subln * (1.0 - lambda_init)
+
+
+def attention_prefill(q, k, v, qpos, kpos, lambda_, subln, out, T, S, H, H_kv, head_dim, kv_head_stride,
+                      window, lambda_init, eps):
+    """Tiled differential attention with an online softmax, the kernel's tiles exactly: per KV group
+    g and block of BQ = 64 / (2G) query rows, the keys [lo, hi) the rows can see (binary search on
+    the ascending kpos), walked PREFILL_KEYS at a time. (NumPy views carry their own strides, so
+    kv_head_stride is only the kernel's.) q (H, T, hd); k, v (H_kv, S, hd) -> out (T, H·hd)."""
+    G, hd = H // H_kv, head_dim
+    rows = PREFILL_VECTORS // (2 * G)
+    scale = np.float32(1.0 / math.sqrt(hd))
+    lam = lambda_.reshape(-1)[0]
+    for g in range(H_kv // 2):
+        heads = [[2 * (g * G + r) + s for r in range(G)] for s in (0, 1)]  # stripe s, GQA index r
+        vg = np.concatenate([v[2 * g], v[2 * g + 1]], axis=-1)            # (S, 2hd)  [v1 ‖ v2]
+        for t0 in range(0, T, rows):
+            t1 = min(T, t0 + rows)
+            qb = q[np.array(heads), t0:t1]                                # (2, G, n, hd)
+            qp = qpos[t0:t1, None]                                        # (n, 1)
+            lo = int(np.searchsorted(kpos, qpos[t0] - window + 1)) if window else 0
+            hi = int(np.searchsorted(kpos, qpos[t1 - 1], side="right"))
+            m = np.full((2, G, t1 - t0), -np.inf, np.float32)
+            l = np.zeros((2, G, t1 - t0), np.float32)
+            acc = np.zeros((2, G, t1 - t0, 2 * hd), np.float32)
+            for k0 in range(lo, hi, PREFILL_KEYS):
+                k1 = min(hi, k0 + PREFILL_KEYS)
+                kt = k[[2 * g, 2 * g + 1], k0:k1]                         # (2, keys, hd) K of stripe 1, 2
+                scores = (qb @ kt[:, None].swapaxes(-1, -2)) * scale      # (2, G, n, keys)
+                scores = np.where(_visible(kpos[k0:k1], qp, window), scores, -np.inf)
+                m, l, acc = _online_softmax_update(m, l, acc, scores, vg[k0:k1])
+            a = np.where(l[..., None] > 0, acc / np.maximum(l, 1e-30)[..., None], 0.0)  # (2, G, n, 2hd)
+            o = _differential_combine(a[0], a[1], lam, subln, lambda_init, eps)  # (G, n, 2hd)
+            out[t0:t1, g * G * 2 * hd:(g + 1) * G * 2 * hd] = o.transpose(1, 0, 2).reshape(t1 - t0, -1)
+
+
+def attention_decode_split(q, k, v, qpos, kpos, partial_acc, partial_m, partial_l, S, H, H_kv, head_dim,
+                           kv_head_stride, window, keys_per_split):
+    """One query token, keys split into blocks of keys_per_split walked DECODE_KEYS at a time; a
+    tile with no visible key is skipped. Writes each split's (m, l, acc) per query head.
+    q (H, hd); k, v (H_kv, S, hd); kpos (S,) any order -> partial_m, partial_l (n_splits, H),
+    partial_acc (n_splits, H, 2hd)."""
+    G, hd = H // H_kv, head_dim
+    scale = np.float32(1.0 / math.sqrt(hd))
+    query_pos = qpos.reshape(-1)[0]
+    for g in range(H_kv // 2):
+        heads = np.array([2 * (g * G + qi % G) + qi // G for qi in range(2 * G)])  # local qi = s·G + r
+        stripe = np.arange(2 * G) // G                                    # (2G,) which K head each uses
+        vg = np.concatenate([v[2 * g], v[2 * g + 1]], axis=-1)            # (S, 2hd)
+        for split in range(partial_m.shape[0]):
+            m = np.full(2 * G, -np.inf, np.float32)
+            l = np.zeros(2 * G, np.float32)
+            acc = np.zeros((2 * G, 2 * hd), np.float32)
+            begin, end = split * keys_per_split, min(S, (split + 1) * keys_per_split)
+            for k0 in range(begin, end, DECODE_KEYS):
+                k1 = min(end, k0 + DECODE_KEYS)
+                visible = _visible(kpos[k0:k1], query_pos, window)        # (keys,)
+                if not visible.any():
+                    continue
+                kt = k[2 * g + stripe, k0:k1]                             # (2G, keys, hd)
+                scores = (kt @ q[heads][:, :, None])[..., 0] * scale      # (2G, keys)
+                scores = np.where(visible, scores, -np.inf)
+                m, l, acc = _online_softmax_update(m, l, acc, scores, vg[k0:k1])
+            partial_m[split, heads], partial_l[split, heads], partial_acc[split, heads] = m, l, acc
+
+
+def attention_decode_reduce(partial_acc, partial_m, partial_l, lambda_, subln, out, n_splits, H, head_dim,
+                            lambda_init, eps):
+    """Merge the splits (M = max m, L = Σ l e^(m−M), A = Σ acc e^(m−M)) and combine each head pair:
+    out (1, H·hd), pair j at features [j·2hd, (j+1)·2hd)."""
+    seen = partial_l > 0                                                  # (n_splits, H)
+    M = np.where(seen, partial_m, -np.inf).max(0)                         # (H,)
+    w = np.where(seen, np.exp(np.where(seen, partial_m, 0.0) - np.where(seen, M, 0.0)), 0.0)  # (n_splits, H)
+    L = (partial_l * w).sum(0)                                            # (H,)
+    a = (partial_acc * w[..., None]).sum(0) / np.where(L > 0, L, 1.0)[:, None]  # (H, 2hd)
+    o = _differential_combine(a[0::2], a[1::2], lambda_.reshape(-1)[0], subln, lambda_init, eps)  # (H/2, 2hd)
+    out[...] = o.reshape(out.shape)
+
+
+def kv_write(k_new, v_new, k_cache, v_cache, kpos, pos, H_kv, head_dim, slots, window):
+    """Store one token's K/V at slot pos % W (ring) or pos (append buffer); kpos[slot] = pos."""
+    p = int(pos.reshape(-1)[0])
+    slot = p % window if window else p
+    if slot < slots:
+        k_cache[:, slot], v_cache[:, slot], kpos[slot] = k_new.reshape(H_kv, head_dim), v_new.reshape(H_kv, head_dim), p
+
+
+def gemv_bf16(x, W, y, rows, out_features, in_features):
+    """y = x·Wᵀ with W bf16 bits, in the kernel's order: lane l of output o's warp sums the column
+    groups l, l+32, ... (groups of 8 columns when in_features % 8 == 0, single columns otherwise),
+    then the 32 lane sums meet in a butterfly. x (rows, in), W (out, in) -> y (rows, out)."""
+    width = 8 if in_features % 8 == 0 else 1
+    cols = -(-in_features // (32 * width)) * 32 * width                  # padded to whole warp steps
+    xw = np.zeros((rows, cols), np.float32)
+    Ww = np.zeros((out_features, cols), np.float32)
+    xw[:, :in_features], Ww[:, :in_features] = x, bf16_to_f32(W)
+    xw = xw.reshape(rows, -1, 32, width)                                  # (rows, steps, lane, width)
+    Ww = Ww.reshape(out_features, -1, 32, width)                          # (out, steps, lane, width)
+    lanes = np.einsum("tslw,oslw->tol", xw, Ww)                           # (rows, out, 32) per-lane sums
+    for offset in (16, 8, 4, 2, 1):                                       # lane l adds lane l ^ offset
+        lanes = lanes + lanes[..., np.arange(32) ^ offset]
+    y[...] = lanes[..., 0]
+
+
+# --- Host side: shapes, launch geometry, and the model-level functions the dispatches call
+
+def cuda_conv1d_silu(x, conv_state, weight, bias):
+    """silu(causal_conv1d(x)) with conv_state (d_conv-1, d_inner) updated in place -> (T, d_inner)."""
+    xp = get_xp(x)
+    T, d_inner = x.shape
+    d_conv = weight.shape[1]
+    x, weight, bias = _contiguous(x), _contiguous(weight), _contiguous(bias)
+    out = xp.empty((T, d_inner), xp.float32)                              # (T, d_inner)  x̂
+    if T == 1:
+        _launch(conv1d_silu_step, (_blocks(d_inner, 256),), (256,),
+                (x, conv_state, weight, bias, out, np.int32(d_inner), np.int32(d_conv)))
+        return out
+    _launch(conv1d_silu_prefill, (_blocks(T * d_inner, 256),), (256,),
+            (x, conv_state, weight, bias, out, np.int32(T), np.int32(d_inner), np.int32(d_conv)))
+    keep = d_conv - 1                                                     # after the kernel: it reads the old state
+    conv_state[...] = x[T - keep:] if T >= keep else xp.concatenate([conv_state[T:], x])
+    return out
+
+
+def cuda_selective_scan(x, dt, dt_bias, A_log, B, C, D, z, ssm_state):
+    """The fused scan: -> (y pre-gate (T, d_inner), y ⊙ silu(z) (T, d_inner)); ssm_state in place."""
+    xp = get_xp(x)
+    T, d_inner = x.shape
+    N = A_log.shape[1]
+    args = [_contiguous(a) for a in (x, dt, dt_bias, A_log, B, C, D, z)]
+    y = xp.empty((T, d_inner), xp.float32)                                # (T, d_inner)  m at layer L/2
+    y_gated = xp.empty((T, d_inner), xp.float32)                          # (T, d_inner)
+    grid, block = (_blocks(d_inner, SCAN_CHANNELS),), (SCAN_CHANNELS * N,)
+    if T == 1:
+        _launch(scan_step, grid, block, (*args, ssm_state, y, y_gated, np.int32(d_inner), np.int32(N)))
+    else:
+        _launch(scan_prefill, grid, block, (*args, ssm_state, y, y_gated, np.int32(T), np.int32(d_inner), np.int32(N)))
+    return y, y_gated
+
+
+def cuda_mamba(u, p, conv_state, ssm_state):
+    """mamba() with the conv+SiLU and the scan as kernels; the states are updated in place (their
+    device addresses never change, which the decode graph relies on). Same returns as mamba()."""
+    x = linear(u, p["in_proj_x"])                                         # (T, d_inner)
+    z = linear(u, p["in_proj_z"])                                         # (T, d_inner)
+    x = cuda_conv1d_silu(x, conv_state, f32(p["conv1d_weight"]), f32(p["conv1d_bias"]))  # (T, d_inner)  x̂
+    dt = linear(linear(x, p["x_proj_dt"]), p["dt_proj"])                  # (T, d_inner); the bias is added in the scan
+    B = linear(x, p["x_proj_B"])                                          # (T, N)
+    C = linear(x, p["x_proj_C"])                                          # (T, N)
+    y, y_gated = cuda_selective_scan(x, dt, f32(p["dt_proj_bias"]), f32(p["A_log"]), B, C, f32(p["D"]), z, ssm_state)
+    return linear(y_gated, p["out_proj"]), y, conv_state, ssm_state       # (T, D), (T, d_inner)
+
+
+def _kv_views(k, v):
+    """K/V as the kernels read them: rows of hd contiguous floats, heads kv_head_stride apart (so a
+    prefix view of the shared buffer is passed without a copy) -> (k, v, kv_head_stride)."""
+    xp = get_xp(k)
+    hd = k.shape[2]
+    if k.strides[1:] != (4 * hd, 4) or v.strides != k.strides or k.dtype != np.float32 or v.dtype != np.float32:
+        k, v = xp.ascontiguousarray(k, xp.float32), xp.ascontiguousarray(v, xp.float32)
+    return k, v, k.strides[0] // 4
+
+
+def cuda_decode_attention(q, k, v, qpos, kpos, window, lam, lam_init, subln, eps=1e-5):
+    """Differential attention of ONE query token over S key slots: split across blocks, then merged.
+    q (H, hd); k, v (H_kv, S, hd); qpos (1,) int64 on the device; kpos (S,) -1 = empty -> (1, H·hd)."""
+    xp = get_xp(q)
+    H, hd = q.shape
+    H_kv, S, _ = k.shape
+    k, v, stride = _kv_views(k, v)
+    n_splits = _blocks(S, KEYS_PER_SPLIT)
+    partial_m = xp.empty((n_splits, H), xp.float32)                       # (n_splits, H)
+    partial_l = xp.empty((n_splits, H), xp.float32)                       # (n_splits, H)
+    partial_acc = xp.empty((n_splits, H, 2 * hd), xp.float32)             # (n_splits, H, 2hd)
+    _launch(attention_decode_split, (n_splits, H_kv // 2), (DECODE_THREADS,),
+            (_contiguous(q), k, v, _contiguous(qpos, np.int64), _contiguous(kpos, np.int64), partial_acc, partial_m,
+             partial_l, np.int32(S), np.int32(H), np.int32(H_kv), np.int32(hd), np.int64(stride),
+             np.int32(window or 0), np.int32(KEYS_PER_SPLIT)))
+    out = xp.empty((1, H * hd), xp.float32)                               # (1, H·hd)
+    _launch(attention_decode_reduce, (H // 2,), (DECODE_THREADS,),
+            (partial_acc, partial_m, partial_l, _contiguous(lam).reshape(1), _contiguous(f32(subln)), out,
+             np.int32(n_splits), np.int32(H), np.int32(hd), np.float32(lam_init), np.float32(eps)))
+    return out
+
+
+def cuda_attend(q, k, v, qpos, kpos, window, lam, lam_init, subln, eps=1e-5):
+    """attend() on kernels: one query row -> the split-K decode kernels; more -> attention_prefill,
+    which needs kpos ascending (true for every multi-token call: keys come in time order).
+    q (H, T, hd); k, v (H_kv, S, hd); qpos (T,), kpos (S,) -> (T, H·hd)."""
+    xp = get_xp(q)
+    H, T, hd = q.shape
+    lam = xp.asarray(lam, xp.float32).reshape(1)                          # (1,) read by the kernel: no host sync
+    if T == 1:
+        return cuda_decode_attention(q.reshape(H, hd), k, v, qpos, kpos, window, lam, lam_init, subln, eps)
+    H_kv, S, _ = k.shape
+    k, v, stride = _kv_views(k, v)
+    out = xp.empty((T, H * hd), xp.float32)                               # (T, H·hd)
+    rows = PREFILL_VECTORS // (2 * (H // H_kv))
+    _launch(attention_prefill, (_blocks(T, rows), H_kv // 2), (PREFILL_THREADS,),
+            (_contiguous(q), k, v, _contiguous(qpos, np.int64), _contiguous(kpos, np.int64), lam,
+             _contiguous(f32(subln)), out, np.int32(T), np.int32(S), np.int32(H), np.int32(H_kv), np.int32(hd),
+             np.int64(stride), np.int32(window or 0), np.float32(lam_init), np.float32(eps)))
+    return out
+
+
+def cuda_bf16_matmul(x, W):
+    """x·Wᵀ for bf16 bits W (out, in). A few rows (decode): gemv_bf16 reads each weight once, the
+    roofline of a decode step. Many rows (prefill): the product is compute-bound, so widening a block
+    of rows to fp32 (exact) costs little next to cuBLAS's fp32 GEMM, which then gives the NumPy
+    path's numbers up to summation order. A bf16 tensor-core GEMM (cublasGemmEx) would be several
+    times faster but rounds the activations to bf16: the next step if prefill misses its target."""
+    xp = get_xp(x)
+    T, (rows, cols) = x.shape[0], W.shape
+    y = xp.empty((T, rows), xp.float32)                                   # (T, out)
+    if T <= GEMV_MAX_ROWS:
+        _launch(gemv_bf16, (_blocks(rows, GEMV_WARPS),), (GEMV_WARPS * 32,),
+                (_contiguous(x), W, y, np.int32(T), np.int32(rows), np.int32(cols)))
+        return y
+    step = max(1, (16 << 20) // cols)                                     # 64 MB of fp32 per widened block
+    for r in range(0, rows, step):
+        y[:, r:r + step] = x @ bf16_to_f32(W[r:r + step]).T
+    return y
+
+
+# --- The decode step: the layer loop for one token, every position read from device memory
+
+@dataclass(eq=False)
+class CudaStep:
+    """A cache's decode-step state on the GPU. Every buffer keeps its address from step to step, so
+    a CUDA graph captured once replays every later step; only `token` and `pos` are rewritten."""
+    token: object                 # (1,) int64, the id fed this step
+    pos: object                   # (1,) int64, its position
+    lam: dict                     # attention layer i -> (1,) float32 λ (weights only: computed once)
+    logits: object = None         # (1, V) of the last eager step
+    stream: object = None         # where steps run: a blocking stream, ordered with the default one
+    pool: object = None           # memory pool of the steps' temporaries (the graph's live here)
+    graph: object = None
+    graph_logits: object = None   # (1, V) the graph's output buffer
+    graph_key: tuple = ()         # the cache buffer addresses the graph was captured with
+    eager_steps: int = 0          # the first step runs eagerly: it compiles kernels and fills the pool
+    graph_error: str = ""         # why capture failed; then every step runs eagerly
+
+
+def new_cuda_step(model, xp):
+    cfg = model.config
+    lam = {i: xp.asarray(diff_lambda(model.layers[i]["attn"], lambda_init(i)), xp.float32).reshape(1)
+           for i, kind in enumerate(cfg.layer_kinds) if kind in ("attn", "cross")}
+    step = CudaStep(xp.zeros(1, xp.int64), xp.zeros(1, xp.int64), lam)
+    if xp is not np:
+        step.stream, step.pool = xp.cuda.Stream(), xp.cuda.MemoryPool()
+    return step
+
+
+def cuda_step_layers(model, cache, step):
+    """extend() for the one token in step.token at position step.pos, graph-safe: no host sync, no
+    index computed on the host from the position (kv_write and the attention mask read step.pos).
+    The states and K/V caches are updated in place -> logits (1, V)."""
+    cfg = model.config
+    H, H_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    h = f32(model.embed_tokens[step.token])                               # (1, D)
+    memory = None
+    for i, (kind, layer) in enumerate(zip(cfg.layer_kinds, model.layers)):
+        u = layer_norm(h, layer["input_layernorm"], cfg.layer_norm_eps)   # (1, D)
+        if kind == "mamba":
+            out, y, _, _ = cuda_mamba(u, layer["mamba"], cache.conv_state[i], cache.ssm_state[i])
+            if i == cfg.memory_layer:
+                memory = y                                                # (1, d_inner)  m
+        elif kind == "gmu":
+            out = gmu(u, layer["gmu"], memory)
+        else:
+            p = layer["attn"]
+            q = project_heads(u, p["Wq"], p["bq"], H)[:, 0]               # (H, hd)
+            kv = cache.kv[i] if kind == "attn" else cache.shared(cfg)     # cross layers read layer L/2+1's
+            if kind == "attn":
+                k_new = project_heads(u, p["Wk"], p["bk"], H_kv)[:, 0]    # (H_kv, hd)
+                v_new = project_heads(u, p["Wv"], p["bv"], H_kv)[:, 0]    # (H_kv, hd)
+                _, slots, hd = kv.k.shape
+                _launch(kv_write, (_blocks(H_kv * hd, 256),), (256,),
+                        (_contiguous(k_new), _contiguous(v_new), kv.k, kv.v, kv.pos, step.pos, np.int32(H_kv),
+                         np.int32(hd), np.int32(slots), np.int32(kv.window or 0)))
+            o = cuda_decode_attention(q, kv.k, kv.v, step.pos, kv.pos, kv.window, step.lam[i], lambda_init(i),
+                                      p["subln"])                         # (1, H·hd) over every slot
+            out = linear(o, p["out_proj"], f32(p["out_proj_bias"]))       # (1, D)
+        h = h + out                                                       # (1, D)
+        h = h + mlp(layer_norm(h, layer["post_attention_layernorm"], cfg.layer_norm_eps), layer["mlp"])
+    h = layer_norm(h, model.final_layernorm, cfg.layer_norm_eps)          # (1, D)
+    return linear(h, model.embed_tokens)                                  # (1, V)
+
+
+def _grow_shared(kv, needed):
+    """kv_extend's growth of the append buffer (at least double), done before a decode step."""
+    xp = get_xp(kv.k)
+    grow = max(needed, 2 * kv.k.shape[1]) - kv.k.shape[1]
+    zeros = xp.zeros((kv.k.shape[0], grow, kv.k.shape[2]), xp.float32)   # (H_kv, grow, hd)
+    kv.k, kv.v = xp.concatenate([kv.k, zeros], axis=1), xp.concatenate([kv.v, zeros], axis=1)
+    kv.pos = xp.concatenate([kv.pos, xp.full(grow, -1, xp.int64)])
+
+
+def _graph_key(cache):
+    """Addresses of every cache buffer the step reads or writes: a captured graph is valid while they hold."""
+    arrays = [*cache.conv_state.values(), *cache.ssm_state.values()]
+    arrays += [a for kv in cache.kv.values() for a in (kv.k, kv.v, kv.pos)]
+    return tuple(a.data.ptr for a in arrays)
+
+
+def cuda_decode(model, cache, ids):
+    """extend(model, cache, ids) for one token on the GPU -> logits (1, V). The first step runs
+    eagerly; the second is captured as a CUDA graph (CuPy stream capture) and every later one is a
+    graph launch, unless CUDA_GRAPHS is off or the capture failed. Re-captured when a cache buffer
+    moved (the shared K/V grew). With NumPy arrays the same step runs on the CPU through the twins."""
+    cfg = model.config
+    xp = get_xp(cache.ssm_state[0])
+    shared = cache.shared(cfg)
+    if cache.length >= shared.k.shape[1]:
+        _grow_shared(shared, cache.length + 1)
+    if cache.cuda is None:
+        cache.cuda = new_cuda_step(model, xp)
+    step = cache.cuda
+    if xp is np:
+        step.token[0], step.pos[0] = int(ids[0]), cache.length
+        logits = cuda_step_layers(model, cache, step)
+    else:
+        logits = _run_on_device(model, cache, step, int(ids[0]))
+    cache.length += 1
+    for kv in cache.kv.values():
+        kv.length += 1
+    return logits
+
+
+def _run_on_device(model, cache, step, token):
+    cupy = get_xp(step.pos)
+    key = _graph_key(cache)
+    with step.stream:
+        step.token.fill(token)                                            # kernel launches, no host sync
+        step.pos.fill(cache.length)
+        if CUDA_GRAPHS and step.eager_steps and not step.graph_error and step.graph_key != key:
+            _capture(model, cache, step, key)
+        if CUDA_GRAPHS and step.graph is not None and step.graph_key == key:
+            step.graph.launch(step.stream)
+            logits = step.graph_logits.copy()
+        else:
+            with cupy.cuda.using_allocator(step.pool.malloc):
+                step.logits = cuda_step_layers(model, cache, step)
+            step.eager_steps += 1
+            logits = step.logits.copy()
+        step.stream.synchronize()                                         # the one sync: the logits to sample from
+    return logits
+
+
+def _capture(model, cache, step, key):
+    """Record one decode step into a CUDA graph (nothing runs while recording). The step's
+    temporaries come from step.pool, which nothing else uses, so the addresses the graph recorded
+    stay free for it between launches; its output buffer is held in step.graph_logits."""
+    cupy = get_xp(step.pos)
+    step.graph = None
+    try:
+        with cupy.cuda.using_allocator(step.pool.malloc):
+            step.stream.begin_capture()
+            try:
+                logits = cuda_step_layers(model, cache, step)
+            finally:
+                graph = step.stream.end_capture()
+    except Exception as e:  # any CUDA/CuPy refusal: fall back to eager steps for this cache
+        step.graph_error = f"{type(e).__name__}: {(str(e) or '-').splitlines()[0]}"
+        print(f"phi4flash: CUDA graph capture failed ({step.graph_error}); decoding without graphs", file=sys.stderr)
+        return
+    step.graph, step.graph_logits, step.graph_key = graph, logits, key
 
 
 # ----------------------------------------------------------------------------------------------
