@@ -4,6 +4,12 @@ load time and memory. Nothing to download: the checkpoint is generated into a te
     python notes/bench.py --size mid --dtype float32
     python notes/bench.py --size mid --dtype bfloat16
     python notes/bench.py --size real --dtype bfloat16 --contexts 512 --prefill 512 --steps 4
+    python notes/bench.py --size real --dtype bfloat16 --device cuda --contexts 512,2048,8192,32768 --prefill 2048,8192,32768
+
+With --device cuda the random weights are generated on the GPU (no checkpoint, no disk), the copy
+bandwidth is a device-to-device copy, every timing is bracketed by a device synchronisation, and the
+peak device memory is the high-water mark of CuPy's memory pools (emptied before each phase).
+PHI4FLASH_CUDA_GRAPHS=0 times the decode step without CUDA graphs.
 
 Roofline: a decode step must read every weight once (the tied embedding as the LM head), the
 sliding-window rings, the shared K/V once per layer that attends over it (layer L/2+1 and every
@@ -82,9 +88,82 @@ def copy_bandwidth(nbytes=512 << 20, repeats=5):
 
 
 def _timed(fn):
+    _sync()
     t = time.perf_counter()
     fn()
+    _sync()
     return time.perf_counter() - t
+
+
+# --- --device cuda: weights made on the GPU, device bandwidth, device synchronisation and memory
+
+_cupy = None  # set by main() for --device cuda
+
+
+def _sync():
+    if _cupy is not None:
+        _cupy.cuda.Device().synchronize()
+
+
+def device_copy_bandwidth(nbytes=1 << 30, repeats=5):
+    """Best device-to-device copy rate in bytes/s (read + write), as copy_bandwidth for the GPU."""
+    a = _cupy.ones(nbytes // 4, _cupy.float32)
+    b = _cupy.empty_like(a)
+    b[...] = a
+    best = min(_timed(lambda: _cupy.copyto(b, a)) for _ in range(repeats))
+    del a, b
+    return 2 * (nbytes // 4 * 4) / best
+
+
+def random_device_model(cfg, dtype, seed=0):
+    """A phi4flash.Model built directly from random CuPy arrays (the layout load(device="cuda")
+    gives: bf16 matrices as uint16 bits, float32 vectors), scaled as write_random_model scales them."""
+    cp = _cupy
+    phi4flash.check_cuda_config(cfg)
+    rng = cp.random.default_rng(seed)
+    tensors = {}
+    for name, shape in phi4flash.tensor_shapes(cfg).items():
+        last = name.rsplit(".", 1)[-1]
+        if last == "A_log":
+            a = cp.log(cp.broadcast_to(cp.arange(1, shape[1] + 1, dtype=cp.float32), shape)).copy()
+        elif last in ("weight", "subln", "D") and len(shape) == 1 and "conv1d" not in name:
+            a = cp.ones(shape, cp.float32)
+        elif last in ("bias", "bq", "bk", "bv", "out_proj_bias"):
+            a = cp.zeros(shape, cp.float32)
+        elif last == "dt_proj_bias":  # softplus(bias) = Δ in [1e-3, 1e-1]
+            dt = cp.exp(rng.uniform(math.log(1e-3), math.log(1e-1), shape)).astype(cp.float32)
+            a = dt + cp.log(-cp.expm1(-dt))
+        elif last.startswith("lambda"):
+            a = (0.1 * rng.standard_normal(shape, dtype=cp.float32)).astype(cp.float32)
+        else:
+            fan_in = shape[1] if len(shape) > 1 else 1
+            a = rng.standard_normal(shape, dtype=cp.float32) / cp.float32(math.sqrt(fan_in))
+        if len(shape) == 2 and dtype == "bfloat16" and last not in ("A_log", "conv1d_weight"):
+            a = (a.view(cp.uint32) >> 16).astype(cp.uint16)  # truncated to bf16 bits: random values anyway
+        tensors[name] = a
+
+    def group(prefix):
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    layers = []
+    for i, kind in enumerate(cfg.layer_kinds):
+        mixer = "mamba" if kind == "mamba" else "gmu" if kind == "gmu" else "attn"
+        layers.append({n: group(f"layers.{i}.{n}.") for n in ("input_layernorm", "post_attention_layernorm", "mlp", mixer)})
+    model = phi4flash.Model(cfg, tensors["embed_tokens.weight"], group("final_layernorm."), layers)
+    model.token_mask = np.ones(cfg.vocab_size, bool)
+    return model
+
+
+def reset_device_peak():
+    """Empty CuPy's default pools so their size after a phase is that phase's high-water mark."""
+    if _cupy is not None:
+        _cupy.get_default_memory_pool().free_all_blocks()
+
+
+def device_peak(caches=()):
+    """Bytes held by CuPy's default pool plus the decode steps' own pools (CudaStep.pool)."""
+    held = _cupy.get_default_memory_pool().total_bytes()
+    return held + sum(c.cuda.pool.total_bytes() for c in caches if c.cuda is not None and c.cuda.pool is not None)
 
 
 def rss():
@@ -138,44 +217,69 @@ def main(argv=None):
     cfg = SIZES[args.size]
     tmp = None
     results = {"size": args.size, "dtype": args.dtype, "device": args.device, "cpus": os.cpu_count()}
+    global _cupy
+    if args.device == "cuda":
+        try:
+            _cupy = phi4flash.require_cupy()
+        except phi4flash.Phi4FlashError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        results["device"] = f"cuda: {_cupy.cuda.runtime.getDeviceProperties(_cupy.cuda.Device().id)['name'].decode()}"
     try:
-        if args.model:
-            folder = args.model
+        if args.device == "cuda" and not args.model:
+            bw = device_copy_bandwidth()
+            t = time.perf_counter()
+            model = random_device_model(cfg, args.dtype)
+            _sync()
+            results["load_s"] = results["generate_s"] = time.perf_counter() - t
         else:
-            tmp = tempfile.mkdtemp(prefix="phi4flash-bench-", dir=os.environ.get("PHI4FLASH_BENCH_DIR"))
-            folder = os.path.join(tmp, "model")
-            results["generate_s"] = _timed(lambda: write_random_model(folder, cfg, args.dtype))
-        bw = copy_bandwidth()
+            if args.model:
+                folder = args.model
+            else:
+                tmp = tempfile.mkdtemp(prefix="phi4flash-bench-", dir=os.environ.get("PHI4FLASH_BENCH_DIR"))
+                folder = os.path.join(tmp, "model")
+                results["generate_s"] = _timed(lambda: write_random_model(folder, cfg, args.dtype))
+            bw = device_copy_bandwidth() if _cupy is not None else copy_bandwidth()
+            reset_peak_rss()
+            t = time.perf_counter()
+            model = phi4flash.load(folder, device=args.device)
+            results["load_s"] = time.perf_counter() - t
         results["copy_GBps"] = bw / 1e9
-        reset_peak_rss()
-        t = time.perf_counter()
-        model = phi4flash.load(folder, device=args.device)
-        results["load_s"] = time.perf_counter() - t
         results["weights_GB"] = sum(t.nbytes for t in _tensors(model)) / 1e9
         rng = np.random.default_rng(0)
         results["decode"] = []
         for ctx in [int(c) for c in args.contexts.split(",") if c]:
             reset_peak_rss()
+            reset_device_peak()
             ids = rng.integers(0, cfg.vocab_size, ctx)
             _, cache = model.prefill(ids, model.new_cache(ctx + args.steps + 2))
             token = 1
-            for _ in range(2):  # warm-up: first touches of the mapped weights, thread pool start
-                token = int(np.argmax(model.step(cache, token)))
+            for _ in range(2):  # warm-up: first touches of the mapped weights, thread pool start; on a GPU
+                token = int(np.argmax(model.step(cache, token)))  # kernel compiles and the CUDA graph capture
+            _sync()
             t = time.perf_counter()
             for _ in range(args.steps):
                 token = int(np.argmax(model.step(cache, token)))
+            _sync()
             per_token = (time.perf_counter() - t) / args.steps
             floor = decode_bytes(model, ctx + 2 + args.steps // 2) / bw
             results["decode"].append({"context": ctx, "s_per_token": per_token, "tok_per_s": 1 / per_token,
                                       "roofline_s": floor, "x_roofline": per_token / floor,
                                       "peak_rss_GB": rss()[1] / 1e9})
+            if _cupy is not None:
+                results["decode"][-1]["peak_device_GB"] = device_peak([cache]) / 1e9
+            del cache
         results["prefill"] = []
         for n in [int(c) for c in args.prefill.split(",") if c]:
             reset_peak_rss()
+            reset_device_peak()
             ids = rng.integers(0, cfg.vocab_size, n)
             cache = model.new_cache(n + 1)
             seconds = _timed(lambda: model.prefill(ids, cache))
             results["prefill"].append({"tokens": n, "s": seconds, "tok_per_s": n / seconds, "peak_rss_GB": rss()[1] / 1e9})
+            if _cupy is not None:
+                results["prefill"][-1]["peak_device_GB"] = device_peak() / 1e9
+            del cache
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -189,6 +293,10 @@ def main(argv=None):
 def report(r):
     print(f"size {r['size']}, {r['dtype']} weights ({r['weights_GB']:.2f} GB), device {r['device']}, {r['cpus']} CPUs; "
           f"copy bandwidth {r['copy_GBps']:.1f} GB/s; load {r['load_s']:.3f} s")
+    if "peak_device_GB" in (r["decode"] or r["prefill"] or [{}])[0]:
+        print("\npeak device memory (CuPy pools' high-water mark, GB): decode "
+              + ", ".join(f"{d['context']}: {d['peak_device_GB']:.2f}" for d in r["decode"]) + "; prefill "
+              + ", ".join(f"{p['tokens']}: {p['peak_device_GB']:.2f}" for p in r["prefill"]))
     print("\n| context | s/token | tok/s | roofline s/token | time / roofline | peak RSS GB |\n|---|---|---|---|---|---|")
     for d in r["decode"]:
         print(f"| {d['context']} | {d['s_per_token']:.4f} | {d['tok_per_s']:.1f} | {d['roofline_s']:.4f} | "
