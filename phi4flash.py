@@ -1150,7 +1150,7 @@ def cuda_bf16_matmul(x, W):
     y = xp.empty((T, rows), xp.float32)                                   # (T, out)
     if T <= GEMV_MAX_ROWS:
         _launch(gemv_bf16, (_blocks(rows, GEMV_WARPS),), (GEMV_WARPS * 32,),
-                (_contiguous(x), W, y, np.int32(T), np.int32(rows), np.int32(cols)))
+                (_contiguous(x), _contiguous(W, np.uint16), y, np.int32(T), np.int32(rows), np.int32(cols)))
         return y
     step = max(1, (16 << 20) // cols)                                     # 64 MB of fp32 per widened block
     for r in range(0, rows, step):
