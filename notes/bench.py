@@ -224,7 +224,8 @@ def main(argv=None):
         except phi4flash.Phi4FlashError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        results["device"] = f"cuda: {_cupy.cuda.runtime.getDeviceProperties(_cupy.cuda.Device().id)['name'].decode()}"
+        name = _cupy.cuda.runtime.getDeviceProperties(_cupy.cuda.Device().id)["name"]
+        results["device"] = f"cuda: {name.decode() if isinstance(name, bytes) else name}"
     try:
         if args.device == "cuda" and not args.model:
             bw = device_copy_bandwidth()
