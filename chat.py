@@ -142,6 +142,11 @@ class ThinkSplitter:
 # Showing a reply. Each piece is printed once, as it comes: a 30K-token reply costs 30K small writes,
 # never a re-render of what is already on the screen.
 
+# Control characters in a reply (the tiny model emits any byte) are shown as their Unicode pictures:
+# an ESC from the model must not drive the terminal.
+CONTROL_PICTURES = {**{c: 0x2400 + c for c in range(32) if c not in (9, 10, 13)}, 13: None, 127: 0x2421}
+
+
 class ReplyView:
     """On a terminal: the thinking dim under a label, then the answer as plain text. raw (stdout is a
     pipe or a file): the reply's exact text, or only the answer when the thinking is hidden."""
@@ -180,6 +185,7 @@ class ReplyView:
             elif self.last == "think":
                 self.console.print("\n" if self.show_thinking else "")
             self.last, self.fresh = part, True
+        text = text.translate(CONTROL_PICTURES)
         if self.fresh:  # a part's leading newlines: the label or the blank line already separates it
             text = text.lstrip("\n")
             self.fresh = not text
@@ -347,8 +353,8 @@ def chat_turn(s, user_text, view, ctrl_c):
 
     view.begin(thinking=prompt.rstrip().endswith("<think>"))
     decoder, content, stop, t_first, t_last = StreamDecoder(model.tokenizer), [], None, None, None
-    s_ = s.settings
-    tokens = model.generate(chunks[-1], max_new, s_.temp, s_.top_p, s_.top_k, s_.seed, cache=s.cache)
+    opt = s.settings
+    tokens = model.generate(chunks[-1], max_new, opt.temp, opt.top_p, opt.top_k, opt.seed, cache=s.cache)
     for token in tokens:
         if ctrl_c.pressed:  # this token is not in the cache yet and was never shown: drop it
             st.stop = "interrupted"
@@ -463,7 +469,7 @@ def command(s, line, console):
             say("system text set; the next turn re-reads the conversation with it")
     elif name == "/set":
         if not arg:
-            say(" · ".join(f"{f.name} {settings_value(s.settings, f.name)}" for f in fields(Settings)))
+            say(settings_line(s.settings))
             return False
         key, _, value = arg.partition(" ")
         if key not in SETTINGS:
@@ -480,7 +486,7 @@ def command(s, line, console):
         say(f"{s.turns} turns this conversation; the model state holds {used} of {s.model.config.context_length} "
             f"context tokens")
         say(f"last turn: {stats_line(s.last)}" if s.last else "no turn yet")
-        say(" · ".join(f"{f.name} {settings_value(s.settings, f.name)}" for f in fields(Settings)))
+        say(settings_line(s.settings))
     elif name in ("/save", "/load"):
         if not arg:
             say(f"{name} needs a FILE", style="red")
@@ -510,6 +516,10 @@ def settings_value(settings, name):
     return "on" if v is True else "off" if v is False else "none" if v is None else v
 
 
+def settings_line(settings):
+    return " · ".join(f"{f.name} {settings_value(settings, f.name)}" for f in fields(Settings))
+
+
 # ----------------------------------------------------------------------------------------------
 # The terminal: reading messages, the loop
 
@@ -525,9 +535,16 @@ def read_message():
             body += "\n" + input("... ")
         return body.rstrip()[:-3]
     lines = [line]
-    while select.select([sys.stdin], [], [], 0.05)[0]:  # a paste: the next lines are already waiting
+    while line_waiting():  # a paste: the next lines are already there
         lines.append(input(""))
     return "\n".join(lines)
+
+
+def line_waiting():
+    try:
+        return bool(select.select([sys.stdin], [], [], 0.05)[0])
+    except (OSError, ValueError):  # stdin that select() cannot watch: no paste detection
+        return False
 
 
 def interactive(s, console, name):

@@ -103,6 +103,8 @@ def test_reply_view_shows_or_hides_the_thinking():
     assert re.sub(r"\x1b\[[0-9;]*m", "", shown) == "thinking\nlet me see\n\n42\n"
     hidden = re.sub(r"\x1b\[[0-9;]*m", "", show(raw=False, think=False, terminal=True))
     assert hidden == "thinking (hidden: /set think on shows it)\n\n42\n"
+    text = "a\x1b[2Jb\r\n\tc"  # the model's own control characters are shown, never sent to the terminal
+    assert re.sub(r"\x1b\[[0-9;]*m", "", show(raw=False, think=True, terminal=True)) == "a\u241b[2Jb\n        c\n"  # rich expands the tab
 
 
 # ----------------------------------------------------------------------------------------------
