@@ -1,6 +1,5 @@
 """chat.py: streaming text, the think/answer split, the model state kept across turns, commands,
 and the real program driven in a pseudo-terminal on the bundled tiny model."""
-import contextlib
 import dataclasses
 import io
 import json
@@ -183,7 +182,7 @@ def check_state(model, s, ids):
 
 
 def test_second_turn_reads_only_its_own_tokens(model):
-    """"What is 7 * 6?" ends with <|end|> at temp 0: the end token is read right after the reply, so
+    """At temp 0 "What is 7 * 6?" ends with <|end|>: the end token is read right after the reply, so
     the second turn prefills exactly <|user|>…<|end|><|assistant|>, and replies as a full recompute would."""
     s = new_session(model, max_tokens=200)
     first = model.encode(chat.render_prompt(model, [{"role": "user", "content": "What is 7 * 6?"}]))
@@ -206,19 +205,19 @@ def test_second_turn_reads_only_its_own_tokens(model):
 
 
 def test_a_reply_ending_in_endoftext_still_reuses_the_state(model):
-    """"hello" ends with <|endoftext|>, which is not the template's end of turn: it is not read, and
+    """At temp 0 "hello" ends with <|endoftext|>, which is not the template's end of turn: it is not read, and
     the next turn's own text starts with the template's <|end|> instead. No rebuild either way."""
     s = new_session(model)
     first = model.encode(chat.render_prompt(model, [{"role": "user", "content": "hello"}]))
     reply1 = greedy(model, first, 60)
     assert reply1[-1] == model.tokenizer.token_to_id("<|endoftext|>")
     turn(s, "hello")
-    check_state_ids = first + reply1[:-1]
-    assert s.cache.length == len(check_state_ids)
+    history = first + reply1[:-1]
+    assert s.cache.length == len(history)
     new = model.encode("<|end|><|user|>more<|end|><|assistant|>")
     st2, shown2 = turn(s, "more")
-    assert (st2.prompt_tokens, st2.reused, st2.rebuilt) == (len(new), len(check_state_ids), False)
-    reply2 = greedy(model, check_state_ids + new, 60)
+    assert (st2.prompt_tokens, st2.reused, st2.rebuilt) == (len(new), len(history), False)
+    reply2 = greedy(model, history + new, 60)
     assert shown2 == model.decode([t for t in reply2 if t not in model.stop_ids]) + "\n"
 
 
