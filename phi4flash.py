@@ -776,8 +776,8 @@ def trace_rows(cfg):
         if i == cfg.memory_layer:
             return "mamba → memory"
         if i == cfg.kv_layer:
-            return "full attn → shared KV"
-        return f"SWA attn W={cfg.sliding_window[i]}" if kind == "attn" else {"cross": "cross attn"}.get(kind, kind)
+            return "full attn → KV"
+        return f"SWA W={cfg.sliding_window[i]}" if kind == "attn" else {"cross": "cross attn"}.get(kind, kind)
     rows = [("embed", "embedding", ["embed"])]
     for i, kind in enumerate(cfg.layer_kinds):
         made = {cfg.memory_layer: ["memory"], cfg.kv_layer: ["shared_k", "shared_v"]}.get(i, [])
@@ -853,7 +853,7 @@ def trace_table(cfg, trace, comparison=None):
     from rich.table import Table
     table = Table(title=f"trace of {len(trace['embed'])} tokens", title_justify="left")
     for col in ("layer", "kind", "mean", "std", "max|x|"):
-        table.add_column(col, justify="left" if col in ("layer", "kind") else "right")
+        table.add_column(col, justify="left" if col in ("layer", "kind") else "right", no_wrap=True)
     if comparison:
         table.add_column("max|diff|", justify="right")
         table.add_column("tensor")
@@ -868,8 +868,8 @@ def trace_table(cfg, trace, comparison=None):
             if not d:
                 cells += ["", "", "not in reference"]
             else:
-                worst = over[0] if over else max(d, key=d.get)
-                mark = "◀ FIRST over atol" if comparison.first in names else "over" if over else "ok"
+                worst = over[0] if over else max(reversed(list(d)), key=d.get)  # ties: the row's last
+                mark = "◀ FIRST" if comparison.first in names else "over" if over else "ok"
                 cells += [f"{d[worst]:.1e}", worst.split(".")[-1], mark]
                 style = "bold red" if comparison.first in names else "red" if over else None
         table.add_row(*cells, style=style)
