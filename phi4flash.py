@@ -859,7 +859,7 @@ def trace_table(cfg, trace, comparison=None):
         table.add_column("tensor")
         table.add_column(f"atol {comparison.atol:g}")
     for label, kind, names in trace_rows(cfg):
-        x = trace[names[-1]].astype(np.float64)                           # the row's last tensor
+        x = trace[names[-1]].astype(np.float64)                           # (T, D) or (T, V): the row's last tensor
         cells = [label, kind, f"{x.mean():.4f}", f"{x.std():.4f}", f"{np.abs(x).max():.4f}"]
         style = None
         if comparison:
@@ -943,7 +943,7 @@ def trace_command(args):
         return 0
     c = comparison
     if c.unknown:
-        console.print(f"warning: {len(c.unknown)} arrays of {args.compare} are not trace names and were ignored: "
+        console.print(f"warning: {len(c.unknown)} arrays of {args.compare} are not in this trace and were ignored: "
                       + ", ".join(c.unknown[:4]) + (", ..." if len(c.unknown) > 4 else ""), highlight=False)
     console.print(f"{len(c.diffs)} tensors compared, {len(c.skipped)} not in the reference (skipped)", highlight=False)
     if c.first is None:

@@ -227,11 +227,14 @@ def test_cli_prompt_text_is_tokenized_without_a_template(model, tmp_path):
 
 def test_cli_compare_pinpoints_a_planted_bug(converted, ref, tmp_path):
     reference = tmp_path / "p2-reference.npz"
-    np.savez(reference, **phi4flash.reference_to_dump(ref, "p2"))
+    dump = phi4flash.reference_to_dump(ref, "p2")
+    np.savez(reference, **dump, **{"layer.3.residual": dump["layers.3.residual"]})  # one misspelt name
     ids = ",".join(map(str, ref["p2_input_ids"]))
     good = run_cli(converted, "--ids", ids, "--compare", reference, cache=tmp_path / "cache")
     assert good.returncode == 0, good.stderr
     assert marked_rows(good.stdout) == [] and "all within atol 0.0001" in good.stdout
+    assert f"warning: 1 arrays of {reference} are not in this trace and were ignored: layer.3.residual" in good.stdout
+    assert "14 tensors compared, 24 not in the reference (skipped)" in good.stdout
 
     port = perturbed_folder(converted, tmp_path / "port", "layers.3.attn.out_proj")
     bad = run_cli(port, "--ids", ids, "--compare", reference, cache=tmp_path / "cache")
