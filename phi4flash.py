@@ -481,10 +481,10 @@ def differential_attention(q, k, v, mask, lam, lam_init, subln, eps=1e-5, probs=
     vv = v.reshape(H_kv // 2, 2, S, hd).transpose(0, 2, 1, 3).reshape(H_kv // 2, 1, S, 2 * hd)  # [v1_g ‖ v2_g]
     scores = qs @ ks.swapaxes(-1, -2) * (1.0 / math.sqrt(hd))             # (2, H_kv/2, G, Tq, S)
     scores = xp.where(mask, scores, -xp.inf)
-    p = softmax(scores)                                                   # (2, H_kv/2, G, Tq, S)
+    maps = softmax(scores)                                                # (2, H_kv/2, G, Tq, S)
     if probs is not None:  # differential head j: stripe-1 query 2j and its stripe-2 twin 2j+1
-        probs["maps"] = p[:, probs["head"] // G, probs["head"] % G]       # (2, Tq, S)
-    att = p @ vv                                                          # (2, H_kv/2, G, Tq, 2hd)
+        probs["maps"] = maps[:, probs["head"] // G, probs["head"] % G]    # (2, Tq, S)
+    att = maps @ vv                                                       # (2, H_kv/2, G, Tq, 2hd)
     o = rms_norm(att[0] - lam * att[1], f32(subln), eps) * (1.0 - lam_init)  # (H_kv/2, G, Tq, 2hd)
     return o.transpose(2, 0, 1, 3).reshape(Tq, H * hd)                    # pair j -> heads 2j, 2j+1
 
