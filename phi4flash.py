@@ -225,7 +225,7 @@ class Model:
 
     def prefill(self, ids, cache=None):
         """Run the prompt (or a later chunk / chat turn) into `cache`: -> (last-token logits (V,), cache)."""
-        cache = cache if cache is not None else self.new_cache(len(ids))
+        cache = cache if cache is not None else self.new_cache(len(ids) + 1024)  # room to decode without regrowing
         return to_numpy(extend(self, cache, check_ids(self, ids)))[-1], cache
 
     def step(self, cache, token):
@@ -258,8 +258,12 @@ def load(path, device="cpu"):
     if meta.get("format_version") != FORMAT_VERSION:
         raise Phi4FlashError(f"{file}: converted with format version {meta.get('format_version')}, this code reads "
                              f"version {FORMAT_VERSION}; convert the original checkpoint again")
-    c = json.loads(meta["config"])
-    cfg = Config(**{**c, "sliding_window": tuple(c["sliding_window"])})
+    try:
+        c = json.loads(meta["config"])
+        cfg = Config(**{**c, "sliding_window": tuple(c["sliding_window"])})
+    except (KeyError, TypeError, ValueError) as e:
+        raise Phi4FlashError(f"{file}: the model config in the metadata is missing or unreadable ({e!r}); "
+                             "convert the original checkpoint again") from None
     expected = tensor_shapes(cfg)
     for name, shape in expected.items():
         if name not in tensors:
