@@ -80,13 +80,19 @@ GPU_RELATIVE_RMSE = 1e-2               # the GPU's bf16 path against the fp32 CP
 # ----------------------------------------------------------------------------------------------
 # The checkpoint, converted once per run
 
+def one_line(action):
+    """Run action(); a Phi4FlashError fails the test with its one line and no traceback."""
+    try:
+        return action()
+    except phi4flash.Phi4FlashError as e:
+        error = str(e)
+    pytest.fail(error, pytrace=False)
+
+
 @pytest.fixture(scope="module")
 def source():
     """PHI4FLASH_CHECKPOINT as a folder (a repo id is looked up in the local Hugging Face cache)."""
-    try:
-        folder = convert.snapshot_folder(CHECKPOINT, "PHI4FLASH_CHECKPOINT")
-    except phi4flash.Phi4FlashError as e:
-        pytest.fail(str(e), pytrace=False)
+    folder = one_line(lambda: convert.snapshot_folder(CHECKPOINT, "PHI4FLASH_CHECKPOINT"))
     if not os.path.isdir(folder):
         pytest.fail(f"PHI4FLASH_CHECKPOINT={CHECKPOINT}: not a folder (expected a Hugging Face snapshot folder, "
                     f"a repo id in the local Hugging Face cache, or a converted folder)", pytrace=False)
@@ -99,7 +105,7 @@ def converted(source, tmp_path_factory):
     if convert.is_converted(source):
         return source
     dst = tmp_path_factory.mktemp("real") / "converted"
-    convert.convert(source, dst)
+    one_line(lambda: convert.convert(source, dst))
     return str(dst)
 
 
@@ -121,7 +127,7 @@ def test_snapshot_passes_the_converters_validation(source):
     if convert.is_converted(source):
         pytest.skip("PHI4FLASH_CHECKPOINT is a converted folder: its snapshot was validated when it was converted "
                     "(point the variable at the snapshot to validate it again)")
-    cfg, found, plan = convert.validate(source)
+    cfg, found, plan = one_line(lambda: convert.validate(source))
     assert cfg == real_config()
     assert len(found) == 434
     assert {name: tuple(info["shape"]) for name, (_, info, _) in found.items()} == convert.hf_tensor_shapes(cfg)
@@ -270,7 +276,7 @@ def relative_rmse(a, b):
     return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b ** 2)))
 
 
-def test_gpu_logits_match_the_cpu(converted, decoded):
+def test_gpu_logits_match_the_cpu(converted, request):
     """The CuPy path (bf16 weights) against the fp32 CPU path, on the same 664 tokens: its cached
     decode (teacher-forced with the CPU's greedy tokens) and its full forward."""
     cupy = pytest.importorskip("cupy", reason="CuPy is not installed (pip install -e '.[cuda12]' or '.[cuda13]')")
@@ -284,7 +290,7 @@ def test_gpu_logits_match_the_cpu(converted, decoded):
         gpu = phi4flash.load(converted, device="cuda")
     except phi4flash.Phi4FlashError as e:
         pytest.skip(f"phi4flash.load(device='cuda') refuses: {e}")
-    prompt, seq, _, cpu_full = decoded
+    prompt, seq, _, cpu_full = request.getfixturevalue("decoded")  # the CPU side only once a GPU is there
     logits, cache = gpu.prefill(prompt)
     rows = [logits]
     for token in seq[len(prompt):]:
