@@ -28,8 +28,8 @@ from phi4flash import Phi4FlashError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = os.path.join(HERE, "tests", "fixtures", "tiny-phi4flash")
-REAL_MODEL_HINT = ("huggingface-cli download microsoft/Phi-4-mini-flash-reasoning --local-dir Phi-4-mini-flash-reasoning "
-                   "&& python chat.py Phi-4-mini-flash-reasoning")
+REAL_MODEL_HINT = ("huggingface-cli download microsoft/Phi-4-mini-flash-reasoning "
+                   "&& python chat.py microsoft/Phi-4-mini-flash-reasoning")
 CHUNK = 512  # prompt tokens per extend() call: Ctrl-C and the progress bar get a say between chunks
 
 
@@ -610,7 +610,8 @@ def open_model(path, device="cpu"):
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Chat with Phi-4-mini-flash-reasoning (phi4flash, NumPy). "
                                  "At the prompt, /help lists the commands.")
-    ap.add_argument("model", metavar="MODEL", nargs="?", help="converted folder or Hugging Face snapshot folder "
+    ap.add_argument("model", metavar="MODEL", nargs="?", help="converted folder, Hugging Face snapshot folder, or the "
+                    "repo id microsoft/Phi-4-mini-flash-reasoning found in the local Hugging Face cache "
                     "(default: the bundled tiny random model)")
     ap.add_argument("--prompt", metavar="TEXT", help="one question: print the reply and exit (also when stdin is a pipe)")
     ap.add_argument("--system", metavar="TEXT", default="", help="system text")
