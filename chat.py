@@ -1,26 +1,36 @@
 """chat.py: talk to Phi-4-mini-flash-reasoning in a terminal.
 
-    python chat.py [MODEL] --prompt "What is 7 * 6?"
+    python chat.py [MODEL]                         # interactive; /help lists the commands
+    python chat.py [MODEL] --prompt "What is 7 * 6?"   # one question, then exit (also: echo ... | python chat.py)
 
 MODEL is a converted folder or a Hugging Face snapshot folder (converted once into a cache folder);
 without it, the bundled tiny model with random weights answers (useful only to see the machinery run).
+
+The model state (Mamba conv/SSM states, K/V caches) is kept from one turn to the next, so a turn reads
+only its own new tokens; see `chat_turn`.
 """
 from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import json
+import math
 import os
+import select
+import signal
 import sys
 import time
+from dataclasses import dataclass, fields
 
 import phi4flash
 from phi4flash import Phi4FlashError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = os.path.join(HERE, "tests", "fixtures", "tiny-phi4flash")
-REAL_MODEL_HINT = ("huggingface-cli download microsoft/Phi-4-mini-flash-reasoning --local-dir Phi-4-mini-flash-reasoning "
-                   "&& python chat.py Phi-4-mini-flash-reasoning")
+REAL_MODEL_HINT = ("huggingface-cli download microsoft/Phi-4-mini-flash-reasoning "
+                   "&& python chat.py microsoft/Phi-4-mini-flash-reasoning")
+CHUNK = 512  # prompt tokens per extend() call: Ctrl-C and the progress bar get a say between chunks
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,74 +110,543 @@ class StreamDecoder:
 
 
 # ----------------------------------------------------------------------------------------------
+# Reasoning: <think>…</think> is ordinary text, several tokens long, so a tag can arrive in pieces
 
-def open_model(path):
+class ThinkSplitter:
+    """Streamed reply text -> ("think", text) and ("answer", text) parts, the tags themselves removed.
+    A tail that could still grow into the awaited tag is held back until the next piece decides."""
+    TAGS = {"answer": "<think>", "think": "</think>"}  # the part we are in -> the tag that ends it
+
+    def __init__(self, thinking=False):
+        self.part = "think" if thinking else "answer"
+        self.held = ""
+
+    def push(self, text):
+        text, out = self.held + text, []
+        while (i := text.find(self.TAGS[self.part])) >= 0:
+            out.append((self.part, text[:i]))
+            text = text[i + len(self.TAGS[self.part]):]
+            self.part = "answer" if self.part == "think" else "think"
+        tag = self.TAGS[self.part]
+        keep = next((k for k in range(min(len(tag) - 1, len(text)), 0, -1) if text.endswith(tag[:k])), 0)
+        self.held = text[len(text) - keep:]
+        out.append((self.part, text[:len(text) - keep]))
+        return [(part, t) for part, t in out if t]
+
+    def flush(self):
+        held, self.held = self.held, ""
+        return [(self.part, held)] if held else []
+
+
+# ----------------------------------------------------------------------------------------------
+# Showing a reply. Each piece is printed once, as it comes: a 30K-token reply costs 30K small writes,
+# never a re-render of what is already on the screen.
+
+# Control characters in a reply (the tiny model emits any byte) are shown as their Unicode pictures:
+# an ESC from the model must not drive the terminal.
+CONTROL_PICTURES = {**{c: 0x2400 + c for c in range(32) if c not in (9, 10, 13)}, 13: None, 127: 0x2421}
+
+
+class ReplyView:
+    """On a terminal: the thinking dim under a label, then the answer as plain text. raw (stdout is a
+    pipe or a file): the reply's exact text, or only the answer when the thinking is hidden."""
+
+    def __init__(self, console, show_thinking=True, raw=False):
+        self.console, self.show_thinking, self.raw = console, show_thinking, raw
+        self.splitter, self.last, self.fresh = ThinkSplitter(), None, True
+
+    def begin(self, thinking):  # thinking: the prompt itself opened <think>
+        self.splitter, self.last, self.fresh = ThinkSplitter(thinking), None, True
+
+    def write(self, text):
+        if self.raw and self.show_thinking:
+            self.console.file.write(text)
+            self.console.file.flush()
+            return
+        for part, piece in self.splitter.push(text):
+            self._show(part, piece)
+
+    def end(self):
+        for part, piece in self.splitter.flush():
+            self._show(part, piece)
+        self.console.file.write("\n")
+        self.console.file.flush()
+
+    def _show(self, part, text):
+        if self.raw:  # thinking hidden: the answer only
+            if part == "answer":
+                self.console.file.write(text)
+                self.console.file.flush()
+            return
+        if part != self.last:  # a label where the thinking starts; the answer begins on a fresh line
+            if part == "think":
+                note = "thinking" if self.show_thinking else "thinking (hidden: /set think on shows it)"
+                self.console.print(("\n" if self.last else "") + note, style="dim italic")
+            elif self.last == "think":
+                self.console.print("\n" if self.show_thinking else "")
+            self.last, self.fresh = part, True
+        text = text.translate(CONTROL_PICTURES)
+        if self.fresh:  # a part's leading newlines: the label or the blank line already separates it
+            text = text.lstrip("\n")
+            self.fresh = not text
+        if part == "answer":
+            self.console.print(text, end="", markup=False, highlight=False)
+        elif self.show_thinking:
+            self.console.print(text, end="", style="dim", markup=False, highlight=False)
+
+    @contextlib.contextmanager
+    def progress(self, total):
+        """-> advance(n): a transient bar while a long prompt is read (a /load, or a big paste)."""
+        if self.raw or not self.console.is_terminal or total <= CHUNK:
+            yield lambda n: None
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+        with Progress(TextColumn("reading the prompt"), BarColumn(), MofNCompleteColumn(),
+                      console=self.console, transient=True) as bar:
+            task = bar.add_task("", total=total)
+            yield lambda n: bar.advance(task, n)
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings: the flags, and /set at the prompt
+
+@dataclass
+class Settings:
+    temp: float = 0.6          # model card: temperature 0.6, top_p 0.95, up to 32768 new tokens
+    top_p: float = 0.95
+    top_k: int = 0             # 0 = off
+    max_tokens: int = 32768    # also capped, each turn, by what is left of the context
+    seed: int | None = None
+    think: bool = True         # show the <think> part
+
+
+SETTINGS = {  # name -> (parse the text, check the value, what is expected)
+    "temp": (float, lambda v: 0 <= v < math.inf, "a number >= 0 (0 = greedy)"),
+    "top_p": (float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "top_k": (int, lambda v: v >= 0, "an integer >= 0 (0 = off)"),
+    "max_tokens": (int, lambda v: v >= 1, "an integer >= 1"),
+    "seed": (lambda s: None if s.lower() == "none" else int(s), lambda v: v is None or v >= 0, "an integer >= 0, or none"),
+    "think": (lambda s: {"on": True, "off": False}[s.lower()], lambda v: True, "on or off"),
+}
+
+
+def parse_setting(name, text):
+    """'/set NAME VALUE' (or the matching flag) -> the value; ValueError says what was expected."""
+    parse, ok, expected = SETTINGS[name]
+    try:
+        value = parse(text.strip())
+    except (ValueError, KeyError):
+        value = ok = None
+    if ok is None or not ok(value):
+        raise ValueError(f"{name}: expected {expected}, got {text.strip()!r}")
+    return value
+
+
+def flag(name):
+    def parse(text):
+        try:
+            return parse_setting(name, text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1])
+    return parse
+
+
+# ----------------------------------------------------------------------------------------------
+# One conversation and its model state
+
+@dataclass
+class TurnStats:
+    prompt_tokens: int = 0     # tokens prefilled this turn
+    reused: int = 0            # tokens already in the model state from earlier turns
+    rebuilt: bool = False      # the state was thrown away and the whole conversation read again
+    ttft_s: float = 0.0        # time to first token (the prefill, plus one sampling)
+    generated: int = 0         # tokens sampled, an end token included
+    decode_s: float = 0.0      # from the first token to the last
+    stop: str = "end"          # end | max_tokens | context | interrupted | interrupted in prefill
+
+
+@dataclass
+class Session:
+    model: object
+    settings: Settings
+    system: str = ""
+    messages: list = None      # [{"role": "user"|"assistant", "content"}]; the system text is kept apart
+    cache: object = None       # the model state; None = empty (next turn reads the whole conversation)
+    seen: str = ""             # the text of the tokens in `cache`: the prompts it read, the replies it wrote
+    turns: int = 0
+    last: TurnStats = None
+
+    def __post_init__(self):
+        self.messages = self.messages or []
+
+    def conversation(self):
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+
+    def reset(self):
+        self.cache, self.seen = None, ""
+
+
+class ContextFull(Exception):
+    pass
+
+
+class CtrlC:
+    """While a reply is made, Ctrl-C only raises a flag that the loop checks between tokens and
+    prompt chunks: a KeyboardInterrupt inside extend() could leave some layers' state updated and
+    others not."""
+
+    def __enter__(self):
+        self.pressed = False
+        self.previous = signal.signal(signal.SIGINT, self._press)
+        return self
+
+    def _press(self, signum, frame):
+        self.pressed = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def chat_turn(s, user_text, view, ctrl_c):
+    """Add one user message, stream the reply into `view`; -> TurnStats.
+
+    The cache holds the tokens whose text is `s.seen`. The whole conversation is rendered with the
+    template; if it starts with `s.seen`, only the rest is tokenized and read. Text is compared, not
+    ids: the reply's sampled ids need not be what tokenizing its text gives back. If it does not
+    start with `s.seen` (/system changed the text the template puts first; a template that rewrites
+    old replies), the state is rebuilt from the whole conversation, once, and the stats say so.
+
+    Ctrl-C keeps what was shown: the reply so far joins the conversation and the cache holds exactly
+    its tokens. Ctrl-C while the prompt is read drops the message and the state (rebuilt next turn)."""
+    model, context = s.model, s.model.config.context_length
+    user = {"role": "user", "content": user_text}
+    prompt = render_prompt(model, s.conversation() + [user])
+    reuse = s.cache is not None and prompt.startswith(s.seen)
+    st = TurnStats(reused=s.cache.length if reuse else 0, rebuilt=s.cache is not None and not reuse)
+    new_ids = model.encode(prompt[len(s.seen):] if reuse else prompt)
+    st.prompt_tokens = len(new_ids)
+    room = context - st.reused - len(new_ids)
+    if room < 1:
+        if st.reused:
+            where = (f"only {context - st.reused} of the {context}-token context are left; "
+                     "/clear starts a new conversation")
+        else:
+            where = (f"the context holds {context}; shorten the message" + (" or the system text" if s.system else "")
+                     + (", or /clear the conversation" if s.messages else ""))
+        raise ContextFull(f"context full: this turn is {len(new_ids)} tokens (plus at least one for the reply), {where}")
+    max_new = min(s.settings.max_tokens, room)
+    if not reuse:
+        s.cache, s.seen = model.new_cache(min(context, len(new_ids) + max_new)), ""
+
+    t0 = time.perf_counter()
+    chunks = [new_ids[i:i + CHUNK] for i in range(0, len(new_ids), CHUNK)]
+    with view.progress(len(new_ids) - len(chunks[-1])) as advance:
+        for chunk in chunks[:-1]:  # the last chunk goes to generate(): one call, as for a one-shot prompt
+            if ctrl_c.pressed:
+                break
+            model.prefill(chunk, s.cache)
+            advance(len(chunk))
+    if ctrl_c.pressed:
+        s.reset()
+        st.stop = "interrupted in prefill"
+        return st
+
+    view.begin(thinking=prompt.rstrip().endswith("<think>"))
+    decoder, content, stop, t_first, t_last = StreamDecoder(model.tokenizer), [], None, None, None
+    opt = s.settings
+    tokens = model.generate(chunks[-1], max_new, opt.temp, opt.top_p, opt.top_k, opt.seed, cache=s.cache)
+    for token in tokens:
+        if ctrl_c.pressed:  # this token is not in the cache yet and was never shown: drop it
+            st.stop = "interrupted"
+            break
+        t_last = time.perf_counter()
+        t_first = t_first or t_last
+        st.generated += 1
+        if token in model.stop_ids:
+            stop = token
+            break
+        content.append(token)
+        view.write(decoder.push(token))
+    tokens.close()
+    view.write(decoder.flush())
+    view.end()
+    if st.stop == "end" and stop is None and content:  # ran out of tokens: the last one was shown, not yet read
+        model.prefill(content[-1:], s.cache)
+        st.stop = "max_tokens" if max_new == s.settings.max_tokens else "context"
+
+    reply = model.decode(content)
+    s.messages += [user, {"role": "assistant", "content": reply}]
+    s.seen = prompt + reply
+    if stop is not None:
+        # Read the end token now, if it is the text the template writes after a reply, so that the
+        # next turn starts right at its own tokens. If not (<|endoftext|> where the template closes
+        # the turn with <|end|>), the next turn's text starts with the template's own end instead.
+        end = model.decode([stop])
+        if render_prompt(model, s.conversation(), add_generation_prompt=False).startswith(s.seen + end):
+            model.prefill([stop], s.cache)
+            s.seen += end
+    st.ttft_s = (t_first or time.perf_counter()) - t0
+    st.decode_s = (t_last or 0) - (t_first or 0)
+    s.turns += 1
+    s.last = st
+    return st
+
+
+def stats_line(st):
+    prompt = f"{st.prompt_tokens} prompt tokens"
+    if st.reused:
+        prompt += f" (+{st.reused} reused)"
+    elif st.rebuilt:
+        prompt += " (whole conversation re-read: its text changed before this turn, e.g. /system)"
+    if st.stop == "interrupted in prefill":
+        return f"[{prompt}: interrupted while reading the prompt; the message was dropped]"
+    parts = [prompt, f"prefill {st.prompt_tokens / st.ttft_s:.0f} tok/s" if st.ttft_s > 0 else "",
+             f"first token {st.ttft_s * 1000:.0f} ms" if st.ttft_s < 1 else f"first token {st.ttft_s:.2f} s",
+             f"{st.generated} generated"]
+    if st.generated > 1 and st.decode_s > 0:  # the first token comes from the prefill, not a decode step
+        parts.append(f"{(st.generated - 1) / st.decode_s:.1f} tok/s")
+    note = {"end": "", "interrupted": "interrupted (the partial reply is kept)",
+            "max_tokens": "stopped at max_tokens (-n, /set max_tokens)",
+            "context": "stopped: the context is full, /clear starts a new conversation"}[st.stop]
+    return "[" + " · ".join(p for p in parts + [note] if p) + "]"
+
+
+# ----------------------------------------------------------------------------------------------
+# Slash commands
+
+HELP = """\
+/help                  this list
+/clear                 new conversation (the system text stays), model state reset
+/system [TEXT]         show or set the system text (the next turn re-reads the conversation)
+/set [NAME VALUE]      show the settings, or set temp | top_p | top_k | max_tokens | seed | think (on/off)
+/stats                 the last turn's numbers and the context in use
+/save FILE             the conversation as JSON
+/load FILE             a saved conversation (the next turn reads it once)
+/exit, /bye, Ctrl-D    quit
+Ctrl-C stops a reply (kept as far as it got); twice at the prompt quits.
+\"\"\" opens and closes a multi-line message; pasted lines are one message."""
+
+
+def load_conversation(path):
+    """A /save file (or a plain [{"role", "content"}] list) -> (system text, messages)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise Phi4FlashError(f"{path}: cannot read a conversation ({e})")
+    system, messages = (data.get("system") or "", data.get("messages")) if isinstance(data, dict) else ("", data)
+    if not isinstance(messages, list) or not isinstance(system, str):
+        raise Phi4FlashError(f"{path}: expected {{\"system\": text, \"messages\": [{{\"role\", \"content\"}}, ...]}}")
+    out = []
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)):
+            raise Phi4FlashError(f"{path}: message {i} is not {{\"role\": system|user|assistant, \"content\": text}}")
+        if m["role"] == "system":
+            system = m["content"]
+        else:
+            out.append({"role": m["role"], "content": m["content"]})
+    return system, out
+
+
+def command(s, line, console):
+    """Run one slash command; -> True to quit."""
+    name, _, arg = line.partition(" ")
+    arg = arg.strip()
+    say = lambda text, style="dim": console.print(text, style=style, markup=False, highlight=False)  # noqa: E731
+    if name in ("/exit", "/bye"):
+        return True
+    if name == "/help":
+        say(HELP, style="")
+    elif name == "/clear":
+        s.messages, s.turns, s.last = [], 0, None
+        s.reset()
+        say("new conversation")
+    elif name == "/system":
+        if not arg:
+            say(f"system text: {s.system!r}" if s.system else "no system text")
+        else:
+            s.system = arg
+            say("system text set; the next turn re-reads the conversation with it")
+    elif name == "/set":
+        if not arg:
+            say(settings_line(s.settings))
+            return False
+        key, _, value = arg.partition(" ")
+        if key not in SETTINGS:
+            say(f"/set: unknown setting {key!r}; one of {', '.join(SETTINGS)}", style="red")
+            return False
+        try:
+            setattr(s.settings, key, parse_setting(key, value))
+        except ValueError as e:
+            say(f"/set {e}", style="red")
+            return False
+        say(f"{key} = {settings_value(s.settings, key)}")
+    elif name == "/stats":
+        used = s.cache.length if s.cache is not None else 0
+        say(f"{s.turns} turns this conversation; the model state holds {used} of {s.model.config.context_length} "
+            f"context tokens")
+        say(f"last turn: {stats_line(s.last)}" if s.last else "no turn yet")
+        say(settings_line(s.settings))
+    elif name in ("/save", "/load"):
+        if not arg:
+            say(f"{name} needs a FILE", style="red")
+        elif name == "/save":
+            try:
+                with open(arg, "w", encoding="utf-8") as f:
+                    json.dump({"system": s.system, "messages": s.messages}, f, ensure_ascii=False, indent=1)
+                say(f"saved {len(s.messages)} messages to {arg}")
+            except OSError as e:
+                say(f"/save: cannot write {arg} ({e.strerror})", style="red")
+        else:
+            try:
+                s.system, s.messages = load_conversation(arg)
+            except Phi4FlashError as e:
+                say(f"/load: {e}", style="red")
+                return False
+            s.turns, s.last = sum(m["role"] == "user" for m in s.messages), None
+            s.reset()
+            say(f"loaded {len(s.messages)} messages; the next turn reads them once")
+    else:
+        say(f"unknown command {name}; /help lists the commands", style="red")
+    return False
+
+
+def settings_value(settings, name):
+    v = getattr(settings, name)
+    return "on" if v is True else "off" if v is False else "none" if v is None else v
+
+
+def settings_line(settings):
+    return " · ".join(f"{f.name} {settings_value(settings, f.name)}" for f in fields(Settings))
+
+
+# ----------------------------------------------------------------------------------------------
+# The terminal: reading messages, the loop
+
+PROMPT = ">>> "
+
+
+def read_message():
+    """One message: a line; lines pasted together (they arrive at once); or a \"\"\" block."""
+    line = input(PROMPT)
+    if line.lstrip().startswith('"""'):
+        body = line.lstrip()[3:]
+        while not body.rstrip().endswith('"""'):
+            body += "\n" + input("... ")
+        return body.rstrip()[:-3]
+    lines = [line]
+    while line_waiting():  # a paste: the next lines are already there
+        lines.append(input(""))
+    return "\n".join(lines)
+
+
+def line_waiting():
+    try:
+        return bool(select.select([sys.stdin], [], [], 0.05)[0])
+    except (OSError, ValueError):  # stdin that select() cannot watch: no paste detection
+        return False
+
+
+def interactive(s, console, name):
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    console.print(f"phi4flash · {name} · context {s.model.config.context_length} tokens · "
+                  f"/help for commands, Ctrl-D to quit", style="bold", markup=False, highlight=False)
+    ctrl_c_at_prompt = False
+    while True:
+        try:
+            text = read_message().strip()
+        except EOFError:
+            console.print()
+            return 0
+        except KeyboardInterrupt:
+            if ctrl_c_at_prompt:
+                console.print()
+                return 0
+            ctrl_c_at_prompt = True
+            console.print("\n(Ctrl-C again, Ctrl-D or /bye quits)", style="dim")
+            continue
+        ctrl_c_at_prompt = False
+        if not text:
+            continue
+        if text.startswith("/"):
+            if command(s, text, console):
+                return 0
+            continue
+        view = ReplyView(console, s.settings.think)
+        with CtrlC() as ctrl_c:
+            try:
+                st = chat_turn(s, text, view, ctrl_c)
+            except ContextFull as e:
+                console.print(str(e), style="red", markup=False, highlight=False)
+                continue
+        console.print(stats_line(st), style="dim", markup=False, highlight=False)
+
+
+def one_shot(s, text, console, err):
+    view = ReplyView(console, s.settings.think, raw=not console.is_terminal)
+    with CtrlC() as ctrl_c:
+        try:
+            st = chat_turn(s, text, view, ctrl_c)
+        except ContextFull as e:
+            err.print(f"error: {e}", markup=False, highlight=False)
+            return 2
+    err.print(stats_line(st), style="dim", markup=False, highlight=False)
+    return 130 if st.stop.startswith("interrupted") else 0
+
+
+def open_model(path, device="cpu"):
     """MODEL argument -> loaded model (converting a Hugging Face folder once, into the cache)."""
     import convert
     if path is None:
         print(f"note: no MODEL given, using the bundled tiny model: its weights are random, so its replies are "
               f"gibberish. For the real model: {REAL_MODEL_HINT}", file=sys.stderr)
         path = TINY
-    return phi4flash.load(convert.resolve_model(path))
-
-
-def reply(model, messages, args, out=sys.stdout):
-    """Generate and stream one assistant reply; -> (text, stats)."""
-    ids = model.encode(render_prompt(model, messages))
-    decoder, text, generated = StreamDecoder(model.tokenizer), [], 0
-    t0 = time.perf_counter()
-    t_first = None
-    max_new = max(1, min(args.max_tokens, model.config.context_length - len(ids)))
-    for token in model.generate(ids, max_new, args.temp, args.top_p, args.top_k, args.seed):
-        if t_first is None:
-            t_first = time.perf_counter()
-        generated += 1
-        if token in model.stop_ids:
-            break
-        piece = decoder.push(token)
-        text.append(piece)
-        out.write(piece)
-        out.flush()
-    tail = decoder.flush()
-    text.append(tail)
-    out.write(tail + "\n")
-    t_end = time.perf_counter()
-    return "".join(text), {"prompt_tokens": len(ids), "ttft_s": (t_first or t_end) - t0,
-                           "generated": generated, "decode_s": t_end - (t_first or t_end)}
+    return phi4flash.load(convert.resolve_model(path), device=device)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Chat with Phi-4-mini-flash-reasoning (phi4flash, NumPy).")
-    ap.add_argument("model", metavar="MODEL", nargs="?", help="converted folder or Hugging Face snapshot folder "
+    ap = argparse.ArgumentParser(description="Chat with Phi-4-mini-flash-reasoning (phi4flash, NumPy). "
+                                 "At the prompt, /help lists the commands.")
+    ap.add_argument("model", metavar="MODEL", nargs="?", help="converted folder, Hugging Face snapshot folder, or the "
+                    "repo id microsoft/Phi-4-mini-flash-reasoning found in the local Hugging Face cache "
                     "(default: the bundled tiny random model)")
-    ap.add_argument("--prompt", help="one question: print the reply and exit")
-    ap.add_argument("--system", help="system message")
-    ap.add_argument("--temp", type=float, default=0.6, help="sampling temperature, 0 = greedy (default 0.6)")
-    ap.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
-    ap.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens, 0 = off (default 0)")
-    ap.add_argument("--seed", type=int, help="random seed for sampling")
-    ap.add_argument("-n", "--max-tokens", type=int, default=32768, help="longest reply in tokens (default 32768)")
+    ap.add_argument("--prompt", metavar="TEXT", help="one question: print the reply and exit (also when stdin is a pipe)")
+    ap.add_argument("--system", metavar="TEXT", default="", help="system text")
+    ap.add_argument("--temp", type=flag("temp"), default=0.6, help="sampling temperature, 0 = greedy (default 0.6)")
+    ap.add_argument("--top-p", type=flag("top_p"), default=0.95, help="nucleus sampling mass (default 0.95)")
+    ap.add_argument("--top-k", type=flag("top_k"), default=0, help="keep the k most likely tokens, 0 = off (default 0)")
+    ap.add_argument("--seed", type=flag("seed"), help="random seed for sampling")
+    ap.add_argument("-n", "--max-tokens", type=flag("max_tokens"), default=32768,
+                    help="longest reply in tokens (default 32768, the model card's; capped by the context)")
+    ap.add_argument("--hide-thinking", action="store_true", help="do not show the <think> part (/set think on shows it)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model runs (default cpu)")
     args = ap.parse_args(argv)
     prompt = args.prompt
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
-    if prompt is None:
-        print("error: interactive chat is not built yet; pass --prompt TEXT or pipe the question on stdin", file=sys.stderr)
+    if prompt is not None and not prompt.strip():
+        print("error: --prompt / stdin: expected a question, got empty text", file=sys.stderr)
         return 2
+
+    from rich.console import Console
+    console, err = Console(soft_wrap=True, highlight=False), Console(stderr=True, soft_wrap=True, highlight=False)
     try:
-        model = open_model(args.model)
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
-        _, stats = reply(model, messages, args)
+        model = open_model(args.model, args.device)
+        settings = Settings(args.temp, args.top_p, args.top_k, args.max_tokens, args.seed, not args.hide_thinking)
+        s = Session(model, settings, system=args.system)
+        if prompt is not None:
+            return one_shot(s, prompt.strip(), console, err)
+        name = os.path.basename(os.path.normpath(args.model)) if args.model else "tiny random model"
+        return interactive(s, console, name)
     except Phi4FlashError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # while loading or converting
         print("\ninterrupted", file=sys.stderr)
         return 130
-    rate = (stats["generated"] - 1) / stats["decode_s"] if stats["decode_s"] > 0 else float("nan")
-    print(f"[{stats['prompt_tokens']} prompt tokens, first token after {stats['ttft_s']:.2f} s; "
-          f"{stats['generated']} generated, {rate:.1f} tok/s]", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

@@ -3,9 +3,11 @@
     python convert.py SRC DST [--dtype bfloat16|float32] [--force]
 
 SRC is a snapshot folder (config.json, model.safetensors or model-0000K-of-0000N.safetensors +
-model.safetensors.index.json, tokenizer files, generation_config.json). Everything is checked before a
-byte is written; tensors are then streamed a few MB at a time into DST/model.safetensors under the
-names phi4flash.tensor_shapes() lists, and DST appears only when the whole conversion succeeded.
+model.safetensors.index.json, tokenizer files, generation_config.json), or a repo id such as
+microsoft/Phi-4-mini-flash-reasoning that `huggingface-cli download` has put in the local Hugging Face
+cache (nothing is downloaded here). Everything is checked before a byte is written; tensors are then
+streamed a few MB at a time into DST/model.safetensors under the names phi4flash.tensor_shapes()
+lists, and DST appears only when the whole conversion succeeded.
 
 Layout choices: fused projections are split so every tensor has one meaning (see
 phi4flash.tensor_shapes); weights stay [out, in] as in the checkpoint, which is already the layout
@@ -20,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 
@@ -253,6 +256,19 @@ def _convert_rows(raw, src_dtype, to_bf16):
     return f32_to_bf16(x) if to_bf16 else x
 
 
+# All-zero data becomes a hole in the output: the file is sparse (full length, no disk blocks
+# there) and reads back as the same zeros. Real weights have no all-zero chunk, so for them nothing
+# changes; it lets the real-size dry run (tests/test_dry_run.py) convert a 7.7 GB synthetic checkpoint
+# whose data is one big hole using a few kB of disk. (The source is still read in full: asking the
+# filesystem where its holes are, SEEK_DATA, would be faster, but a filesystem bug there would turn
+# real weights into zeros without a word.)
+
+def _all_zero_bits(a):
+    """Every byte zero? (-0.0 is not: its sign bit is set.) Real weights fail the first test at once."""
+    b = a.view(np.uint8)
+    return not b[:64].any() and not b.any()
+
+
 def converted_header(cfg, plan, dtype):
     """The safetensors header of a converted file, as bytes padded so the data starts 64-byte aligned;
     -> (header bytes, [(our name, shape, stored as bf16)] in file order)."""
@@ -290,9 +306,14 @@ def write_converted(path, cfg, found, plan, dtype, progress=None):
                     f.seek(start + info["data_offsets"][0] + a * row * src_dtype.itemsize)
                     if f.readinto(memoryview(raw).cast("B")) != raw.nbytes:
                         raise Phi4FlashError(f"{file}: truncated while reading {theirs}")
-                    out.write(_convert_rows(raw, info["dtype"], bf16).tobytes())
+                    rows = _convert_rows(raw, info["dtype"], bf16)
+                    if _all_zero_bits(rows):
+                        out.seek(rows.nbytes, os.SEEK_CUR)  # a hole instead of zeros
+                    else:
+                        out.write(rows.tobytes())
                     if progress:
                         progress(raw.nbytes)
+            out.truncate()  # sets the length when the file ends in a hole (a seek past the end writes nothing)
         finally:
             for f in files.values():
                 f.close()
@@ -304,8 +325,9 @@ def _config_json(cfg):
 
 
 def convert(src, dst, dtype="bfloat16", force=False, show_progress=None):
-    """Validate SRC, then write DST atomically (a temporary sibling folder renamed into place)."""
-    src, dst = os.path.abspath(src), os.path.abspath(dst)
+    """Validate SRC (a snapshot folder, or a repo id found in the local Hugging Face cache), then write
+    DST atomically (a temporary sibling folder renamed into place)."""
+    src, dst = os.path.abspath(snapshot_folder(src, "SRC")), os.path.abspath(dst)
     if dtype not in ("bfloat16", "float32"):
         raise Phi4FlashError(f"--dtype {dtype}: expected bfloat16 or float32")
     if os.path.exists(dst) and not force:
@@ -351,7 +373,58 @@ def convert(src, dst, dtype="bfloat16", force=False, show_progress=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# A model argument that may be a converted folder or a Hugging Face snapshot
+# A repo id ("microsoft/Phi-4-mini-flash-reasoning"), found in the local Hugging Face cache. Nothing is
+# ever downloaded: we only read the folders `huggingface-cli download REPO_ID` leaves behind,
+#   HUB/models--microsoft--Phi-4-mini-flash-reasoning/refs/main            the revision "main" points to
+#   HUB/models--microsoft--Phi-4-mini-flash-reasoning/snapshots/REVISION/  its files (links into blobs/)
+
+HF_REPO_ID = "microsoft/Phi-4-mini-flash-reasoning"
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name: anything else is taken as a path
+
+
+def hf_hub_cache():
+    """The hub cache folder, found as huggingface_hub finds it: $HF_HUB_CACHE (or the older
+    $HUGGINGFACE_HUB_CACHE), else $HF_HOME/hub, else $XDG_CACHE_HOME/huggingface/hub, else
+    ~/.cache/huggingface/hub."""
+    hub = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if hub:
+        return os.path.expanduser(hub)
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return os.path.join(os.path.expanduser(home), "hub")
+
+
+def find_snapshot(repo_id, what="MODEL"):
+    """owner/name -> the snapshot folder that refs/main names (or the only snapshot, if there is no
+    ref); a one-line Phi4FlashError that says how to download it when it is not there."""
+    hub = hf_hub_cache()
+    repo = os.path.join(hub, "models--" + repo_id.replace("/", "--"))
+    snapshots, ref = os.path.join(repo, "snapshots"), os.path.join(repo, "refs", "main")
+    download = f"huggingface-cli download {repo_id}"
+    if os.path.isfile(ref):
+        with open(ref) as f:
+            revision = f.read().strip()
+        if os.path.isdir(os.path.join(snapshots, revision)):
+            return os.path.join(snapshots, revision)
+        raise Phi4FlashError(f"{what} {repo_id}: {ref} names revision {revision!r}, which has no folder in "
+                             f"{snapshots}; download it again with: {download}")
+    revisions = sorted(os.listdir(snapshots)) if os.path.isdir(snapshots) else []
+    if len(revisions) == 1:
+        return os.path.join(snapshots, revisions[0])
+    if revisions:
+        raise Phi4FlashError(f"{what} {repo_id}: {len(revisions)} snapshots in {snapshots} and no refs/main to "
+                             f"choose one; pass the snapshot folder itself")
+    raise Phi4FlashError(f"{what} {repo_id}: not a folder, and not in the local Hugging Face cache ({hub}); "
+                         f"download it with: {download}")
+
+
+def snapshot_folder(arg, what="MODEL"):
+    """A folder argument as it is; owner/name that is not a folder -> its snapshot in the hub cache."""
+    arg = os.fspath(arg)
+    return find_snapshot(arg, what) if not os.path.isdir(arg) and REPO_ID.fullmatch(arg) else arg
+
+
+# ----------------------------------------------------------------------------------------------
+# A model argument that may be a converted folder, a Hugging Face snapshot or a repo id
 
 def cache_root():
     return os.environ.get("PHI4FLASH_CACHE") or os.path.join(
@@ -367,10 +440,13 @@ def is_converted(path):
 
 
 def resolve_model(path, dtype="bfloat16", show_progress=None):
-    """Converted folder -> itself. Hugging Face snapshot -> its conversion, made once into the cache
-    folder (keyed by the snapshot's path and weight files' sizes and times)."""
+    """Converted folder -> itself. Hugging Face snapshot, or a repo id in the local hub cache -> its
+    conversion, made once into the cache folder (keyed by the snapshot's path and weight files' sizes
+    and times)."""
+    path = snapshot_folder(path)
     if not os.path.isdir(path):
-        raise Phi4FlashError(f"MODEL {path}: not a folder (expected a converted folder or a Hugging Face snapshot)")
+        raise Phi4FlashError(f"MODEL {path}: not a folder (expected a converted folder, a Hugging Face snapshot "
+                             f"or a repo id such as {HF_REPO_ID})")
     if is_converted(path):
         return path
     key = hashlib.sha256(os.path.realpath(path).encode())
@@ -379,7 +455,11 @@ def resolve_model(path, dtype="bfloat16", show_progress=None):
             st = os.stat(os.path.join(path, name))
             key.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
     key.update(f"{dtype}:{phi4flash.FORMAT_VERSION}".encode())
-    dst = os.path.join(cache_root(), f"{os.path.basename(os.path.realpath(path))}-{key.hexdigest()[:12]}")
+    name = os.path.basename(os.path.realpath(path))
+    parent, repo = os.path.split(os.path.dirname(os.path.realpath(path)))
+    if repo == "snapshots" and os.path.basename(parent).startswith("models--"):  # hub cache: name it after the repo
+        name = os.path.basename(parent).split("--")[-1]
+    dst = os.path.join(cache_root(), f"{name}-{key.hexdigest()[:12]}")
     if not is_converted(dst):
         convert(path, dst, dtype, force=os.path.exists(dst), show_progress=show_progress)
     return dst
@@ -387,7 +467,8 @@ def resolve_model(path, dtype="bfloat16", show_progress=None):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Convert a Hugging Face Phi-4-mini-flash folder for phi4flash.")
-    ap.add_argument("src", metavar="SRC", help="Hugging Face snapshot folder")
+    ap.add_argument("src", metavar="SRC", help="Hugging Face snapshot folder, or a repo id downloaded into the local "
+                    f"Hugging Face cache (e.g. {HF_REPO_ID})")
     ap.add_argument("dst", metavar="DST", help="output folder (must not exist unless --force)")
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                     help="storage of the weight matrices (default bfloat16: lossless for the bf16 checkpoint)")

@@ -209,10 +209,15 @@ class Model:
     path: str = ""
     files: dict = field(default_factory=dict)  # tokenizer_config / generation_config JSON, when present
 
-    def forward(self, ids, trace=None):
-        """Full forward, every position, nothing cached between calls: (T, V) float32 logits."""
+    def forward(self, ids, trace=None, attn_probs=None):
+        """Full forward, every position, nothing cached between calls: (T, V) float32 logits.
+        trace: a dict to fill with the named intermediates (see `trace_rows`); attn_probs=(layer, j)
+        adds layers.{layer}.attn_probs (2, T, T), both softmax maps of differential head j."""
         ids = check_ids(self, ids)
-        logits = extend(self, new_cache(self.config, len(ids), get_xp(self.embed_tokens)), ids, all_positions=True, trace=trace)
+        if attn_probs is not None:
+            check_attn_probs(self.config, attn_probs)
+        logits = extend(self, new_cache(self.config, len(ids), get_xp(self.embed_tokens)), ids, all_positions=True,
+                        trace=trace, attn_probs=attn_probs)
         return to_numpy(logits)
 
     def new_cache(self, capacity=None):
@@ -220,7 +225,7 @@ class Model:
 
     def prefill(self, ids, cache=None):
         """Run the prompt (or a later chunk / chat turn) into `cache`: -> (last-token logits (V,), cache)."""
-        cache = cache if cache is not None else self.new_cache(len(ids))
+        cache = cache if cache is not None else self.new_cache(len(ids) + 1024)  # room to decode without regrowing
         return to_numpy(extend(self, cache, check_ids(self, ids)))[-1], cache
 
     def step(self, cache, token):
@@ -255,8 +260,12 @@ def load(path, device="cpu"):
     if meta.get("format_version") != FORMAT_VERSION:
         raise Phi4FlashError(f"{file}: converted with format version {meta.get('format_version')}, this code reads "
                              f"version {FORMAT_VERSION}; convert the original checkpoint again")
-    c = json.loads(meta["config"])
-    cfg = Config(**{**c, "sliding_window": tuple(c["sliding_window"])})
+    try:
+        c = json.loads(meta["config"])
+        cfg = Config(**{**c, "sliding_window": tuple(c["sliding_window"])})
+    except (KeyError, TypeError, ValueError) as e:
+        raise Phi4FlashError(f"{file}: the model config in the metadata is missing or unreadable ({e!r}); "
+                             "convert the original checkpoint again") from None
     expected = tensor_shapes(cfg)
     for name, shape in expected.items():
         if name not in tensors:
@@ -509,8 +518,9 @@ def diff_lambda(p, lam_init):
             - xp.exp((f32(p["lambda_q2"]) * f32(p["lambda_k2"])).sum()) + lam_init)
 
 
-def differential_attention(q, k, v, mask, lam, lam_init, subln, eps=1e-5):
-    """q (H, Tq, hd); k, v (H_kv, S, hd); mask (Tq, S) True where a key is visible -> (Tq, H·hd)."""
+def differential_attention(q, k, v, mask, lam, lam_init, subln, eps=1e-5, probs=None):
+    """q (H, Tq, hd); k, v (H_kv, S, hd); mask (Tq, S) True where a key is visible -> (Tq, H·hd).
+    Tracing: probs={"head": j} receives probs["maps"], the two softmax maps of differential head j."""
     xp = get_xp(q)
     H, Tq, hd = q.shape
     H_kv, S, _ = k.shape
@@ -521,23 +531,28 @@ def differential_attention(q, k, v, mask, lam, lam_init, subln, eps=1e-5):
     vv = v.reshape(H_kv // 2, 2, S, hd).transpose(0, 2, 1, 3).reshape(H_kv // 2, 1, S, 2 * hd)  # [v1_g ‖ v2_g]
     scores = qs @ ks.swapaxes(-1, -2) * (1.0 / math.sqrt(hd))             # (2, H_kv/2, G, Tq, S)
     scores = xp.where(mask, scores, -xp.inf)
-    att = softmax(scores) @ vv                                            # (2, H_kv/2, G, Tq, 2hd)
+    maps = softmax(scores)                                                # (2, H_kv/2, G, Tq, S)
+    if probs is not None:  # differential head j: stripe-1 query 2j and its stripe-2 twin 2j+1
+        probs["maps"] = maps[:, probs["head"] // G, probs["head"] % G]    # (2, Tq, S)
+    att = maps @ vv                                                       # (2, H_kv/2, G, Tq, 2hd)
     o = rms_norm(att[0] - lam * att[1], f32(subln), eps) * (1.0 - lam_init)  # (H_kv/2, G, Tq, 2hd)
     return o.transpose(2, 0, 1, 3).reshape(Tq, H * hd)                    # pair j -> heads 2j, 2j+1
 
 
-def attend(q, k, v, qpos, kpos, window, lam, lam_init, subln, block=256):
+def attend(q, k, v, qpos, kpos, window, lam, lam_init, subln, block=256, probs=None):
     """Differential attention of queries at positions qpos over keys at positions kpos:
     key s is visible to query t iff s <= t and, with a window, s > t - W (W keys, the current one
     included). Queries go in blocks; with more than one block the keys are in time order and each
     block slices only the keys it can see, so a sliding window costs O(T·W), not O(T²).
-    q (H, T, hd); k, v (H_kv, S, hd); qpos (T,), kpos (S,) -> (T, H·hd)."""
-    if get_xp(q) is not np:
+    q (H, T, hd); k, v (H_kv, S, hd); qpos (T,), kpos (S,) -> (T, H·hd).
+    Tracing: probs={"head": j} receives probs["maps"] (2, T, S), zero where a key is not visible."""
+    if probs is None and get_xp(q) is not np:                             # GPU kernels (the maps stay in the kernel)
         return cuda_attend(q, k, v, qpos, kpos, window, lam, lam_init, subln)
     xp = get_xp(q)
     T = q.shape[1]
     block = min(block, window) if window else block                       # a block sees ≤ block + W - 1 keys
     out = xp.empty((T, q.shape[0] * q.shape[2]), xp.float32)              # (T, H·hd)
+    maps = None if probs is None else xp.zeros((2, T, k.shape[1]), xp.float32)  # (2, T, S)
     for a in range(0, T, block):
         b = min(T, a + block)
         lo, hi = 0, k.shape[1]
@@ -548,7 +563,12 @@ def attend(q, k, v, qpos, kpos, window, lam, lam_init, subln, block=256):
         mask = (kp <= qp) & (kp >= 0)                                     # (Tb, Sb); -1 marks an empty slot
         if window:
             mask &= kp > qp - window
-        out[a:b] = differential_attention(q[:, a:b], k[:, lo:hi], v[:, lo:hi], mask, lam, lam_init, subln)
+        part = None if probs is None else {"head": probs["head"]}
+        out[a:b] = differential_attention(q[:, a:b], k[:, lo:hi], v[:, lo:hi], mask, lam, lam_init, subln, probs=part)
+        if part is not None:
+            maps[:, a:b, lo:hi] = part["maps"]
+    if probs is not None:
+        probs["maps"] = maps
     return out
 
 
@@ -558,7 +578,7 @@ def project_heads(x, W, b, n_heads):
     return y.reshape(x.shape[0], n_heads, -1).transpose(1, 0, 2)
 
 
-def self_attention(u, p, kv, pos, i, cfg, q_rows=slice(None)):
+def self_attention(u, p, kv, pos, i, cfg, q_rows=slice(None), probs=None):
     """Self-attention layer i (sliding-window, or the full layer L/2+1). Writes this call's K/V into
     `kv`; queries only for u[q_rows] (layer L/2+1 in prefill needs just the last token's output).
     u (T, D), pos (T,) absolute positions -> (T_q, D)."""
@@ -567,17 +587,18 @@ def self_attention(u, p, kv, pos, i, cfg, q_rows=slice(None)):
     k, v, kpos = kv_extend(kv, k_new, v_new, int(pos[0]))                 # keys these queries may see
     q = project_heads(u[q_rows], p["Wq"], p["bq"], cfg.num_attention_heads)  # (H, T_q, hd)
     lam_init = lambda_init(i)
-    o = attend(q, k, v, pos[q_rows], kpos, kv.window, diff_lambda(p, lam_init), lam_init, p["subln"])
+    o = attend(q, k, v, pos[q_rows], kpos, kv.window, diff_lambda(p, lam_init), lam_init, p["subln"], probs=probs)
     return linear(o, p["out_proj"], f32(p["out_proj_bias"]))              # (T_q, D)
 
 
-def cross_attention(u, p, shared, pos, i, cfg):
+def cross_attention(u, p, shared, pos, i, cfg, probs=None):
     """Cross-attention layer i: its own queries over layer L/2+1's K/V (YOCO), no cache of its own."""
     q = project_heads(u, p["Wq"], p["bq"], cfg.num_attention_heads)      # (H, T, hd)
     n = shared.length
     kpos = get_xp(u).arange(n)                                            # (S,)
     lam_init = lambda_init(i)
-    o = attend(q, shared.k[:, :n], shared.v[:, :n], pos, kpos, None, diff_lambda(p, lam_init), lam_init, p["subln"])
+    o = attend(q, shared.k[:, :n], shared.v[:, :n], pos, kpos, None, diff_lambda(p, lam_init), lam_init, p["subln"],
+               probs=probs)
     return linear(o, p["out_proj"], f32(p["out_proj_bias"]))              # (T, D)
 
 
@@ -670,9 +691,10 @@ def record(trace, name, x):
         trace[name] = to_numpy(x).copy()
 
 
-def extend(model, cache, ids, all_positions=False, trace=None):
+def extend(model, cache, ids, all_positions=False, trace=None, attn_probs=None):
     """Feed T new tokens on top of `cache` (updated in place) -> logits (T, V) if all_positions,
-    else (1, V) for the last token only.
+    else (1, V) for the last token only. With a `trace` dict, the named intermediates are recorded
+    into it; attn_probs=(layer, j) also records that attention layer's differential head j maps.
 
     Prefill is linear (2507.06607 §2): layers 0..L/2 run on every token; layer L/2+1 writes K/V for
     every token but computes its query and output only for the rows we return; the cross-decoder
@@ -688,6 +710,7 @@ def extend(model, cache, ids, all_positions=False, trace=None):
     memory = None
     for i, (kind, layer) in enumerate(zip(cfg.layer_kinds, model.layers)):
         u = layer_norm(h, layer["input_layernorm"], cfg.layer_norm_eps)   # (T, D)
+        probs = {"head": attn_probs[1]} if trace is not None and attn_probs and attn_probs[0] == i else None
         if kind == "mamba":
             out, y, cache.conv_state[i], cache.ssm_state[i] = mamba(u, layer["mamba"], cache.conv_state[i], cache.ssm_state[i])
             if i == cfg.memory_layer:
@@ -695,23 +718,25 @@ def extend(model, cache, ids, all_positions=False, trace=None):
                 record(trace, "memory", memory)
         elif kind == "attn" and i == cfg.kv_layer:
             rows = slice(None) if all_positions else slice(T - 1, T)
-            out = self_attention(u, layer["attn"], cache.kv[i], pos, i, cfg, q_rows=rows)
+            out = self_attention(u, layer["attn"], cache.kv[i], pos, i, cfg, q_rows=rows, probs=probs)
             h, u, memory, pos = h[rows], u[rows], memory[rows], pos[rows]  # from here on: the returned rows only
             kv = cache.kv[i]
             record(trace, "shared_k", kv.k[:, :kv.length])
             record(trace, "shared_v", kv.v[:, :kv.length])
         elif kind == "attn":
-            out = self_attention(u, layer["attn"], cache.kv[i], pos, i, cfg)
+            out = self_attention(u, layer["attn"], cache.kv[i], pos, i, cfg, probs=probs)
         elif kind == "gmu":
             out = gmu(u, layer["gmu"], memory)
         else:
-            out = cross_attention(u, layer["attn"], cache.shared(cfg), pos, i, cfg)
+            out = cross_attention(u, layer["attn"], cache.shared(cfg), pos, i, cfg, probs=probs)
         h = h + out                                                       # (T, D)
         m = mlp(layer_norm(h, layer["post_attention_layernorm"], cfg.layer_norm_eps), layer["mlp"])  # (T, D)
         h = h + m
         if trace is not None:
             for name, x in (("mixer_in", u), ("mixer_out", out), ("mlp_out", m), ("residual", h)):
                 record(trace, f"layers.{i}.{name}", x)
+            if probs is not None:
+                record(trace, f"layers.{i}.attn_probs", probs["maps"])
     cache.length += T
     h = layer_norm(h, model.final_layernorm, cfg.layer_norm_eps)          # (T or 1, D)
     record(trace, "final_norm", h)
@@ -1322,3 +1347,243 @@ def chat_main():
 
 def convert_main():
     sys.exit(_sibling("convert").main())
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: trace one forward, save it, and compare it with a reference dump
+#
+#   python phi4flash.py trace MODEL --ids 5,68,417 [--save dump.npz] [--compare ref.npz --atol 1e-4]
+#
+# A dump is a plain .npz holding what forward(ids, trace=...) records, under these names (shapes
+# for T tokens; notes/08-trace-and-compare.md shows how to write one from the PyTorch model):
+#   input_ids (T,) int64            embed (T, D)                   final_norm (T, D)   logits (T, V)
+#   layers.{i}.mixer_in (T, D)      the LayerNorm'd input of layer i's mixer
+#   layers.{i}.mixer_out (T, D)     what the mixer (Mamba, attention, GMU) adds to the residual
+#   layers.{i}.mlp_out (T, D)       what the MLP adds to the residual
+#   layers.{i}.residual (T, D)      the residual stream after layer i
+#   memory (T, d_inner)             layer L/2's scan output, read by every GMU
+#   shared_k, shared_v (H_kv, T, hd)  layer L/2+1's K/V, read by every cross-attention layer
+#   layers.{i}.attn_probs (2, T, T)   with --attn-probs i,j: the two softmax maps of differential head j
+
+def trace_rows(cfg):
+    """The trace table's rows in forward order: (label, kind, names made in that row, in order).
+    memory and shared_k/v are made inside their layer's mixer, so they sit before its mixer_out."""
+    def kind_label(i, kind):
+        if i == cfg.memory_layer:
+            return "mamba → memory"
+        if i == cfg.kv_layer:
+            return "full attn → KV"
+        return f"SWA W={cfg.sliding_window[i]}" if kind == "attn" else {"cross": "cross attn"}.get(kind, kind)
+    rows = [("embed", "embedding", ["embed"])]
+    for i, kind in enumerate(cfg.layer_kinds):
+        made = {cfg.memory_layer: ["memory"], cfg.kv_layer: ["shared_k", "shared_v"]}.get(i, [])
+        p = f"layers.{i}."
+        rows.append((str(i), kind_label(i, kind),
+                     [p + "mixer_in", p + "attn_probs", *made, p + "mixer_out", p + "mlp_out", p + "residual"]))
+    return rows + [("norm", "final LayerNorm", ["final_norm"]), ("head", "tied LM head", ["logits"])]
+
+
+def check_attn_probs(cfg, attn_probs):
+    """(layer, j) must name an attention layer and one of its H/2 differential heads."""
+    layer, j = attn_probs
+    kinds = cfg.layer_kinds
+    if not 0 <= layer < len(kinds) or kinds[layer] not in ("attn", "cross"):
+        attn = [i for i, k in enumerate(kinds) if k in ("attn", "cross")]
+        raise Phi4FlashError(f"attn_probs: layer {layer} is not an attention layer (those are {attn})")
+    if not 0 <= j < cfg.num_attention_heads // 2:
+        raise Phi4FlashError(f"attn_probs: head {j} is out of range; a layer has {cfg.num_attention_heads // 2} "
+                             "differential heads, numbered from 0")
+
+
+def reference_to_dump(ref, prompt):
+    """The bundled fixture's reference.npz (tests/fixtures/tiny-phi4flash/README.md) for one prompt
+    ('p0', 'p1' or 'p2') under dump names. It has no mixer_in/mixer_out/mlp_out: a compare skips them."""
+    if f"{prompt}_hidden_states" not in ref:
+        prompts = sorted(k[:-len("_hidden_states")] for k in ref if k.endswith("_hidden_states"))
+        raise Phi4FlashError(f"reference: no prompt {prompt!r} (it has {prompts})")
+    hidden = ref[f"{prompt}_hidden_states"]                               # (L+1, T, D): [0] embed, [i+1] after layer i
+    dump = {"input_ids": ref[f"{prompt}_input_ids"], "embed": hidden[0]}
+    dump.update({f"layers.{i}.residual": hidden[i + 1] for i in range(len(hidden) - 1)})
+    for ours, theirs in (("memory", "gmu_memory"), ("shared_k", "shared_k"), ("shared_v", "shared_v"),
+                         ("final_norm", "final_norm"), ("logits", "logits")):
+        dump[ours] = ref[f"{prompt}_{theirs}"]
+    return dump
+
+
+@dataclass
+class Comparison:
+    atol: float
+    diffs: dict       # name -> max|ours - reference|, for the names both have, in forward order
+    skipped: list     # trace names the reference does not have (not a failure)
+    unknown: list     # reference names that are not trace names (misspelt? they are ignored)
+    first: str | None  # the first name, in forward order, whose max|diff| exceeds atol (NaN counts)
+
+
+def compare_trace(cfg, trace, ref, atol, where="reference"):
+    """Compare a trace with a reference dump, name by name in forward order. A leading batch axis of
+    size 1 in the reference is dropped; any other shape difference is a Phi4FlashError."""
+    if "input_ids" in trace and "input_ids" in ref and not np.array_equal(np.ravel(ref["input_ids"]), trace["input_ids"]):
+        raise Phi4FlashError(f"{where}: made from other token ids ({len(np.ravel(ref['input_ids']))} tokens, "
+                             f"first {np.ravel(ref['input_ids'])[:5].tolist()}); trace the same ids")
+    order = [name for _, _, names in trace_rows(cfg) for name in names if name in trace]
+    diffs, skipped = {}, []
+    for name in order:
+        if name not in ref:
+            skipped.append(name)
+            continue
+        theirs, ours = np.asarray(ref[name]), trace[name]
+        if theirs.shape != ours.shape and theirs.shape == (1, *ours.shape):
+            theirs = theirs[0]
+        if theirs.shape != ours.shape:
+            raise Phi4FlashError(f"{where}: {name} has shape {theirs.shape}, the trace has {ours.shape}")
+        diffs[name] = float(np.abs(ours.astype(np.float64) - theirs.astype(np.float64)).max()) if ours.size else 0.0
+    unknown = [name for name in ref if name not in trace and name != "input_ids"]
+    first = next((name for name, d in diffs.items() if not d <= atol), None)
+    return Comparison(atol, diffs, skipped, unknown, first)
+
+
+def trace_table(cfg, trace, comparison=None):
+    """A rich Table: one row per layer with its kind and the mean/std/max|x| of the tensor the row ends
+    with (the residual after the layer). With a comparison: the row's first tensor over atol (else its
+    largest difference), that tensor's max|diff|, and a marker on the row holding the FIRST tensor over atol."""
+    from rich.table import Table
+    table = Table(title=f"trace of {len(trace['embed'])} tokens", title_justify="left")
+    for col in ("layer", "kind", "mean", "std", "max|x|"):
+        table.add_column(col, justify="left" if col in ("layer", "kind") else "right", no_wrap=True)
+    if comparison:
+        table.add_column("max|diff|", justify="right")
+        table.add_column("tensor")
+        table.add_column(f"atol {comparison.atol:g}")
+    for label, kind, names in trace_rows(cfg):
+        x = trace[names[-1]].astype(np.float64)                           # (T, D) or (T, V): the row's last tensor
+        cells = [label, kind, f"{x.mean():.4f}", f"{x.std():.4f}", f"{np.abs(x).max():.4f}"]
+        style = None
+        if comparison:
+            d = {n: comparison.diffs[n] for n in names if n in comparison.diffs}
+            over = [n for n in d if not d[n] <= comparison.atol]
+            if not d:
+                cells += ["", "", "not in reference"]
+            else:
+                worst = over[0] if over else max(reversed(list(d)), key=d.get)  # ties: the row's last
+                mark = "◀ FIRST" if comparison.first in names else "over" if over else "ok"
+                cells += [f"{d[worst]:.1e}", worst.split(".")[-1], mark]
+                style = "bold red" if comparison.first in names else "red" if over else None
+        table.add_row(*cells, style=style)
+    return table
+
+
+def _parse_ids(text):
+    try:
+        ids = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise Phi4FlashError(f"--ids {text!r}: expected comma-separated token ids, like 5,68,417") from None
+    if not ids:
+        raise Phi4FlashError("--ids: no token ids given")
+    return ids
+
+
+def _parse_attn_probs(text):
+    try:
+        layer, head = (int(s) for s in text.split(","))
+    except ValueError:
+        raise Phi4FlashError(f"--attn-probs {text!r}: expected LAYER,HEAD, like 1,0") from None
+    return layer, head
+
+
+def _load_npz(path):
+    import zipfile
+    try:
+        f = np.load(path, allow_pickle=False)
+        arrays = {name: f[name] for name in f.files} if hasattr(f, "files") else None
+    except FileNotFoundError:
+        raise Phi4FlashError(f"--compare {path}: no such file") from None
+    except (OSError, ValueError, zipfile.BadZipFile):
+        arrays = None
+    if arrays is None:
+        raise Phi4FlashError(f"--compare {path}: not a .npz of plain arrays (as numpy.savez writes)")
+    return arrays
+
+
+def trace_command(args):
+    from rich.console import Console
+    console = Console()
+    ref = _load_npz(args.compare) if args.compare else None          # a bad file fails before the model runs
+    model = load(_sibling("convert").resolve_model(args.model))
+    if args.prompt is not None:
+        if model.tokenizer is None:
+            raise Phi4FlashError(f"MODEL {args.model}: no tokenizer.json, so --prompt cannot be encoded; pass --ids")
+        ids = model.encode(args.prompt)
+        if not ids:
+            raise Phi4FlashError("--prompt: the text encodes to no tokens")
+    else:
+        ids = _parse_ids(args.ids)
+    attn_probs = _parse_attn_probs(args.attn_probs) if args.attn_probs else None
+    trace = {}
+    model.forward(ids, trace=trace, attn_probs=attn_probs)
+    trace["input_ids"] = check_ids(model, ids)
+    comparison = compare_trace(model.config, trace, ref, args.atol, where=f"--compare {args.compare}") if ref else None
+    if comparison and not comparison.diffs:
+        raise Phi4FlashError(f"--compare {args.compare}: no array has a trace name (like layers.0.residual); "
+                             "see the names in notes/08-trace-and-compare.md")
+    if args.save:
+        try:
+            np.savez(args.save, **trace)
+        except OSError as e:
+            raise Phi4FlashError(f"--save {args.save}: cannot write it ({e.strerror or e})") from None
+    shown = ",".join(map(str, ids[:12])) + (",..." if len(ids) > 12 else "")
+    console.print(f"{model.path}: {model.config.num_hidden_layers} layers, {len(ids)} tokens: {shown}", highlight=False)
+    console.print(trace_table(model.config, trace, comparison))
+    if args.save:
+        console.print(f"saved {len(trace)} arrays to {args.save}", highlight=False)
+    if not comparison:
+        return 0
+    c = comparison
+    if c.unknown:
+        console.print(f"warning: {len(c.unknown)} arrays of {args.compare} are not in this trace and were ignored: "
+                      + ", ".join(c.unknown[:4]) + (", ..." if len(c.unknown) > 4 else ""), highlight=False)
+    console.print(f"{len(c.diffs)} tensors compared, {len(c.skipped)} not in the reference (skipped)", highlight=False)
+    if c.first is None:
+        worst = max(c.diffs, key=c.diffs.get)
+        console.print(f"all within atol {c.atol:g}; largest max|diff| {c.diffs[worst]:.1e} ({worst})", highlight=False)
+        return 0
+    console.print(f"FIRST over atol {c.atol:g}: {c.first} (max|diff| {c.diffs[c.first]:.1e})", highlight=False)
+    return 1
+
+
+def main(argv=None):
+    """python phi4flash.py trace ... (see --help); returns the exit code: 0 ok, 1 a tensor over atol, 2 an error."""
+    import argparse
+    ap = argparse.ArgumentParser(prog="phi4flash.py", description="Phi-4-mini-flash-reasoning (SambaY) in NumPy.")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    tp = sub.add_parser("trace", help="run one forward and print per-layer statistics; save or compare the intermediates",
+                        description="Run one full forward over the tokens and print a table with one row per layer. "
+                                    "--save writes every traced tensor to a .npz; --compare checks them against a "
+                                    "reference .npz of the same names and marks the first tensor over --atol "
+                                    "(exit code 1). Names: see notes/08-trace-and-compare.md.")
+    tp.add_argument("model", metavar="MODEL", help="a converted folder, or a Hugging Face snapshot folder (converted once into a cache folder)")
+    what = tp.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", metavar="TEXT", help="raw text, tokenized as is: no chat template, no special tokens added")
+    what.add_argument("--ids", metavar="1,2,3", help="comma-separated token ids")
+    tp.add_argument("--save", metavar="DUMP.npz", help="write the traced tensors (and input_ids) to this .npz")
+    tp.add_argument("--compare", metavar="REF.npz", help="a reference dump with the same names (missing names are skipped)")
+    tp.add_argument("--atol", type=float, default=None, help="largest allowed max|diff| per tensor (default 1e-4, fp32 vs fp32)")
+    tp.add_argument("--attn-probs", metavar="LAYER,HEAD",
+                    help="also trace the two softmax maps of differential head HEAD of attention layer LAYER")
+    args = ap.parse_args(argv)
+    if args.command is None:
+        ap.print_help(sys.stderr)
+        return 2
+    try:
+        if args.atol is not None and not args.compare:
+            raise Phi4FlashError("--atol: only meaningful with --compare")
+        if args.atol is not None and not args.atol >= 0:
+            raise Phi4FlashError(f"--atol {args.atol}: expected a number >= 0")
+        args.atol = 1e-4 if args.atol is None else args.atol
+        return trace_command(args)
+    except Phi4FlashError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

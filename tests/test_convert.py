@@ -226,6 +226,12 @@ def test_load_refuses_other_format_versions_and_raw_checkpoints(tmp_path, conver
         phi4flash.load(old)
     with pytest.raises(phi4flash.Phi4FlashError, match="no converted model"):
         phi4flash.load(tmp_path / "nowhere")
+    broken = tmp_path / "broken"
+    os.makedirs(broken)
+    write_safetensors(broken / "model.safetensors", {"x": np.zeros(2)}, {"x": "F32"},
+                      metadata={"format": "phi4flash", "format_version": phi4flash.FORMAT_VERSION})
+    with pytest.raises(phi4flash.Phi4FlashError, match="config in the metadata is missing"):
+        phi4flash.load(broken)
 
 
 def test_resolve_model_converts_a_snapshot_once(tmp_path, monkeypatch):

@@ -1,13 +1,8 @@
 """Sampling, stopping, and the tokens that may never be produced."""
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 import phi4flash
-from conftest import ROOT
 
 
 def test_stop_ids_default_to_end_and_endoftext(model):
@@ -57,48 +52,3 @@ def test_seed_makes_sampling_reproducible(model, ref):
 def test_bad_ids_get_one_line(model, ids, words):
     with pytest.raises(phi4flash.Phi4FlashError, match=words):
         model.forward(ids)
-
-
-def chat(*args, stdin=None, cache=None):
-    env = {**os.environ, "PHI4FLASH_CACHE": str(cache)}
-    return subprocess.run([sys.executable, os.path.join(ROOT, "chat.py"), *args], input=stdin,
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
-
-
-def test_one_shot_chat_prints_the_greedy_generation(tmp_path, model):
-    """The README's first command: chat.py --prompt on the bundled tiny model (a snapshot, converted
-    once into the cache) prints exactly the decoded greedy generate() output."""
-    r = chat("--prompt", "Simplify 2+2", "--temp", "0", "-n", "20", cache=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert "random" in r.stderr and "huggingface-cli download" in r.stderr
-    import chat as chat_module
-    prompt = chat_module.render_prompt(model, [{"role": "user", "content": "Simplify 2+2"}])
-    tokens = list(model.generate(model.encode(prompt), 20, temperature=0.0))
-    if tokens[-1] in model.stop_ids:
-        tokens = tokens[:-1]
-    assert r.stdout == model.decode(tokens) + "\n"
-    assert len(os.listdir(tmp_path)) == 1  # the tiny snapshot was converted into the cache
-
-
-def test_piped_stdin_and_model_errors(tmp_path):
-    r = chat("--temp", "0", "-n", "5", stdin="Simplify", cache=tmp_path)
-    assert r.returncode == 0 and r.stdout.strip()
-    r = chat(str(tmp_path / "missing"), "--prompt", "x", cache=tmp_path)
-    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: MODEL")
-
-
-def test_stream_decoder_never_splits_a_character(model):
-    """Byte-level tokens can end mid-character: the pieces must still join to tokenizer.decode()."""
-    import chat as chat_module
-    tok = model.tokenizer
-    for text in ["héllo wörld – 数学 ∑ 🙂", "plain ascii"]:
-        ids = tok.encode(text, add_special_tokens=False).ids
-        dec = chat_module.StreamDecoder(tok)
-        pieces = [dec.push(t) for t in ids] + [dec.flush()]
-        assert "".join(pieces) == tok.decode(ids, skip_special_tokens=False)
-        assert all("\ufffd" not in p for p in pieces)
-    rng = np.random.default_rng(0)
-    for _ in range(20):  # random ids (invalid UTF-8 included) still join to exactly decode()
-        ids = rng.integers(0, 500, 30).tolist()
-        dec = chat_module.StreamDecoder(tok)
-        assert "".join([dec.push(t) for t in ids] + [dec.flush()]) == tok.decode(ids, skip_special_tokens=False)

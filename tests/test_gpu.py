@@ -28,17 +28,22 @@ def gpu_code_path(monkeypatch):
     """Route the model through the GPU section on NumPy arrays: the dispatches a CuPy array takes
     (mamba, attend, bf16_matmul, and extend's one-token decode), with the kernels' twins."""
     checker = LaunchChecker(pf._launch)
-    extend = pf.extend
+    extend, attend = pf.extend, pf.attend
 
-    def dispatching_extend(model, cache, ids, all_positions=False, trace=None):
+    def dispatching_extend(model, cache, ids, all_positions=False, trace=None, **kw):
         if len(ids) == 1 and not all_positions and trace is None:  # extend()'s GPU dispatch condition
             return pf.cuda_decode(model, cache, ids)
-        return extend(model, cache, ids, all_positions, trace)
+        return extend(model, cache, ids, all_positions, trace, **kw)
+
+    def dispatching_attend(q, k, v, qpos, kpos, window, lam, lam_init, subln, block=256, probs=None):
+        if probs is None:                                          # attend()'s GPU dispatch condition
+            return pf.cuda_attend(q, k, v, qpos, kpos, window, lam, lam_init, subln)
+        return attend(q, k, v, qpos, kpos, window, lam, lam_init, subln, block, probs=probs)
 
     with monkeypatch.context() as m:
         m.setattr(pf, "_launch", checker)
         m.setattr(pf, "mamba", pf.cuda_mamba)
-        m.setattr(pf, "attend", pf.cuda_attend)
+        m.setattr(pf, "attend", dispatching_attend)
         m.setattr(pf, "bf16_matmul", pf.cuda_bf16_matmul)
         m.setattr(pf, "extend", dispatching_extend)
         yield checker

@@ -1,23 +1,13 @@
 """The real Phi-4-mini-flash-reasoning config (sambay-reference §2-§3): schedule, shapes, counts —
 checked without materialising 7.7 GB (a sparse file carries the real headers)."""
-import json
 import math
 import os
 
-import numpy as np
 import pytest
 
 import convert
 import phi4flash
-from conftest import TINY
-
-REAL_CONFIG = {
-    "architectures": ["Phi4FlashForCausalLM"], "model_type": "phi4flash", "vocab_size": 200064, "hidden_size": 2560,
-    "intermediate_size": 10240, "num_hidden_layers": 32, "num_attention_heads": 40, "num_key_value_heads": 20,
-    "sliding_window": 512, "mb_per_layer": 2, "mamba_d_state": 16, "mamba_d_conv": 4, "mamba_expand": 2,
-    "mamba_dt_rank": "auto", "layer_norm_eps": 1e-5, "max_position_embeddings": 262144, "tie_word_embeddings": True,
-    "torch_dtype": "bfloat16", "bos_token_id": 199999, "eos_token_id": 199999, "pad_token_id": 199999,
-}
+from synthetic import REAL_CONFIG, disk_bytes, write_snapshot
 
 
 @pytest.fixture
@@ -64,31 +54,15 @@ def test_plan_covers_every_source_row_once(cfg):
     assert sum(math.prod(s) for s in ours.values()) == 3_852_562_944
 
 
-def sparse_real_snapshot(path):
-    """The real tensor table in a safetensors header, the data a hole in a sparse file: 7.7 GB long,
-    a few kB on disk."""
-    os.makedirs(path)
-    cfg = convert.config_from_hf(REAL_CONFIG)
-    header, offset = {}, 0
-    for name, shape in convert.hf_tensor_shapes(cfg).items():
-        n = math.prod(shape) * 2
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    blob = json.dumps(header).encode()
-    with open(path / "model.safetensors", "wb") as f:
-        f.write(len(blob).to_bytes(8, "little") + blob)
-        f.truncate(8 + len(blob) + offset)
-    json.dump(REAL_CONFIG, open(path / "config.json", "w"))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        open(path / name, "w").write(open(os.path.join(TINY, name)).read())
-    return offset
-
-
 def test_real_size_snapshot_passes_validation(tmp_path):
-    nbytes = sparse_real_snapshot(tmp_path / "real")
-    assert nbytes == 7_705_125_888
+    """The real tensor table in two shard headers plus the index; the data is a hole in sparse files:
+    7.7 GB long, a few kB on disk."""
+    nbytes = write_snapshot(tmp_path / "real")
+    assert nbytes == 7_705_125_888 and disk_bytes(tmp_path / "real") < (16 << 20)
     cfg, found, plan = convert.validate(str(tmp_path / "real"))
     assert len(found) == 434 and len(plan) == len(phi4flash.tensor_shapes(cfg))
+    assert {os.path.basename(f) for f, _, _ in found.values()} == {"model-00001-of-00002.safetensors",
+                                                                  "model-00002-of-00002.safetensors"}
     assert cfg.layer_kinds[16:18] == ["mamba", "attn"]
 
 
