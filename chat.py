@@ -344,7 +344,7 @@ def chat_turn(s, user_text, view, ctrl_c):
         for chunk in chunks[:-1]:  # the last chunk goes to generate(): one call, as for a one-shot prompt
             if ctrl_c.pressed:
                 break
-            model.prefill(chunk, s.cache)
+            model.prefill(chunk, s.cache, logits=False)
             advance(len(chunk))
     if ctrl_c.pressed:
         s.reset()

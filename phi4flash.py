@@ -223,10 +223,12 @@ class Model:
     def new_cache(self, capacity=None):
         return new_cache(self.config, capacity or 256, get_xp(self.embed_tokens))
 
-    def prefill(self, ids, cache=None):
-        """Run the prompt (or a later chunk / chat turn) into `cache`: -> (last-token logits (V,), cache)."""
+    def prefill(self, ids, cache=None, logits=True):
+        """Run the prompt (or a later chat turn) into `cache`: -> (last-token logits (V,), cache).
+        logits=False only fills the cache (a chunk of a longer prompt) and returns (None, cache)."""
         cache = cache if cache is not None else self.new_cache(len(ids) + 1024)  # room to decode without regrowing
-        return to_numpy(extend(self, cache, check_ids(self, ids)))[-1], cache
+        last = prefill(self, cache, check_ids(self, ids), logits=logits)
+        return (to_numpy(last)[-1] if logits else None), cache
 
     def step(self, cache, token):
         """One decode step: -> logits (V,) for the position after `token`."""
@@ -342,51 +344,29 @@ def linear(x, W, b=None):
 
 
 # NumPy has no bf16 arithmetic, so bf16 weights are widened to fp32 a block of rows at a time into a
-# scratch buffer: the bits go into the high half of zeroed uint32s (exact), the buffer stays in cache,
-# and only a few MB are ever fp32. For a few rows (decode) the widening pass costs more than the
-# matmul, so threads (one per core) split the blocks, each with its own buffer (NumPy releases the
-# GIL in both the copy and the BLAS call). For many rows (prefill) BLAS dominates: bigger blocks, one
-# thread calling multithreaded BLAS.
-_scratch = threading.local()
-_pool = None
-_threads = min(8, os.cpu_count() or 1)
-
-
-def _widen(W, r, n):
-    """Rows r..r+n of bf16 bits W as a float32 view of this thread's scratch buffer."""
-    size = n * W.shape[1]
-    if getattr(_scratch, "buf", None) is None or _scratch.buf.size < size:
-        _scratch.buf = np.zeros(size, np.uint32)  # low halves are written once, as zeros, and stay zero
-    buf = _scratch.buf[:size].reshape(n, W.shape[1])
-    buf.view(np.uint16)[:, 1::2] = W[r:r + n]  # little-endian: index 1 of each pair is the high half
-    return buf.view(np.float32)
+# scratch buffer: the bits, shifted into the high half of a uint32, are the fp32 value (exact). The
+# buffer is reused, so only a few MB are ever fp32; for a few rows (decode) it is small enough to stay
+# in cache between the widening and the matmul. (Splitting the blocks over threads was measured
+# slower on 2 cores: the widening competes with BLAS's own threads.)
+_scratch = threading.local()  # one buffer per thread, so concurrent callers do not share it
 
 
 def bf16_matmul(x, W):
+    """x·Wᵀ for bf16 bits W (uint16) [out, in], in fp32."""
     xp = get_xp(x)
     if xp is not np:
         return cuda_bf16_matmul(x, W)
-    global _pool
     T, (rows, cols) = x.shape[0], W.shape
     y = np.empty((T, rows), np.float32)                                  # (T, out)
-    if T >= 16:
-        step = max(1, (4 << 20) // cols)                                  # 16 MB of fp32 per block
-        for r in range(0, rows, step):
-            n = min(step, rows - r)
-            np.matmul(x, _widen(W, r, n).T, out=y[:, r:r + n])
-        return y
-    step = max(1, (256 << 10) // cols)                                    # 1 MB of fp32: fits in L2
-    starts = range(0, rows, step)
-
-    def work(part):
-        for r in starts[part::_threads]:
-            n = min(step, rows - r)
-            np.matmul(x, _widen(W, r, n).T, out=y[:, r:r + n])
-
-    if _pool is None:
-        from concurrent.futures import ThreadPoolExecutor
-        _pool = ThreadPoolExecutor(_threads, thread_name_prefix="bf16")
-    list(_pool.map(work, range(_threads)))
+    step = max(1, ((4 << 20) if T >= 16 else (256 << 10)) // cols)      # 16 MB of fp32 per block, or 1 MB (L2)
+    if getattr(_scratch, "buf", np.empty(0)).size < step * cols:
+        _scratch.buf = np.empty(step * cols, np.uint32)
+    for r in range(0, rows, step):
+        n = min(step, rows - r)
+        buf = _scratch.buf[:n * cols].reshape(n, cols)                    # (n, in)
+        buf[...] = W[r:r + n]   # uint16 -> uint32: two contiguous passes beat one strided copy into the high halves
+        buf <<= 16
+        np.matmul(x, buf.view(np.float32).T, out=y[:, r:r + n])
     return y
 
 
@@ -406,7 +386,7 @@ def rms_norm(x, weight, eps):
 
 def sigmoid(x):
     xp = get_xp(x)
-    return 0.5 * (1.0 + xp.tanh(0.5 * x))  # = 1 / (1 + e^-x), without overflow for large |x|
+    return 1.0 / (1.0 + xp.exp(-xp.maximum(x, -80.0)))  # e^80 is finite in fp32; σ(-80) < 2e-35 anyway
 
 
 def silu(x):
@@ -691,14 +671,15 @@ def record(trace, name, x):
         trace[name] = to_numpy(x).copy()
 
 
-def extend(model, cache, ids, all_positions=False, trace=None, attn_probs=None):
+def extend(model, cache, ids, all_positions=False, trace=None, attn_probs=None, logits=True):
     """Feed T new tokens on top of `cache` (updated in place) -> logits (T, V) if all_positions,
-    else (1, V) for the last token only. With a `trace` dict, the named intermediates are recorded
-    into it; attn_probs=(layer, j) also records that attention layer's differential head j maps.
+    else (1, V) for the last token only; None with logits=False, which only fills the cache. With a
+    `trace` dict, the named intermediates are recorded into it; attn_probs=(layer, j) also records
+    that attention layer's differential head j maps.
 
     Prefill is linear (2507.06607 §2): layers 0..L/2 run on every token; layer L/2+1 writes K/V for
     every token but computes its query and output only for the rows we return; the cross-decoder
-    (GMU + cross-attention, stateless) then runs on those rows only."""
+    (GMU + cross-attention, stateless) then runs on those rows only, and not at all without logits."""
     if get_xp(cache.ssm_state[0]) is not np and len(ids) == 1 and not all_positions and trace is None:
         return cuda_decode(model, cache, ids)                             # graph-safe GPU decode step
     cfg = model.config
@@ -709,6 +690,8 @@ def extend(model, cache, ids, all_positions=False, trace=None, attn_probs=None):
     record(trace, "embed", h)
     memory = None
     for i, (kind, layer) in enumerate(zip(cfg.layer_kinds, model.layers)):
+        if i > cfg.kv_layer and not logits:  # the cache is complete: nothing past layer L/2+1 writes to it
+            break
         u = layer_norm(h, layer["input_layernorm"], cfg.layer_norm_eps)   # (T, D)
         probs = {"head": attn_probs[1]} if trace is not None and attn_probs and attn_probs[0] == i else None
         if kind == "mamba":
@@ -738,11 +721,24 @@ def extend(model, cache, ids, all_positions=False, trace=None, attn_probs=None):
             if probs is not None:
                 record(trace, f"layers.{i}.attn_probs", probs["maps"])
     cache.length += T
+    if not logits:
+        return None
     h = layer_norm(h, model.final_layernorm, cfg.layer_norm_eps)          # (T or 1, D)
     record(trace, "final_norm", h)
     logits = linear(h, model.embed_tokens)                                # (T or 1, V), tied head
     record(trace, "logits", logits)
     return logits
+
+
+PREFILL_CHUNK = 512  # prompt tokens per extend(): activations stay a few MB (cache-friendly), memory stays flat
+
+
+def prefill(model, cache, ids, chunk=PREFILL_CHUNK, logits=True):
+    """Feed a prompt in chunks. Only the last chunk runs the cross-decoder and the head: the ones
+    before it just fill the cache. -> the last token's logits (1, V), or None without logits."""
+    for a in range(0, len(ids), chunk):
+        last = extend(model, cache, ids[a:a + chunk], logits=logits and a + chunk >= len(ids))
+    return last
 
 
 # ----------------------------------------------------------------------------------------------
@@ -779,7 +775,7 @@ def generate(model, ids, max_new_tokens=256, temperature=0.6, top_p=0.95, top_k=
     ids = check_ids(model, ids)
     if cache is None:
         cache = model.new_cache(len(ids) + max_new_tokens)
-    logits = to_numpy(extend(model, cache, ids))[-1]                       # (V,)
+    logits = to_numpy(prefill(model, cache, ids))[-1]                      # (V,)
     for n in range(max_new_tokens):
         token = sample(logits, model.token_mask, temperature, top_k, top_p, rng)
         yield token

@@ -82,3 +82,25 @@ def test_cache_sizes_are_fixed_except_the_shared_kv(model, ref):
             assert cache.ssm_state[i].shape == (cfg.d_inner, cfg.mamba_d_state)
     assert {i: kv.k.shape for i, kv in cache.kv.items()} == before  # preallocated: nothing grew
     assert set(cache.kv) == {i for i, k in enumerate(cfg.layer_kinds) if k == "attn"}  # GMU/cross layers hold nothing
+
+
+def test_prefill_in_chunks_runs_the_cross_decoder_once(model, monkeypatch):
+    """phi4flash.prefill feeds a prompt chunk by chunk; chunks before the last stop after layer L/2+1
+    (nothing above writes to the cache), yet the cache and the last logits equal one extend()."""
+    ids = np.random.default_rng(5).integers(0, 500, 45)
+    one = model.new_cache(64)
+    want = phi4flash.extend(model, one, ids)
+    calls = []
+    gmu = phi4flash.gmu
+    monkeypatch.setattr(phi4flash, "gmu", lambda *a: calls.append(1) or gmu(*a))
+    chunked = model.new_cache(64)
+    got = phi4flash.prefill(model, chunked, ids, chunk=8)
+    assert len(calls) == model.config.layer_kinds.count("gmu")  # one chunk (the last) reached the GMUs
+    assert np.abs(got - want).max() <= TOL and chunked.length == one.length == 45
+    for i in one.ssm_state:
+        assert np.abs(one.ssm_state[i] - chunked.ssm_state[i]).max() <= 1e-5
+        assert np.abs(one.conv_state[i] - chunked.conv_state[i]).max() <= 1e-5
+    for i in one.kv:
+        assert np.array_equal(one.kv[i].pos, chunked.kv[i].pos)
+        assert np.abs(one.kv[i].k - chunked.kv[i].k).max() <= 1e-5
+    assert model.prefill(ids[:10], chunked, logits=False)[0] is None and chunked.length == 55

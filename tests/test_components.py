@@ -148,7 +148,7 @@ def test_elementwise_helpers_are_overflow_safe():
         si = pf.silu(x)
     assert sp[-1] == 1e4 and sp[0] == 0.0 and abs(sp[2] - math.log(2)) < 1e-7
     assert abs(sp[3] - math.log1p(math.exp(19.0))) < 1e-5
-    assert si[0] == 0.0 and si[-1] == 1e4
+    assert abs(si[0]) < 1e-30 and si[-1] == 1e4  # silu(-1e4) is -0 in exact math: ~1e-31 here
 
 
 def test_layer_norm_uses_bias_and_biased_variance():
