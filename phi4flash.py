@@ -508,13 +508,14 @@ def differential_attention(q, k, v, mask, lam, lam_init, subln, eps=1e-5, probs=
     qs = q.reshape(H // 2, 2, Tq, hd).transpose(1, 0, 2, 3)               # (2, H/2, Tq, hd)   [stripe, j]
     qs = qs.reshape(2, H_kv // 2, G, Tq, hd)                              # (2, H_kv/2, G, Tq, hd)  j = g·G + r
     ks = k.reshape(H_kv // 2, 2, S, hd).transpose(1, 0, 2, 3)[:, :, None]  # (2, H_kv/2, 1, S, hd)  [stripe, g]
-    vv = v.reshape(H_kv // 2, 2, S, hd).transpose(0, 2, 1, 3).reshape(H_kv // 2, 1, S, 2 * hd)  # [v1_g ‖ v2_g]
+    vs = v.reshape(H_kv // 2, 1, 2, S, hd)                                # (H_kv/2, 1, 2, S, hd)  V heads 2g, 2g+1
     scores = qs @ ks.swapaxes(-1, -2) * (1.0 / math.sqrt(hd))             # (2, H_kv/2, G, Tq, S)
     scores = xp.where(mask, scores, -xp.inf)
     maps = softmax(scores)                                                # (2, H_kv/2, G, Tq, S)
     if probs is not None:  # differential head j: stripe-1 query 2j and its stripe-2 twin 2j+1
         probs["maps"] = maps[:, probs["head"] // G, probs["head"] % G]    # (2, Tq, S)
-    att = maps @ vv                                                       # (2, H_kv/2, G, Tq, 2hd)
+    att = maps[:, :, :, None] @ vs                                        # (2, H_kv/2, G, 2, Tq, hd)
+    att = att.transpose(0, 1, 2, 4, 3, 5).reshape(2, H_kv // 2, G, Tq, 2 * hd)  # P·[v1_g ‖ v2_g] (no copy of V)
     o = rms_norm(att[0] - lam * att[1], f32(subln), eps) * (1.0 - lam_init)  # (H_kv/2, G, Tq, 2hd)
     return o.transpose(2, 0, 1, 3).reshape(Tq, H * hd)                    # pair j -> heads 2j, 2j+1
 
