@@ -203,6 +203,38 @@ def _tensors(model):
             yield from group.values()
 
 
+def bf16_profile(rows=10240, cols=2560, repeats=5):
+    """Where a bf16 weight's time goes in a batch-1 product (phi4flash.bf16_matmul), on a matrix of the
+    real MLP's shape, cycled through 8 copies (1.6 GB) so every read comes from RAM as in decoding."""
+    rng = np.random.default_rng(0)
+    mats = [convert.f32_to_bf16(rng.standard_normal((rows, cols), dtype=np.float32)) for _ in range(8)]
+    f32s = [phi4flash.bf16_to_f32(m) for m in mats]
+    x = rng.standard_normal((1, cols), dtype=np.float32)
+    step = (256 << 10) // cols
+    buf = np.empty((step, cols), np.uint32)
+
+    def widen_only(W):
+        for r in range(0, rows, step):
+            b = buf[:min(step, rows - r)]
+            b[...] = W[r:r + step]
+            b <<= 16
+
+    def rate(fn, arrays):
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for a in arrays:
+                fn(a)
+            best = min(best, time.perf_counter() - t)
+        return sum(a.nbytes for a in arrays) / best / 1e9
+
+    print(f"batch-1 products on {rows}x{cols} matrices read from RAM (GB/s of the weights as stored):")
+    print(f"  fp32 weights, BLAS matvec:                 {rate(lambda W: x @ W.T, f32s):6.1f}")
+    print(f"  bf16 weights, bf16_matmul:                 {rate(lambda W: phi4flash.bf16_matmul(x, W), mats):6.1f}")
+    print(f"  bf16 weights, the widening pass alone:     {rate(widen_only, mats):6.1f}")
+    print(f"  copy bandwidth (read + write):             {copy_bandwidth() / 1e9:6.1f}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), default="mid")
@@ -213,7 +245,11 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=16, help="timed decode steps per context")
     ap.add_argument("--model", help="use this converted folder instead of generating one")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--bf16-profile", action="store_true", help="only: where a bf16 weight's time goes (CPU)")
     args = ap.parse_args(argv)
+    if args.bf16_profile:
+        bf16_profile()
+        return 0
     cfg = SIZES[args.size]
     tmp = None
     results = {"size": args.size, "dtype": args.dtype, "device": args.device, "cpus": os.cpu_count()}

@@ -1,7 +1,7 @@
 """The full-size benchmark of issue 7: a genuinely 7.7 GB random bf16 checkpoint, converted and run on
 this machine with the weights kept bf16 in RAM. Nothing to download.
 
-    python notes/bench_real_size.py --json notes/bench_real_size.json          # the real size: 7.7 GB
+    python notes/bench_real_size.py --json notes/results/cpu-real-size-end-to-end.json   # the real size: 7.7 GB
     python notes/bench_real_size.py --layers 8 --hidden 512 --decode 4         # a reduced run (~290 MB)
 
 Phases, each in its own process so each reports its own peak RSS (VmHWM):
