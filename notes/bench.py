@@ -184,7 +184,7 @@ def reset_peak_rss():
 def decode_bytes(model, context):
     """Bytes a decode step at this context length reads: all weights + caches."""
     cfg = model.config
-    weights = sum(t.nbytes for t in _tensors(model))
+    weights = sum(t.nbytes for t in weight_tensors(model))
     hd, H_kv = cfg.head_dim, cfg.num_key_value_heads
     kinds = cfg.layer_kinds
     swa = sum(1 for i, k in enumerate(kinds) if k == "attn" and i != cfg.kv_layer)
@@ -195,7 +195,8 @@ def decode_bytes(model, context):
     return weights + kv + states
 
 
-def _tensors(model):
+def weight_tensors(model):
+    """Every weight array of a loaded model."""
     yield model.embed_tokens
     yield from model.final_layernorm.values()
     for layer in model.layers:
@@ -282,7 +283,7 @@ def main(argv=None):
             model = phi4flash.load(folder, device=args.device)
             results["load_s"] = time.perf_counter() - t
         results["copy_GBps"] = bw / 1e9
-        results["weights_GB"] = sum(t.nbytes for t in _tensors(model)) / 1e9
+        results["weights_GB"] = sum(t.nbytes for t in weight_tensors(model)) / 1e9
         rng = np.random.default_rng(0)
         results["decode"] = []
         for ctx in [int(c) for c in args.contexts.split(",") if c]:

@@ -34,10 +34,11 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "notes")]
 import convert  # noqa: E402
 import phi4flash  # noqa: E402
 import synthetic  # noqa: E402
+from bench import weight_tensors  # noqa: E402
 
 
 def hf_config(args):
@@ -104,11 +105,11 @@ def phase_run(args, work):
     out["load_s"] = time.perf_counter() - start
     out["prefill_tokens"] = args.prefill
     start = time.perf_counter()
-    for a in all_tensors(model):  # one byte of every 4 kB page: the kernel reads each page in once
+    for a in weight_tensors(model):  # one byte of every 4 kB page: the kernel reads each page in once
         np.bitwise_or.reduce(a.reshape(-1).view(np.uint8)[::4096])
     out["page_in_s"] = time.perf_counter() - start
     out["rss_page_in"] = peak_rss()
-    out["weights_bytes"] = sum(a.nbytes for a in all_tensors(model))
+    out["weights_bytes"] = sum(a.nbytes for a in weight_tensors(model))
     rng = np.random.default_rng(0)
     ids = rng.choice(np.flatnonzero(model.token_mask), args.prefill)
     start = time.perf_counter()
@@ -126,14 +127,6 @@ def phase_run(args, work):
     out["logits_finite"] = bool(np.isfinite(logits).all())
     out["logits_std"] = float(np.std(logits))
     return out
-
-
-def all_tensors(model):
-    yield model.embed_tokens
-    yield from model.final_layernorm.values()
-    for layer in model.layers:
-        for group in layer.values():
-            yield from group.values()
 
 
 PHASES = {"write": phase_write, "convert": phase_convert, "run": phase_run}

@@ -93,3 +93,17 @@ def random_snapshot(dst, seed=0, **config_changes):
             tensors[name] = 0.2 * rng.standard_normal(shape) / np.sqrt(shape[-1] if len(shape) > 1 else 8)
     write_safetensors(os.path.join(dst, "model.safetensors"), tensors)
     return str(dst)
+
+
+def cupy_or_skip(what):
+    """CuPy with a CUDA device, or skip this test saying why (`what` says what the test needs it for)."""
+    try:
+        import cupy
+    except ImportError:
+        pytest.skip(f"CuPy not installed: {what}")
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            pytest.skip("no CUDA device")
+    except Exception as e:
+        pytest.skip(f"no CUDA device ({(str(e) or type(e).__name__).splitlines()[0]})")
+    return cupy

@@ -17,7 +17,7 @@ import pytest
 
 import convert
 import phi4flash as pf
-from conftest import PROMPTS
+from conftest import PROMPTS, cupy_or_skip
 from test_kernels import LaunchChecker
 
 TOL = 1e-4
@@ -183,16 +183,7 @@ def test_load_cuda_without_a_device_is_one_line(converted, monkeypatch, failure)
 
 @pytest.fixture(scope="module")
 def cupy_gpu():
-    try:
-        import cupy
-    except ImportError:
-        pytest.skip("CuPy not installed: whole-model GPU tests need CuPy and a CUDA device")
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            pytest.skip("no CUDA device")
-    except Exception as e:
-        pytest.skip(f"no CUDA device ({(str(e) or type(e).__name__).splitlines()[0]})")
-    return cupy
+    return cupy_or_skip("whole-model GPU tests need CuPy and a CUDA device")
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 import phi4flash as pf
+from conftest import cupy_or_skip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNELS_CU = os.path.join(ROOT, "kernels.cu")
@@ -364,16 +365,7 @@ def test_kernels_cu_compiles_with_nvrtc_as_cupy_calls_it():
 # 3. On a GPU: each kernel against its twin
 
 def gpu_or_skip():
-    try:
-        import cupy
-    except ImportError:
-        pytest.skip("CuPy not installed: the kernels are checked against their twins on a GPU only")
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            pytest.skip("no CUDA device")
-    except Exception as e:
-        pytest.skip(f"no CUDA device ({(str(e) or type(e).__name__).splitlines()[0]})")
-    return cupy
+    return cupy_or_skip("the kernels are checked against their twins on a GPU only")
 
 
 def on_both(cupy, fn, *args):
