@@ -483,7 +483,7 @@ def command(s, line, console):
         say(f"{key} = {settings_value(s.settings, key)}")
     elif name == "/stats":
         used = s.cache.length if s.cache is not None else 0
-        say(f"{s.turns} turn{"" if s.turns == 1 else "s"} this conversation; the model state holds {used} of {s.model.config.context_length} "
+        say(f"{s.turns} turn{'' if s.turns == 1 else 's'} this conversation; the model state holds {used} of {s.model.config.context_length} "
             f"context tokens")
         say(f"last turn: {stats_line(s.last)}" if s.last else "no turn yet")
         say(settings_line(s.settings))
