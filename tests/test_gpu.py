@@ -76,6 +76,17 @@ def test_gpu_code_path_forward_matches_reference(model, ref, monkeypatch, p):
         assert launches.counts.get(kernel), kernel
 
 
+def greedy_decode(model, prompt, steps):
+    """Prefill, then `steps` greedy decode steps -> (all ids, the logits of every step, the cache)."""
+    logits, cache = model.prefill(prompt, model.new_cache(len(prompt) + steps + 8))
+    seq, cached = list(prompt), [logits]
+    for _ in range(steps):
+        seq.append(int(np.argmax(np.where(model.token_mask, logits, -np.inf))))
+        logits = model.step(cache, seq[-1])
+        cached.append(logits)
+    return seq, cached, cache
+
+
 @pytest.mark.parametrize("prompt_len", [1, 5, 13])
 def test_gpu_decode_step_equals_full_recompute_past_three_windows(model, ref, monkeypatch, prompt_len):
     """cuda_decode (every position read from the step's device buffers, K/V written by kv_write,
@@ -83,12 +94,7 @@ def test_gpu_decode_step_equals_full_recompute_past_three_windows(model, ref, mo
     W = model.config.sliding_window[1]
     prompt = np.resize(ref["p2_input_ids"], prompt_len)
     with gpu_code_path(monkeypatch) as launches:
-        logits, cache = model.prefill(prompt, model.new_cache(prompt_len + 3 * W + 8))
-        seq, cached = list(prompt), [logits]
-        for _ in range(3 * W + 5):
-            seq.append(int(np.argmax(np.where(model.token_mask, logits, -np.inf))))
-            logits = model.step(cache, seq[-1])
-            cached.append(logits)
+        seq, cached, cache = greedy_decode(model, prompt, 3 * W + 5)
     full = model.forward(seq)                                             # the plain CPU path
     assert maxdiff(np.array(cached), full[prompt_len - 1:]) <= TOL
     kinds, steps = model.config.layer_kinds, 3 * W + 5 + (prompt_len == 1)  # a 1-token prompt is a decode step too
@@ -230,12 +236,7 @@ def test_gpu_cached_decode_equals_full_recompute(gpu_model, ref, monkeypatch, gr
     monkeypatch.setattr(pf, "CUDA_GRAPHS", graphs)
     W = gpu_model.config.sliding_window[1]
     prompt = np.resize(ref["p2_input_ids"], prompt_len)
-    logits, cache = gpu_model.prefill(prompt, gpu_model.new_cache(prompt_len + 3 * W + 8))
-    seq, cached = list(prompt), [logits]
-    for _ in range(3 * W + 5):
-        seq.append(int(np.argmax(np.where(gpu_model.token_mask, logits, -np.inf))))
-        logits = gpu_model.step(cache, seq[-1])
-        cached.append(logits)
+    seq, cached, cache = greedy_decode(gpu_model, prompt, 3 * W + 5)
     full = gpu_model.forward(seq)
     assert maxdiff(np.array(cached), full[prompt_len - 1:]) <= TOL
     assert cache.cuda.graph_error == ""
