@@ -681,10 +681,10 @@ def extend(model, cache, ids, all_positions=False, trace=None, attn_probs=None, 
     Prefill is linear (2507.06607 §2): layers 0..L/2 run on every token; layer L/2+1 writes K/V for
     every token but computes its query and output only for the rows we return; the cross-decoder
     (GMU + cross-attention, stateless) then runs on those rows only, and not at all without logits."""
-    if get_xp(cache.ssm_state[0]) is not np and len(ids) == 1 and not all_positions and trace is None:
+    xp = get_xp(cache.ssm_state[0])
+    if xp is not np and len(ids) == 1 and not all_positions and trace is None:
         return cuda_decode(model, cache, ids)                             # graph-safe GPU decode step
     cfg = model.config
-    xp = get_xp(cache.ssm_state[0])
     T = len(ids)
     pos = xp.arange(cache.length, cache.length + T)                       # (T,) absolute positions
     h = f32(model.embed_tokens[ids])                                      # (T, D); no scaling, no positional encoding
