@@ -108,7 +108,7 @@ def hf_tensor_shapes(cfg):
         elif kind == "gmu":
             shapes.update({a + "in_proj.weight": (E, D), a + "out_proj.weight": (D, E)})
         else:
-            rows = (H + 2 * H_kv) * hd if kind == "attn" else H * hd  # cross-attention: query rows only
+            rows = H * hd if kind == "cross" else (H + 2 * H_kv) * hd  # cross-attention: query rows only
             shapes.update({a + "Wqkv.weight": (rows, D), a + "Wqkv.bias": (rows,),
                            a + "out_proj.weight": (D, D), a + "out_proj.bias": (D,),
                            a + "inner_cross_attn.subln.weight": (2 * hd,)})
@@ -160,7 +160,7 @@ def conversion_plan(cfg):
             t = p + "attn."
             add(t + "Wq", a + "Wqkv.weight", 0, q, True)
             add(t + "bq", a + "Wqkv.bias", 0, q)
-            if kind == "attn":
+            if kind != "cross":  # "swa" and "full" have K/V projections
                 add(t + "Wk", a + "Wqkv.weight", q, q + kv, True)
                 add(t + "bk", a + "Wqkv.bias", q, q + kv)
                 add(t + "Wv", a + "Wqkv.weight", q + kv, q + 2 * kv, True)

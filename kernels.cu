@@ -1,7 +1,8 @@
 // kernels.cu: the hot spots of phi4flash on a CUDA GPU, loaded by phi4flash.py with cupy.RawModule.
 //
-// Read it next to phi4flash.py, section "GPU: CuPy + kernels.cu". Every kernel here has a NumPy
-// twin there with the same name and the same parameter list; the tests compare each kernel with its
+// Read it next to phi4flash.py, appendix A "The GPU: CuPy + kernels.cu", which follows this file's
+// order and numbers. Every kernel here has a NumPy twin there with the same name and the same
+// parameter list, next to the launcher that calls it; the tests compare each kernel with its
 // twin, and each twin with the model's own functions (causal_conv1d, selective_scan_sequential,
 // attend, linear).
 //
@@ -17,10 +18,10 @@
 #define WARP 32
 
 // ------------------------------------------------------------------------------------------------
-// Small device helpers, written exactly as phi4flash.py's sigmoid / silu / softplus.
+// Small device helpers, the same formulas as phi4flash.py's sigmoid / silu / softplus.
 
 __device__ __forceinline__ float silu(float a) {
-    return a * (0.5f * (1.0f + tanhf(0.5f * a)));          // sigmoid as 0.5(1 + tanh(a/2)): no overflow
+    return a / (1.0f + expf(-fmaxf(a, -80.0f)));           // a·sigmoid(a); e^80 is finite in fp32
 }
 
 __device__ __forceinline__ float softplus(float v) {
@@ -205,7 +206,7 @@ extern "C" __global__ void scan_step(const float* x, const float* dt, const floa
 }
 
 // ================================================================================================
-// Differential attention, shared by kernels 4 and 5 (phi4flash.py, "Differential attention").
+// Differential attention, shared by kernels 4 and 5 (phi4flash.py, section 6).
 //
 // Heads are striped by parity and GQA maps inside each stripe: for KV group g (0 <= g < H_kv/2)
 // the 2G query heads 2(gG + r) + s (stripe s in {0, 1}, r < G) use K head 2g + s, and all of them
@@ -559,7 +560,7 @@ attention_decode_reduce(const float* partial_acc, const float* partial_m, const 
 }
 
 // ================================================================================================
-// kv_write: store one decode token's K/V into a layer's cache, at a slot computed on the device.
+// 6. kv_write: store one decode token's K/V into a layer's cache, at a slot computed on the device.
 //
 //   slot = pos % W for a sliding layer (the W-slot ring), pos for the append buffer (window = 0);
 //   k_cache[h, slot, :] = k_new[h, :], v_cache likewise, kpos[slot] = pos.
@@ -581,7 +582,7 @@ extern "C" __global__ void kv_write(const float* k_new, const float* v_new, floa
 }
 
 // ================================================================================================
-// 6. gemv_bf16: y = x · Wᵀ for a few rows of x (decode), W kept as bf16 bits, fp32 accumulation.
+// 7. gemv_bf16: y = x · Wᵀ for a few rows of x (decode), W kept as bf16 bits, fp32 accumulation.
 //
 //   x (rows, in_features) float32; W (out_features, in_features) bf16 bits -> y (rows, out_features)
 // Mapping: one warp per output feature o (8 warps, 256 threads per block; grid ceil(out / 8)). Lane

@@ -1,25 +1,33 @@
 """phi4flash: Microsoft's Phi-4-mini-flash-reasoning (SambaY) in one NumPy file.
 
-Read top to bottom: config and layer schedule -> loading -> math helpers -> the mixers in paper
-order (SwiGLU MLP, Mamba-1, differential attention, GMU) -> cache -> the layer loop -> sampling ->
-generation -> command line. Every array op goes through `xp` (NumPy here, CuPy on a GPU).
+Read top to bottom; the sections come in the paper's order:
+  1. config and layer schedule       6. differential attention (sliding window, full, cross)
+  2. loading a converted file        7. Gated Memory Unit
+  3. math helpers                    8. cache, and the layer loop `extend`
+  4. SwiGLU MLP                      9. sampling, and the Model: forward / new_cache / prefill / step / generate
+  5. Mamba-1                        10. bf16 weights on a CPU (how `linear` multiplies bf16 bits fast)
+Appendix A: the GPU (CuPy + kernels.cu): the same layer loop on kernels, entered from Model.run only.
+Appendix B: console scripts and the command line (`python phi4flash.py trace ...`).
+Every array op of sections 1-9 goes through `xp` (NumPy here, CuPy on a GPU).
 
 Glossary (code name: meaning, size in the real 3.85B model)
   T          tokens in this call                      S      keys visible to a query
   D          hidden_size, 2560                        V      vocab rows, 200064 (ids past the tokenizer: no token)
   F          intermediate_size of the MLP, 10240      L      num_hidden_layers, 32
   d_inner    Mamba inner width expand*D, 5120         N      Mamba d_state, 16
-  d_conv     Mamba conv width, 4                      dt_rank  rank R of the Δ projection, 160
+  d_conv     Mamba conv width, 4                      dt_rank  rank of the Δ projection, 160
   H, H_kv    query / key-value heads, 40 / 20         hd     head_dim, 64;  G = H / H_kv = 2
   W          sliding window: 512 keys, the current token included
+  hidden     the residual stream (T, D) that every layer adds to
   Δ (delta)  Mamba step size; A = -exp(A_log); h the SSM state (d_inner, N)      [Mamba, 2312.00752]
-  λ, lambda_init  differential attention weight and its per-layer offset   [Diff Transformer, 2410.05258]
+  lam, lambda_init  differential attention's λ and its per-layer offset λ_init  [Diff Transformer, 2410.05258]
   memory     m: the pre-gate scan output of layer L/2, read by every GMU        [SambaY, 2507.06607]
   YOCO       "you only cache once": layer L/2+1's K/V serve every cross-attention layer
 
-Layer schedule (L = 32): even i < L/2 Mamba, odd i < L/2 sliding-window attention (the
-self-decoder, Samba); i = L/2 Mamba that exports `memory`; i = L/2+1 full attention whose K/V
-are the one shared cache; i > L/2+1: GMU if even, cross-attention if odd (the cross-decoder).
+Layer kinds (L = 32): "mamba" at even i < L/2 and at i = L/2 (which exports `memory`); "swa"
+(sliding-window attention) at odd i < L/2 (the self-decoder, Samba); "full" at i = L/2+1, full
+attention whose K/V are the one shared cache; then "gmu" at even and "cross" (cross-attention) at
+odd i > L/2+1 (the cross-decoder).
 """
 from __future__ import annotations
 
@@ -29,7 +37,8 @@ import mmap
 import os
 import sys
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -50,7 +59,7 @@ def get_xp(a):
 
 
 # ----------------------------------------------------------------------------------------------
-# Config and layer schedule
+# 1. Config and layer schedule
 
 @dataclass(frozen=True)
 class Config:
@@ -84,21 +93,21 @@ class Config:
     def kv_layer(self):  # L/2+1: the one full-attention layer; its K/V are shared (YOCO)
         return self.num_hidden_layers // 2 + 1
 
-    @property
+    @cached_property
     def layer_kinds(self):
         return [layer_kind(self, i) for i in range(self.num_hidden_layers)]
 
 
 def layer_kind(cfg, i):
-    """SambaY schedule (2507.06607 §2): 'mamba', 'attn' (self-attention), 'gmu' or 'cross'."""
+    """SambaY schedule (2507.06607 §2): 'mamba', 'swa', 'full', 'gmu' or 'cross' (see the glossary)."""
     if i <= cfg.memory_layer:
-        return "mamba" if i % 2 == 0 else "attn"
+        return "mamba" if i % 2 == 0 else "swa"
     if i == cfg.kv_layer:
-        return "attn"
+        return "full"
     return "gmu" if i % 2 == 0 else "cross"
 
 
-def lambda_init(i):
+def lambda_init_for(i):
     """Differential attention's λ_init for absolute layer index i (Mamba layers counted)."""
     return 0.8 - 0.6 * math.exp(-0.3 * i)
 
@@ -111,7 +120,7 @@ def tensor_shapes(cfg):
     Wqkv -> Wq | Wk | Wv (+ biases), fc1 -> fc1_gate | fc1_up.
     """
     D, F, V, N = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.mamba_d_state
-    E, R, hd = cfg.d_inner, cfg.mamba_dt_rank, cfg.head_dim
+    d_inner, dt_rank, hd = cfg.d_inner, cfg.mamba_dt_rank, cfg.head_dim
     H, H_kv = cfg.num_attention_heads, cfg.num_key_value_heads
     shapes = {"embed_tokens.weight": (V, D), "final_layernorm.weight": (D,), "final_layernorm.bias": (D,)}
     for i, kind in enumerate(cfg.layer_kinds):
@@ -122,17 +131,17 @@ def tensor_shapes(cfg):
         shapes.update({p + "mlp.fc1_gate": (F, D), p + "mlp.fc1_up": (F, D), p + "mlp.fc2": (D, F)})
         if kind == "mamba":
             m = p + "mamba."
-            shapes.update({m + "in_proj_x": (E, D), m + "in_proj_z": (E, D),
-                           m + "conv1d_weight": (E, cfg.mamba_d_conv), m + "conv1d_bias": (E,),
-                           m + "x_proj_dt": (R, E), m + "x_proj_B": (N, E), m + "x_proj_C": (N, E),
-                           m + "dt_proj": (E, R), m + "dt_proj_bias": (E,),
-                           m + "A_log": (E, N), m + "D": (E,), m + "out_proj": (D, E)})
+            shapes.update({m + "in_proj_x": (d_inner, D), m + "in_proj_z": (d_inner, D),
+                           m + "conv1d_weight": (d_inner, cfg.mamba_d_conv), m + "conv1d_bias": (d_inner,),
+                           m + "x_proj_dt": (dt_rank, d_inner), m + "x_proj_B": (N, d_inner),
+                           m + "x_proj_C": (N, d_inner), m + "dt_proj": (d_inner, dt_rank), m + "dt_proj_bias": (d_inner,),
+                           m + "A_log": (d_inner, N), m + "D": (d_inner,), m + "out_proj": (D, d_inner)})
         elif kind == "gmu":
-            shapes.update({p + "gmu.in_proj": (E, D), p + "gmu.out_proj": (D, E)})
+            shapes.update({p + "gmu.in_proj": (d_inner, D), p + "gmu.out_proj": (D, d_inner)})
         else:
             a = p + "attn."
             shapes.update({a + "Wq": (H * hd, D), a + "bq": (H * hd,)})
-            if kind == "attn":  # cross-attention has no K/V projection: it reads layer L/2+1's
+            if kind != "cross":  # cross-attention has no K/V projection: it reads layer L/2+1's
                 shapes.update({a + "Wk": (H_kv * hd, D), a + "bk": (H_kv * hd,),
                                a + "Wv": (H_kv * hd, D), a + "bv": (H_kv * hd,)})
             shapes.update({a + "out_proj": (D, D), a + "out_proj_bias": (D,), a + "subln": (2 * hd,)})
@@ -140,8 +149,15 @@ def tensor_shapes(cfg):
     return shapes
 
 
+# Linear weights: what `linear` multiplies (and embed_tokens, the tied head). They stay as stored
+# (bf16 bits, or float32) and memory-mapped; every other tensor (norms, biases, conv taps, A_log, D, λ vectors) is widened to float32
+# once at load time.
+LINEAR_WEIGHTS = {"fc1_gate", "fc1_up", "fc2", "in_proj_x", "in_proj_z", "x_proj_dt",
+                  "x_proj_B", "x_proj_C", "dt_proj", "out_proj", "in_proj", "Wq", "Wk", "Wv"}
+
+
 # ----------------------------------------------------------------------------------------------
-# Loading: a converted folder holds ONE safetensors file, read through a memory map
+# 2. Loading: a converted folder holds ONE safetensors file, read through a memory map
 
 SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # bf16 kept as raw bits
 
@@ -193,69 +209,12 @@ def bf16_to_f32(bits):
 
 
 def f32(a):
-    """Any stored weight as float32 (bf16 bits are widened exactly)."""
+    """A stored tensor as float32 (bf16 bits are widened exactly)."""
     return bf16_to_f32(a) if a.dtype == np.uint16 else a.astype(np.float32, copy=False)
 
 
-@dataclass(eq=False)
-class Model:
-    config: Config
-    embed_tokens: object          # (V, D), float32 or bf16 bits; also the tied LM head
-    final_layernorm: dict         # weight, bias: (D,)
-    layers: list                  # per layer {"input_layernorm": {...}, "mlp": {...}, "mamba"|"attn"|"gmu": {...}}
-    tokenizer: object = None      # tokenizers.Tokenizer, when the folder has tokenizer.json
-    token_mask: object = None     # (V,) bool: True for ids that have a token; the others are never sampled
-    stop_ids: tuple = ()          # generation stops after sampling one of these
-    path: str = ""
-    files: dict = field(default_factory=dict)  # tokenizer_config / generation_config JSON, when present
-
-    def forward(self, ids, trace=None, attn_probs=None):
-        """Full forward, every position, nothing cached between calls: (T, V) float32 logits.
-        trace: a dict to fill with the named intermediates (see `trace_rows`); attn_probs=(layer, j)
-        adds layers.{layer}.attn_probs (2, T, T), both softmax maps of differential head j."""
-        ids = check_ids(self, ids)
-        if attn_probs is not None:
-            check_attn_probs(self.config, attn_probs)
-        logits = extend(self, new_cache(self.config, len(ids), get_xp(self.embed_tokens)), ids, all_positions=True,
-                        trace=trace, attn_probs=attn_probs)
-        return to_numpy(logits)
-
-    def new_cache(self, capacity=None):
-        return new_cache(self.config, capacity or 256, get_xp(self.embed_tokens))
-
-    def prefill(self, ids, cache=None, logits=True):
-        """Run the prompt (or a later chat turn) into `cache`: -> (last-token logits (V,), cache).
-        logits=False only fills the cache (a chunk of a longer prompt) and returns (None, cache)."""
-        cache = cache if cache is not None else self.new_cache(len(ids) + 1024)  # room to decode without regrowing
-        last = prefill(self, cache, check_ids(self, ids), logits=logits)
-        return (to_numpy(last)[-1] if logits else None), cache
-
-    def step(self, cache, token):
-        """One decode step: -> logits (V,) for the position after `token`."""
-        return to_numpy(extend(self, cache, check_ids(self, [token])))[-1]
-
-    def generate(self, ids, max_new_tokens=256, temperature=0.6, top_p=0.95, top_k=0, seed=None,
-                 stop_ids=None, cache=None):
-        return generate(self, ids, max_new_tokens, temperature, top_p, top_k, seed, stop_ids, cache)
-
-    def encode(self, text):
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids):
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
-
-
-def load(path, device="cpu"):
-    """Load a converted folder (see convert.py). Weights stay memory-mapped: loading reads headers only."""
-    if device not in ("cpu", "cuda"):
-        raise Phi4FlashError(f"device {device!r}: expected 'cpu' or 'cuda'")
-    if device == "cuda":
-        require_cupy()                          # fail in one line before reading anything
-    path = os.fspath(path)
-    file = os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
-    folder = os.path.dirname(file)
-    if not os.path.isfile(file):
-        raise Phi4FlashError(f"{path}: no converted model here (expected {file}); convert a Hugging Face folder with convert.py")
+def read_converted(file):
+    """A converted model.safetensors -> (Config, {name: array}), its format and every shape checked."""
     tensors, meta = read_safetensors(file)
     if meta.get("format") != FORMAT:
         raise Phi4FlashError(f"{file}: not a phi4flash converted file (a Hugging Face checkpoint? run convert.py on its folder)")
@@ -276,18 +235,41 @@ def load(path, device="cpu"):
             raise Phi4FlashError(f"{file}: tensor {name} has shape {tuple(tensors[name].shape)}, expected {shape}")
     if set(tensors) - set(expected):
         raise Phi4FlashError(f"{file}: unexpected tensor {sorted(set(tensors) - set(expected))[0]}")
+    return cfg, tensors
+
+
+def load(path, device="cpu"):
+    """Load a converted folder (see convert.py) -> Model (section 9). Linear weights stay memory-
+    mapped, so loading reads little more than the headers; device="cuda" copies them to the GPU."""
+    if device not in ("cpu", "cuda"):
+        raise Phi4FlashError(f"device {device!r}: expected 'cpu' or 'cuda'")
+    if device == "cuda":
+        require_cupy()                          # fail in one line before reading anything
+    path = os.fspath(path)
+    file = os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
+    folder = os.path.dirname(file)
+    if not os.path.isfile(file):
+        raise Phi4FlashError(f"{path}: no converted model here (expected {file}); convert a Hugging Face folder with convert.py")
+    cfg, tensors = read_converted(file)
 
     def group(prefix):  # {"layers.3.attn.Wq": a} -> {"Wq": a} for prefix "layers.3.attn."
-        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        return {k[len(prefix):]: (v if k[len(prefix):] in LINEAR_WEIGHTS else f32(v).copy())
+                for k, v in tensors.items() if k.startswith(prefix)}
 
     layers = []
     for i, kind in enumerate(cfg.layer_kinds):
         p = f"layers.{i}."
-        mixer = "mamba" if kind == "mamba" else "gmu" if kind == "gmu" else "attn"
+        mixer = kind if kind in ("mamba", "gmu") else "attn"          # the converted names' group
         layers.append({"input_layernorm": group(p + "input_layernorm."),
                        "post_attention_layernorm": group(p + "post_attention_layernorm."),
                        "mlp": group(p + "mlp."), mixer: group(p + mixer + ".")})
     model = Model(cfg, tensors["embed_tokens.weight"], group("final_layernorm."), layers, path=folder)
+    read_side_files(model, folder)
+    return to_device(model) if device == "cuda" else model
+
+
+def read_side_files(model, folder):
+    """tokenizer_config.json, generation_config.json and tokenizer.json, when present."""
     for name in ("tokenizer_config.json", "generation_config.json"):
         if os.path.isfile(os.path.join(folder, name)):
             with open(os.path.join(folder, name)) as f:
@@ -295,9 +277,8 @@ def load(path, device="cpu"):
     if os.path.isfile(os.path.join(folder, "tokenizer.json")):
         attach_tokenizer(model, os.path.join(folder, "tokenizer.json"))
     else:
-        model.token_mask = np.ones(cfg.vocab_size, bool)
+        model.token_mask = np.ones(model.config.vocab_size, bool)
         model.stop_ids = tuple(_as_list(model.files.get("generation_config.json", {}).get("eos_token_id")))
-    return to_device(model) if device == "cuda" else model
 
 
 def _as_list(x):
@@ -319,55 +300,13 @@ def attach_tokenizer(model, tokenizer_json):
     model.stop_ids = tuple(dict.fromkeys(int(s) for s in stops))
 
 
-def check_ids(model, ids):
-    """Token ids from the user -> int64 array, or a one-line error."""
-    arr = np.asarray(ids)
-    if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
-        raise Phi4FlashError(f"ids: expected a non-empty 1-D sequence of token ids, got {arr.dtype} array of shape {arr.shape}")
-    bad = arr[(arr < 0) | (arr >= model.config.vocab_size)]
-    if bad.size:
-        raise Phi4FlashError(f"ids: token id {int(bad[0])} is outside the vocabulary [0, {model.config.vocab_size})")
-    return arr.astype(np.int64)
-
-
-def to_numpy(a):
-    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
-
-
 # ----------------------------------------------------------------------------------------------
-# Math helpers (all fp32)
+# 3. Math helpers (all fp32)
 
 def linear(x, W, b=None):
-    """y = x·Wᵀ + b for W stored [out, in] (float32, or bf16 bits as uint16)."""
+    """y = x·Wᵀ + b for W stored [out, in]: float32, or bf16 bits (uint16, section 10)."""
     y = bf16_matmul(x, W) if W.dtype == np.uint16 else x @ W.T           # (T, out)
     return y if b is None else y + b
-
-
-# NumPy has no bf16 arithmetic, so bf16 weights are widened to fp32 a block of rows at a time into a
-# scratch buffer: the bits, shifted into the high half of a uint32, are the fp32 value (exact). The
-# buffer is reused, so only a few MB are ever fp32; for a few rows (decode) it is small enough to stay
-# in cache between the widening and the matmul. (Splitting the blocks over threads was measured
-# slower on 2 cores: the widening competes with BLAS's own threads.)
-_scratch = threading.local()  # one buffer per thread, so concurrent callers do not share it
-
-
-def bf16_matmul(x, W):
-    """x·Wᵀ for bf16 bits W (uint16) [out, in], in fp32."""
-    xp = get_xp(x)
-    if xp is not np:
-        return cuda_bf16_matmul(x, W)
-    T, (rows, cols) = x.shape[0], W.shape
-    y = np.empty((T, rows), np.float32)                                  # (T, out)
-    step = max(1, ((4 << 20) if T >= 16 else (256 << 10)) // cols)      # 16 MB of fp32 per block, or 1 MB (L2)
-    if getattr(_scratch, "buf", np.empty(0)).size < step * cols:
-        _scratch.buf = np.empty(step * cols, np.uint32)
-    for r in range(0, rows, step):
-        n = min(step, rows - r)
-        buf = _scratch.buf[:n * cols].reshape(n, cols)                    # (n, in)
-        buf[...] = W[r:r + n]   # uint16 -> uint32: two contiguous passes beat one strided copy into the high halves
-        buf <<= 16
-        np.matmul(x, buf.view(np.float32).T, out=y[:, r:r + n])
-    return y
 
 
 def layer_norm(x, p, eps):
@@ -375,7 +314,7 @@ def layer_norm(x, p, eps):
     xp = get_xp(x)
     mean = x.mean(-1, keepdims=True)                                      # (T, 1)
     var = ((x - mean) ** 2).mean(-1, keepdims=True)                       # (T, 1)
-    return (x - mean) / xp.sqrt(var + eps) * f32(p["weight"]) + f32(p["bias"])
+    return (x - mean) / xp.sqrt(var + eps) * p["weight"] + p["bias"]
 
 
 def rms_norm(x, weight, eps):
@@ -406,7 +345,7 @@ def softmax(x):
 
 
 # ----------------------------------------------------------------------------------------------
-# SwiGLU MLP (every layer): out = (silu(g) ⊙ u)·fc2ᵀ, with [g | u] = x·fc1ᵀ — SiLU on the FIRST half
+# 4. SwiGLU MLP (every layer): out = (silu(g) ⊙ u)·fc2ᵀ, with [g | u] = x·fc1ᵀ — SiLU on the FIRST half
 
 def mlp(x, p):
     g = linear(x, p["fc1_gate"])                                          # (T, F)
@@ -415,18 +354,18 @@ def mlp(x, p):
 
 
 # ----------------------------------------------------------------------------------------------
-# Mamba-1 (even layers of the self-decoder, and layer L/2)   [2312.00752 §3, Algorithm 2]
+# 5. Mamba-1 (even layers of the self-decoder, and layer L/2)   [2312.00752 §3, Algorithm 2]
 
 def causal_conv1d(x, conv_state, weight, bias):
     """Depthwise causal conv over time: x̃_t = b + Σ_k w[:, k] ⊙ x_{t-(d_conv-1)+k}, so w[:, -1]
     multiplies the current token. conv_state holds the d_conv-1 raw inputs before x (zeros at start).
     x (T, d_inner), conv_state (d_conv-1, d_inner), weight (d_inner, d_conv) -> (x̃, new conv_state)."""
     xp = get_xp(x)
-    T, K = x.shape[0], weight.shape[1]
+    T, d_conv = x.shape[0], weight.shape[1]
     xs = xp.concatenate([conv_state, x])                                  # (d_conv-1+T, d_inner)
-    out = xp.broadcast_to(f32(bias), x.shape).copy()                      # (T, d_inner)
-    for k in range(K):
-        out += f32(weight[:, k]) * xs[k:k + T]
+    out = xp.broadcast_to(bias, x.shape).copy()                           # (T, d_inner)
+    for k in range(d_conv):
+        out += weight[:, k] * xs[k:k + T]
     return out, xs[T:].copy()                                             # new state: the last d_conv-1 inputs
 
 
@@ -453,21 +392,20 @@ def selective_scan(x, delta, A, B, C, D, h, chunk=64):
     h = h.copy()                                                          # (d_inner, N)
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
-        dA = xp.exp(delta[t0:t1, :, None] * A)                            # (Tc, d_inner, N)
-        hs = (delta[t0:t1] * x[t0:t1])[:, :, None] * B[t0:t1, None, :]    # (Tc, d_inner, N) ΔBx, then states
+        dA = xp.exp(delta[t0:t1, :, None] * A)                            # (t1-t0, d_inner, N)
+        hs = (delta[t0:t1] * x[t0:t1])[:, :, None] * B[t0:t1, None, :]    # (t1-t0, d_inner, N) ΔBx, then states
         for t in range(t1 - t0):
             h *= dA[t]
             h += hs[t]
             hs[t] = h
-        y[t0:t1] = (hs @ C[t0:t1, :, None])[:, :, 0] + D * x[t0:t1]       # (Tc, d_inner)
+        y[t0:t1] = (hs @ C[t0:t1, :, None])[:, :, 0] + D * x[t0:t1]       # (t1-t0, d_inner)
     return y, h
 
 
 def mamba(u, p, conv_state, ssm_state):
     """Mamba-1 mixer. u (T, D) -> (out (T, D), y (T, d_inner), conv_state, ssm_state).
     y is the scan output with the D skip and before the z gate: layer L/2's y is the GMU memory."""
-    if get_xp(u) is not np:
-        return cuda_mamba(u, p, conv_state, ssm_state)
+    xp = get_xp(u)
     x = linear(u, p["in_proj_x"])                                         # (T, d_inner)
     z = linear(u, p["in_proj_z"])                                         # (T, d_inner)
     x, conv_state = causal_conv1d(x, conv_state, p["conv1d_weight"], p["conv1d_bias"])
@@ -475,15 +413,15 @@ def mamba(u, p, conv_state, ssm_state):
     dt_low = linear(x, p["x_proj_dt"])                                    # (T, dt_rank)
     B = linear(x, p["x_proj_B"])                                          # (T, N)
     C = linear(x, p["x_proj_C"])                                          # (T, N)
-    delta = softplus(linear(dt_low, p["dt_proj"], f32(p["dt_proj_bias"])))  # (T, d_inner)  Δ
-    A = -get_xp(u).exp(f32(p["A_log"]))                                   # (d_inner, N), all < 0
-    y, ssm_state = selective_scan(x, delta, A, B, C, f32(p["D"]), ssm_state)  # (T, d_inner)
+    delta = softplus(linear(dt_low, p["dt_proj"], p["dt_proj_bias"]))     # (T, d_inner)  Δ
+    A = -xp.exp(p["A_log"])                                               # (d_inner, N), all < 0
+    y, ssm_state = selective_scan(x, delta, A, B, C, p["D"], ssm_state)   # (T, d_inner)
     out = linear(y * silu(z), p["out_proj"])                              # (T, D)
     return out, y, conv_state, ssm_state
 
 
 # ----------------------------------------------------------------------------------------------
-# Differential attention (odd self-decoder layers, layer L/2+1, cross-attention)   [2410.05258 §2.1]
+# 6. Differential attention (sliding-window layers, layer L/2+1, cross-attention)   [2410.05258 §2.1]
 #
 # Heads are striped by parity: stripe 1 = heads 0, 2, 4, ...; stripe 2 = heads 1, 3, 5, ... (for
 # q, k and v alike). Inside a stripe, GQA maps stripe query j to stripe KV head g = j // G. Each
@@ -491,100 +429,108 @@ def mamba(u, p, conv_state, ssm_state):
 #   O_j = RMSNorm(softmax(q1_j k1_gᵀ/√hd) V_g − λ softmax(q2_j k2_gᵀ/√hd) V_g) ⊙ subln · (1 − λ_init)
 # whose first hd features are output head 2j and last hd features head 2j+1.
 
-def diff_lambda(p, lam_init):
+def diff_lambda(p, lambda_init):
     """λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init: one scalar per layer."""
     xp = get_xp(p["lambda_q1"])
-    return (xp.exp((f32(p["lambda_q1"]) * f32(p["lambda_k1"])).sum())
-            - xp.exp((f32(p["lambda_q2"]) * f32(p["lambda_k2"])).sum()) + lam_init)
+    return (xp.exp((p["lambda_q1"] * p["lambda_k1"]).sum())
+            - xp.exp((p["lambda_q2"] * p["lambda_k2"]).sum()) + lambda_init)
 
 
-def differential_attention(q, k, v, mask, lam, lam_init, subln, eps=1e-5, probs=None):
-    """q (H, Tq, hd); k, v (H_kv, S, hd); mask (Tq, S) True where a key is visible -> (Tq, H·hd).
-    Tracing: probs={"head": j} receives probs["maps"], the two softmax maps of differential head j."""
+def differential_attention_sequential(q, k, v, mask, lam, lambda_init, subln, eps=1e-5):
+    """The equation above as written, one differential head j at a time (the twin the fast form is
+    tested against). Same arguments and result as differential_attention."""
     xp = get_xp(q)
-    H, Tq, hd = q.shape
+    H, T, hd = q.shape
+    G = H // k.shape[0]
+    out = xp.empty((T, H * hd), xp.float32)                               # (T, H·hd)
+    for j in range(H // 2):
+        g = j // G
+        V_g = xp.concatenate([v[2 * g], v[2 * g + 1]], axis=-1)           # (S, 2hd)  [v1_g ‖ v2_g]
+        P1 = softmax(xp.where(mask, q[2 * j] @ k[2 * g].T / math.sqrt(hd), -xp.inf))          # (T, S)
+        P2 = softmax(xp.where(mask, q[2 * j + 1] @ k[2 * g + 1].T / math.sqrt(hd), -xp.inf))  # (T, S)
+        O_j = rms_norm(P1 @ V_g - lam * (P2 @ V_g), subln, eps) * (1.0 - lambda_init)         # (T, 2hd)
+        out[:, 2 * j * hd:(2 * j + 2) * hd] = O_j                         # heads 2j, 2j+1
+    return out
+
+
+def differential_attention(q, k, v, mask, lam, lambda_init, subln, eps=1e-5):
+    """All heads at once: the stripes, GQA groups and value pairs become broadcast axes.
+    q (H, T, hd); k, v (H_kv, S, hd); mask (T, S) True where a key is visible -> (T, H·hd)."""
+    xp = get_xp(q)
+    H, T, hd = q.shape
     H_kv, S, _ = k.shape
     G = H // H_kv
-    qs = q.reshape(H // 2, 2, Tq, hd).transpose(1, 0, 2, 3)               # (2, H/2, Tq, hd)   [stripe, j]
-    qs = qs.reshape(2, H_kv // 2, G, Tq, hd)                              # (2, H_kv/2, G, Tq, hd)  j = g·G + r
+    qs = q.reshape(H // 2, 2, T, hd).transpose(1, 0, 2, 3)                # (2, H/2, T, hd)   [stripe, j]
+    qs = qs.reshape(2, H_kv // 2, G, T, hd)                               # (2, H_kv/2, G, T, hd)  j = g·G + r
     ks = k.reshape(H_kv // 2, 2, S, hd).transpose(1, 0, 2, 3)[:, :, None]  # (2, H_kv/2, 1, S, hd)  [stripe, g]
     vs = v.reshape(H_kv // 2, 1, 2, S, hd)                                # (H_kv/2, 1, 2, S, hd)  V heads 2g, 2g+1
-    scores = qs @ ks.swapaxes(-1, -2) * (1.0 / math.sqrt(hd))             # (2, H_kv/2, G, Tq, S)
-    scores = xp.where(mask, scores, -xp.inf)
-    maps = softmax(scores)                                                # (2, H_kv/2, G, Tq, S)
-    if probs is not None:  # differential head j: stripe-1 query 2j and its stripe-2 twin 2j+1
-        probs["maps"] = maps[:, probs["head"] // G, probs["head"] % G]    # (2, Tq, S)
-    att = maps[:, :, :, None] @ vs                                        # (2, H_kv/2, G, 2, Tq, hd)
-    att = att.transpose(0, 1, 2, 4, 3, 5).reshape(2, H_kv // 2, G, Tq, 2 * hd)  # P·[v1_g ‖ v2_g] (no copy of V)
-    o = rms_norm(att[0] - lam * att[1], f32(subln), eps) * (1.0 - lam_init)  # (H_kv/2, G, Tq, 2hd)
-    return o.transpose(2, 0, 1, 3).reshape(Tq, H * hd)                    # pair j -> heads 2j, 2j+1
+    scores = qs @ ks.swapaxes(-1, -2) * (1.0 / math.sqrt(hd))             # (2, H_kv/2, G, T, S)
+    maps = softmax(xp.where(mask, scores, -xp.inf))                       # (2, H_kv/2, G, T, S)
+    att = maps[:, :, :, None] @ vs                                        # (2, H_kv/2, G, 2, T, hd)
+    att = att.transpose(0, 1, 2, 4, 3, 5).reshape(2, H_kv // 2, G, T, 2 * hd)  # P·[v1_g ‖ v2_g] (no copy of V)
+    o = rms_norm(att[0] - lam * att[1], subln, eps) * (1.0 - lambda_init)  # (H_kv/2, G, T, 2hd)
+    return o.transpose(2, 0, 1, 3).reshape(T, H * hd)                     # pair j -> heads 2j, 2j+1
 
 
-def attend(q, k, v, qpos, kpos, window, lam, lam_init, subln, block=256, probs=None):
-    """Differential attention of queries at positions qpos over keys at positions kpos:
-    key s is visible to query t iff s <= t and, with a window, s > t - W (W keys, the current one
-    included). Queries go in blocks; with more than one block the keys are in time order and each
-    block slices only the keys it can see, so a sliding window costs O(T·W), not O(T²).
-    q (H, T, hd); k, v (H_kv, S, hd); qpos (T,), kpos (S,) -> (T, H·hd).
-    Tracing: probs={"head": j} receives probs["maps"] (2, T, S), zero where a key is not visible."""
-    if probs is None and get_xp(q) is not np:                             # GPU kernels (the maps stay in the kernel)
-        return cuda_attend(q, k, v, qpos, kpos, window, lam, lam_init, subln)
+def visible(kpos, qpos, window):
+    """Key at position kpos is visible to the query at qpos iff kpos <= qpos and, with a window,
+    kpos > qpos - W (W keys, the current one included); kpos = -1 marks an empty cache slot."""
+    mask = (kpos >= 0) & (kpos <= qpos)
+    return mask & (kpos > qpos - window) if window else mask
+
+
+def attend(q, k, v, qpos, kpos, window, lam, lambda_init, subln, block=256):
+    """Differential attention of queries at positions qpos over keys at positions kpos. Queries go
+    in blocks; with more than one block the keys are in time order and each block slices only the
+    keys it can see, so a sliding window costs O(T·W), not O(T²).
+    q (H, T, hd); k, v (H_kv, S, hd); qpos (T,), kpos (S,) -> (T, H·hd)."""
     xp = get_xp(q)
     T = q.shape[1]
     block = min(block, window) if window else block                       # a block sees ≤ block + W - 1 keys
     out = xp.empty((T, q.shape[0] * q.shape[2]), xp.float32)              # (T, H·hd)
-    maps = None if probs is None else xp.zeros((2, T, k.shape[1]), xp.float32)  # (2, T, S)
     for a in range(0, T, block):
         b = min(T, a + block)
         lo, hi = 0, k.shape[1]
         if T > block:
             lo = int(xp.searchsorted(kpos, qpos[a] - window + 1)) if window else 0
             hi = int(xp.searchsorted(kpos, qpos[b - 1], side="right"))
-        kp, qp = kpos[lo:hi][None, :], qpos[a:b][:, None]
-        mask = (kp <= qp) & (kp >= 0)                                     # (Tb, Sb); -1 marks an empty slot
-        if window:
-            mask &= kp > qp - window
-        part = None if probs is None else {"head": probs["head"]}
-        out[a:b] = differential_attention(q[:, a:b], k[:, lo:hi], v[:, lo:hi], mask, lam, lam_init, subln, probs=part)
-        if part is not None:
-            maps[:, a:b, lo:hi] = part["maps"]
-    if probs is not None:
-        probs["maps"] = maps
+        mask = visible(kpos[lo:hi][None, :], qpos[a:b][:, None], window)  # (b-a, hi-lo)
+        out[a:b] = differential_attention(q[:, a:b], k[:, lo:hi], v[:, lo:hi], mask, lam, lambda_init, subln)
     return out
 
 
 def project_heads(x, W, b, n_heads):
     """x (T, D) -> (n_heads, T, hd): a head-major projection, heads first."""
-    y = linear(x, W, f32(b))                                              # (T, n_heads·hd)
+    y = linear(x, W, b)                                                   # (T, n_heads·hd)
     return y.reshape(x.shape[0], n_heads, -1).transpose(1, 0, 2)
 
 
-def self_attention(u, p, kv, pos, i, cfg, q_rows=slice(None), probs=None):
-    """Self-attention layer i (sliding-window, or the full layer L/2+1). Writes this call's K/V into
-    `kv`; queries only for u[q_rows] (layer L/2+1 in prefill needs just the last token's output).
-    u (T, D), pos (T,) absolute positions -> (T_q, D)."""
+def self_attention(u, p, kv, pos, i, cfg, q_rows=slice(None)):
+    """Attention layer i of kind "swa" (its K/V in a ring of W slots) or "full" (layer L/2+1, its
+    K/V appended to the shared buffer). Writes this call's K/V into `kv`; queries only for u[q_rows]
+    (layer L/2+1 in prefill needs just the last token's output). u (T, D), pos (T,) -> (T_q, D)."""
     k_new = project_heads(u, p["Wk"], p["bk"], cfg.num_key_value_heads)  # (H_kv, T, hd)
     v_new = project_heads(u, p["Wv"], p["bv"], cfg.num_key_value_heads)  # (H_kv, T, hd)
-    k, v, kpos = kv_extend(kv, k_new, v_new, int(pos[0]))                 # keys these queries may see
+    k, v, kpos = (kv_ring if kv.window else kv_append)(kv, k_new, v_new, int(pos[0]))  # keys in view
     q = project_heads(u[q_rows], p["Wq"], p["bq"], cfg.num_attention_heads)  # (H, T_q, hd)
-    lam_init = lambda_init(i)
-    o = attend(q, k, v, pos[q_rows], kpos, kv.window, diff_lambda(p, lam_init), lam_init, p["subln"], probs=probs)
-    return linear(o, p["out_proj"], f32(p["out_proj_bias"]))              # (T_q, D)
+    lambda_init = lambda_init_for(i)
+    o = attend(q, k, v, pos[q_rows], kpos, kv.window, diff_lambda(p, lambda_init), lambda_init, p["subln"])
+    return linear(o, p["out_proj"], p["out_proj_bias"])                   # (T_q, D)
 
 
-def cross_attention(u, p, shared, pos, i, cfg, probs=None):
+def cross_attention(u, p, shared, pos, i, cfg):
     """Cross-attention layer i: its own queries over layer L/2+1's K/V (YOCO), no cache of its own."""
     q = project_heads(u, p["Wq"], p["bq"], cfg.num_attention_heads)      # (H, T, hd)
     n = shared.length
     kpos = get_xp(u).arange(n)                                            # (S,)
-    lam_init = lambda_init(i)
-    o = attend(q, shared.k[:, :n], shared.v[:, :n], pos, kpos, None, diff_lambda(p, lam_init), lam_init, p["subln"],
-               probs=probs)
-    return linear(o, p["out_proj"], f32(p["out_proj_bias"]))              # (T, D)
+    lambda_init = lambda_init_for(i)
+    o = attend(q, shared.k[:, :n], shared.v[:, :n], pos, kpos, None, diff_lambda(p, lambda_init), lambda_init,
+               p["subln"])                                                # (T, H·hd)
+    return linear(o, p["out_proj"], p["out_proj_bias"])                   # (T, D)
 
 
 # ----------------------------------------------------------------------------------------------
-# Gated Memory Unit (even cross-decoder layers)   [2507.06607 §2.1]
+# 7. Gated Memory Unit (even cross-decoder layers)   [2507.06607 §2.1]
 
 def gmu(x, p, memory):
     """out = (silu(x·in_projᵀ) ⊙ m)·out_projᵀ: this layer's input gates the shared memory m.
@@ -593,14 +539,14 @@ def gmu(x, p, memory):
 
 
 # ----------------------------------------------------------------------------------------------
-# Cache: everything decoding needs (batch 1). Layers past L/2+1 keep nothing.
+# 8. Cache (batch 1) and the layer loop. Layers past L/2+1 keep nothing.
 
 @dataclass
 class KVCache:
     k: object          # (H_kv, slots, hd)
     v: object          # (H_kv, slots, hd)
     pos: object        # (slots,) the position held in each slot, -1 = empty
-    window: int | None  # ring of exactly W slots; None = append buffer (layer L/2+1, grows when full)
+    window: int | None  # "swa": a ring of exactly W slots; None: the append buffer of layer L/2+1
     length: int = 0    # positions written so far
 
 
@@ -609,48 +555,60 @@ class Cache:
     length: int = 0                                   # tokens the model has seen
     conv_state: dict = field(default_factory=dict)    # Mamba layer i -> (d_conv-1, d_inner): last raw inputs, oldest first
     ssm_state: dict = field(default_factory=dict)     # Mamba layer i -> (d_inner, N), fp32
-    kv: dict = field(default_factory=dict)            # attention layer i -> KVCache
-    cuda: object = None                               # GPU only: the decode step's buffers and CUDA graph (CudaStep)
+    kv: dict = field(default_factory=dict)            # "swa"/"full" layer i -> KVCache
+    cuda: object = None                               # appendix A only: the GPU decode step's buffers (CudaStep)
 
     def shared(self, cfg):  # the K/V every cross-attention layer reads
         return self.kv[cfg.kv_layer]
 
 
-def new_cache(cfg, capacity, xp=np):
-    """Empty cache; layer L/2+1's buffer starts with `capacity` slots (it doubles if exceeded)."""
+def empty_cache(cfg, capacity, xp=np):
+    """All zeros; layer L/2+1's buffer starts with `capacity` slots (it doubles when full)."""
     cache = Cache()
     hd, H_kv = cfg.head_dim, cfg.num_key_value_heads
     for i, kind in enumerate(cfg.layer_kinds):
         if kind == "mamba":
             cache.conv_state[i] = xp.zeros((cfg.mamba_d_conv - 1, cfg.d_inner), xp.float32)
             cache.ssm_state[i] = xp.zeros((cfg.d_inner, cfg.mamba_d_state), xp.float32)
-        elif kind == "attn":
-            window = None if i == cfg.kv_layer else cfg.sliding_window[i]
+        elif kind in ("swa", "full"):
+            window = cfg.sliding_window[i] if kind == "swa" else None
             slots = window or max(int(capacity), 1)
             cache.kv[i] = KVCache(xp.zeros((H_kv, slots, hd), xp.float32), xp.zeros((H_kv, slots, hd), xp.float32),
                                   xp.full(slots, -1, xp.int64), window)
     return cache
 
 
-def kv_extend(kv, k_new, v_new, start):
-    """Store T new K/V (positions start..start+T-1) and return the keys the new queries can see:
-    (k, v, kpos) with k, v (H_kv, S, hd). Sliding layers keep a ring of W slots (slot = position % W)."""
+def kv_grow(kv, needed):
+    """Make the append buffer hold at least `needed` slots, at least doubling it (appends stay
+    amortised O(1)). The new slots are empty."""
+    xp = get_xp(kv.k)
+    grow = max(needed, 2 * kv.k.shape[1]) - kv.k.shape[1]
+    zeros = xp.zeros((kv.k.shape[0], grow, kv.k.shape[2]), xp.float32)   # (H_kv, grow, hd)
+    kv.k, kv.v = xp.concatenate([kv.k, zeros], axis=1), xp.concatenate([kv.v, zeros], axis=1)
+    kv.pos = xp.concatenate([kv.pos, xp.full(grow, -1, xp.int64)])
+
+
+def kv_append(kv, k_new, v_new, start):
+    """Layer L/2+1: append T new K/V (positions start..start+T-1) to the shared buffer -> the keys
+    every new query may see, (k, v, kpos) with k, v (H_kv, start+T, hd)."""
     xp = get_xp(k_new)
     T = k_new.shape[1]
-    if kv.window is None:                       # append buffer: every query sees everything before it
-        if start + T > kv.k.shape[1]:             # full: at least double, so appends stay amortised O(1)
-            grow = max(start + T, 2 * kv.k.shape[1]) - kv.k.shape[1]
-            zeros = xp.zeros((kv.k.shape[0], grow, kv.k.shape[2]), xp.float32)
-            kv.k, kv.v = xp.concatenate([kv.k, zeros], axis=1), xp.concatenate([kv.v, zeros], axis=1)
-            kv.pos = xp.concatenate([kv.pos, xp.full(grow, -1, xp.int64)])
-        kv.k[:, start:start + T], kv.v[:, start:start + T] = k_new, v_new
-        kv.pos[start:start + T] = xp.arange(start, start + T)
-        kv.length = start + T
-        return kv.k[:, :kv.length], kv.v[:, :kv.length], kv.pos[:kv.length]
-    W = kv.window
+    if start + T > kv.k.shape[1]:
+        kv_grow(kv, start + T)
+    kv.k[:, start:start + T], kv.v[:, start:start + T] = k_new, v_new
+    kv.pos[start:start + T] = xp.arange(start, start + T)
+    kv.length = start + T
+    return kv.k[:, :kv.length], kv.v[:, :kv.length], kv.pos[:kv.length]
+
+
+def kv_ring(kv, k_new, v_new, start):
+    """A sliding layer: the ring of W slots holds positions p at slot p % W. Store T new K/V and
+    return the keys the new queries may see, (k, v, kpos) with k, v (H_kv, S, hd)."""
+    xp = get_xp(k_new)
+    T, W = k_new.shape[1], kv.window
+    kv.length = start + T
     if T == 1:                                  # decode: the new entry evicts position start-W; the ring is the window
         kv.k[:, start % W], kv.v[:, start % W], kv.pos[start % W] = k_new[:, 0], v_new[:, 0], start
-        kv.length = start + 1
         return kv.k, kv.v, kv.pos
     past = [s % W for s in range(max(0, start - W + 1), start)]           # ring slots still in view, oldest first
     k = xp.concatenate([kv.k[:, past], k_new], axis=1)                    # (H_kv, ≤W-1+T, hd)
@@ -660,90 +618,68 @@ def kv_extend(kv, k_new, v_new, start):
     slots = [(start + t) % W for t in keep]
     kv.k[:, slots], kv.v[:, slots] = k_new[:, keep.start:], v_new[:, keep.start:]
     kv.pos[slots] = xp.arange(start + keep.start, start + T)
-    kv.length = start + T
     return k, v, kpos
 
-
-# ----------------------------------------------------------------------------------------------
-# The layer loop: prefill, chunked prefill, next chat turn and decode are all `extend`
 
 def record(trace, name, x):
     if trace is not None:
         trace[name] = to_numpy(x).copy()
 
 
-def extend(model, cache, ids, all_positions=False, trace=None, attn_probs=None, logits=True):
-    """Feed T new tokens on top of `cache` (updated in place) -> logits (T, V) if all_positions,
-    else (1, V) for the last token only; None with logits=False, which only fills the cache. With a
-    `trace` dict, the named intermediates are recorded into it; attn_probs=(layer, j) also records
-    that attention layer's differential head j maps.
+def extend(model, cache, ids, logits="last", trace=None):
+    """Feed T new tokens on top of `cache` (updated in place): prefill, a chunk of a prompt, the
+    next chat turn and a decode step are all this one loop. logits: "all" -> (T, V); "last" -> (1, V)
+    for the last token; None -> nothing (it only fills the cache). With a `trace` dict, the named
+    intermediates (appendix B) are recorded into it at layer boundaries.
 
     Prefill is linear (2507.06607 §2): layers 0..L/2 run on every token; layer L/2+1 writes K/V for
     every token but computes its query and output only for the rows we return; the cross-decoder
     (GMU + cross-attention, stateless) then runs on those rows only, and not at all without logits."""
-    xp = get_xp(cache.ssm_state[0])
-    if xp is not np and len(ids) == 1 and not all_positions and trace is None:
-        return cuda_decode(model, cache, ids)                             # graph-safe GPU decode step
-    cfg = model.config
+    cfg, eps = model.config, model.config.layer_norm_eps
+    xp = get_xp(model.embed_tokens)
     T = len(ids)
     pos = xp.arange(cache.length, cache.length + T)                       # (T,) absolute positions
-    h = f32(model.embed_tokens[ids])                                      # (T, D); no scaling, no positional encoding
-    record(trace, "embed", h)
+    hidden = f32(model.embed_tokens[ids])                                 # (T, D); no scaling, no positional encoding
+    record(trace, "embed", hidden)
     memory = None
     for i, (kind, layer) in enumerate(zip(cfg.layer_kinds, model.layers)):
-        if i > cfg.kv_layer and not logits:  # the cache is complete: nothing past layer L/2+1 writes to it
+        if kind in ("gmu", "cross") and logits is None:  # the cache is complete: nothing past L/2+1 writes to it
             break
-        u = layer_norm(h, layer["input_layernorm"], cfg.layer_norm_eps)   # (T, D)
-        probs = {"head": attn_probs[1]} if trace is not None and attn_probs and attn_probs[0] == i else None
+        u = layer_norm(hidden, layer["input_layernorm"], eps)             # (T, D)
         if kind == "mamba":
             out, y, cache.conv_state[i], cache.ssm_state[i] = mamba(u, layer["mamba"], cache.conv_state[i], cache.ssm_state[i])
             if i == cfg.memory_layer:
                 memory = y                                                # (T, d_inner)  m
                 record(trace, "memory", memory)
-        elif kind == "attn" and i == cfg.kv_layer:
-            rows = slice(None) if all_positions else slice(T - 1, T)
-            out = self_attention(u, layer["attn"], cache.kv[i], pos, i, cfg, q_rows=rows, probs=probs)
-            h, u, memory, pos = h[rows], u[rows], memory[rows], pos[rows]  # from here on: the returned rows only
-            kv = cache.kv[i]
-            record(trace, "shared_k", kv.k[:, :kv.length])
-            record(trace, "shared_v", kv.v[:, :kv.length])
-        elif kind == "attn":
-            out = self_attention(u, layer["attn"], cache.kv[i], pos, i, cfg, probs=probs)
+        elif kind == "swa":
+            out = self_attention(u, layer["attn"], cache.kv[i], pos, i, cfg)
+        elif kind == "full":
+            rows = slice(None) if logits == "all" else slice(T - 1, T)
+            out = self_attention(u, layer["attn"], cache.kv[i], pos, i, cfg, q_rows=rows)
+            hidden, u, memory, pos = hidden[rows], u[rows], memory[rows], pos[rows]  # from here on: those rows only
+            record(trace, "shared_k", cache.kv[i].k[:, :cache.kv[i].length])
+            record(trace, "shared_v", cache.kv[i].v[:, :cache.kv[i].length])
         elif kind == "gmu":
             out = gmu(u, layer["gmu"], memory)
         else:
-            out = cross_attention(u, layer["attn"], cache.shared(cfg), pos, i, cfg, probs=probs)
-        h = h + out                                                       # (T, D)
-        m = mlp(layer_norm(h, layer["post_attention_layernorm"], cfg.layer_norm_eps), layer["mlp"])  # (T, D)
-        h = h + m
-        if trace is not None:
-            for name, x in (("mixer_in", u), ("mixer_out", out), ("mlp_out", m), ("residual", h)):
-                record(trace, f"layers.{i}.{name}", x)
-            if probs is not None:
-                record(trace, f"layers.{i}.attn_probs", probs["maps"])
+            out = cross_attention(u, layer["attn"], cache.shared(cfg), pos, i, cfg)
+        hidden = hidden + out                                             # (T, D)
+        mlp_out = mlp(layer_norm(hidden, layer["post_attention_layernorm"], eps), layer["mlp"])  # (T, D)
+        hidden = hidden + mlp_out
+        for name, x in (("mixer_in", u), ("mixer_out", out), ("mlp_out", mlp_out), ("residual", hidden)):
+            record(trace, f"layers.{i}.{name}", x)
     cache.length += T
-    if not logits:
+    if logits is None:
         return None
-    h = layer_norm(h, model.final_layernorm, cfg.layer_norm_eps)          # (T or 1, D)
-    record(trace, "final_norm", h)
-    logits = linear(h, model.embed_tokens)                                # (T or 1, V), tied head
-    record(trace, "logits", logits)
-    return logits
-
-
-PREFILL_CHUNK = 512  # prompt tokens per extend(): activations stay a few MB (cache-friendly), memory stays flat
-
-
-def prefill(model, cache, ids, chunk=PREFILL_CHUNK, logits=True):
-    """Feed a prompt in chunks. Only the last chunk runs the cross-decoder and the head: the ones
-    before it just fill the cache. -> the last token's logits (1, V), or None without logits."""
-    for a in range(0, len(ids), chunk):
-        last = extend(model, cache, ids[a:a + chunk], logits=logits and a + chunk >= len(ids))
-    return last
+    hidden = layer_norm(hidden, model.final_layernorm, eps)               # (T or 1, D)
+    record(trace, "final_norm", hidden)
+    out = linear(hidden, model.embed_tokens)                              # (T or 1, V), tied head
+    record(trace, "logits", out)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampling and generation
+# 9. Sampling, and the Model: the weights plus the API (forward, new_cache, prefill, step, generate)
 
 def sample(logits, token_mask, temperature, top_k, top_p, rng):
     """Mask ids without a token -> greedy if temperature == 0, else /temperature -> top-k -> top-p -> draw."""
@@ -764,41 +700,143 @@ def sample(logits, token_mask, temperature, top_k, top_p, rng):
     return int(rng.choice(probs.size, p=probs / probs.sum()))
 
 
-def generate(model, ids, max_new_tokens=256, temperature=0.6, top_p=0.95, top_k=0, seed=None,
-             stop_ids=None, cache=None):
-    """Yield up to max_new_tokens sampled ids (python ints), stopping after a stop id.
+PREFILL_CHUNK = 512  # prompt tokens per extend(): activations stay a few MB (cache-friendly), memory stays flat
 
-    The prompt `ids` is fed on top of `cache` (a new one if None), then one token per step. Every
-    yielded token except the last is in the cache when the loop ends; to continue a conversation,
-    pass the same cache and start the next `ids` with that last token."""
-    stop_ids = set(model.stop_ids if stop_ids is None else stop_ids)
-    rng = np.random.default_rng(seed)
-    ids = check_ids(model, ids)
-    if cache is None:
-        cache = model.new_cache(len(ids) + max_new_tokens)
-    logits = to_numpy(prefill(model, cache, ids))[-1]                      # (V,)
-    for n in range(max_new_tokens):
-        token = sample(logits, model.token_mask, temperature, top_k, top_p, rng)
-        yield token
-        if token in stop_ids or n == max_new_tokens - 1:
-            return
-        logits = to_numpy(extend(model, cache, np.array([token])))[-1]
+
+@dataclass(eq=False)
+class Model:
+    config: Config
+    embed_tokens: object          # (V, D), float32 or bf16 bits; also the tied LM head
+    final_layernorm: dict         # weight, bias: (D,)
+    layers: list                  # per layer {"input_layernorm", "post_attention_layernorm", "mlp", "mamba"|"attn"|"gmu"}
+    tokenizer: object = None      # tokenizers.Tokenizer, when the folder has tokenizer.json
+    token_mask: object = None     # (V,) bool: True for ids that have a token; the others are never sampled
+    stop_ids: tuple = ()          # generation stops after sampling one of these
+    path: str = ""
+    files: dict = field(default_factory=dict)  # tokenizer_config / generation_config JSON, when present
+    device: str = "cpu"           # "cuda": run() takes appendix A's kernels instead of extend()
+
+    def run(self, cache, ids, logits="last", trace=None):
+        """The layer loop on this model's device: extend() on the CPU, cuda_extend() on a GPU."""
+        if self.device == "cuda":
+            return cuda_extend(self, cache, ids, logits, trace)
+        return extend(self, cache, ids, logits, trace)
+
+    def forward(self, ids, trace=None, attn_probs=None):
+        """Full forward, every position, nothing cached between calls: (T, V) float32 logits.
+        trace: a dict to fill with the named intermediates (appendix B); attn_probs=(layer, j) adds
+        layers.{layer}.attn_probs (2, T, T), both softmax maps of differential head j."""
+        ids = check_ids(self, ids)
+        if attn_probs is not None:
+            check_attn_probs(self.config, attn_probs)
+            trace = {} if trace is None else trace
+        logits = to_numpy(self.run(self.new_cache(len(ids)), ids, "all", trace))
+        if attn_probs is not None:
+            trace[f"layers.{attn_probs[0]}.attn_probs"] = attention_maps(self, trace, *attn_probs)
+        return logits
+
+    def new_cache(self, capacity=256):
+        """An empty cache whose shared K/V has room for `capacity` tokens (it grows when full)."""
+        return empty_cache(self.config, capacity, get_xp(self.embed_tokens))
+
+    def prefill(self, ids, cache=None, logits=True, chunk=PREFILL_CHUNK):
+        """Run the prompt (or a later chat turn) into `cache`: -> (last-token logits (V,), cache).
+        It goes in chunks; only the last one runs the cross-decoder and the head, the ones before it
+        just fill the cache. logits=False only fills the cache and returns (None, cache)."""
+        ids = check_ids(self, ids)
+        cache = cache if cache is not None else self.new_cache(len(ids) + 1024)  # room to decode without regrowing
+        for a in range(0, len(ids), chunk):
+            last = self.run(cache, ids[a:a + chunk], "last" if logits and a + chunk >= len(ids) else None)
+        return (to_numpy(last)[-1] if logits else None), cache
+
+    def step(self, cache, token):
+        """One decode step: -> logits (V,) for the position after `token`."""
+        return to_numpy(self.run(cache, check_ids(self, [token])))[-1]
+
+    def generate(self, ids, max_new_tokens=256, temperature=0.6, top_p=0.95, top_k=0, seed=None,
+                 stop_ids=None, cache=None):
+        """Yield up to max_new_tokens sampled ids (python ints), stopping after a stop id.
+
+        The prompt `ids` is fed on top of `cache` (a new one if None), then one token per step. Every
+        yielded token except the last is in the cache when the loop ends; to continue a conversation,
+        pass the same cache and start the next `ids` with that last token."""
+        stop_ids = set(self.stop_ids if stop_ids is None else stop_ids)
+        rng = np.random.default_rng(seed)
+        ids = check_ids(self, ids)
+        logits, cache = self.prefill(ids, cache if cache is not None else self.new_cache(len(ids) + max_new_tokens))
+        for n in range(max_new_tokens):
+            token = sample(logits, self.token_mask, temperature, top_k, top_p, rng)
+            yield token
+            if token in stop_ids or n == max_new_tokens - 1:
+                return
+            logits = self.step(cache, token)
+
+    def encode(self, text):
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
+def check_ids(model, ids):
+    """Token ids from the user -> int64 array, or a one-line error."""
+    arr = np.asarray(ids)
+    if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
+        raise Phi4FlashError(f"ids: expected a non-empty 1-D sequence of token ids, got {arr.dtype} array of shape {arr.shape}")
+    bad = arr[(arr < 0) | (arr >= model.config.vocab_size)]
+    if bad.size:
+        raise Phi4FlashError(f"ids: token id {int(bad[0])} is outside the vocabulary [0, {model.config.vocab_size})")
+    return arr.astype(np.int64)
+
+
+def to_numpy(a):
+    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
 
 
 # ----------------------------------------------------------------------------------------------
-# GPU: CuPy + kernels.cu
+# 10. bf16 weights on a CPU
+#
+# NumPy has no bf16 arithmetic, so bf16 weights are widened to fp32 a block of rows at a time into a
+# scratch buffer: the bits, shifted into the high half of a uint32, are the fp32 value (exact). The
+# buffer is reused, so only a few MB are ever fp32; for a few rows (decode) it is small enough to stay
+# in cache between the widening and the matmul. (Splitting the blocks over threads was measured
+# slower on 2 cores: the widening competes with BLAS's own threads.)
+
+_scratch = threading.local()  # one buffer per thread, so concurrent callers do not share it
+
+
+def bf16_matmul(x, W):
+    """x·Wᵀ for bf16 bits W (uint16) [out, in], in fp32."""
+    T, (rows, cols) = x.shape[0], W.shape
+    y = np.empty((T, rows), np.float32)                                  # (T, out)
+    step = max(1, ((4 << 20) if T >= 16 else (256 << 10)) // cols)      # 16 MB of fp32 per block, or 1 MB (L2)
+    if getattr(_scratch, "buf", np.empty(0)).size < step * cols:
+        _scratch.buf = np.empty(step * cols, np.uint32)
+    for r in range(0, rows, step):
+        n = min(step, rows - r)
+        buf = _scratch.buf[:n * cols].reshape(n, cols)                    # (n, in)
+        buf[...] = W[r:r + n]   # uint16 -> uint32: two contiguous passes beat one strided copy into the high halves
+        buf <<= 16
+        np.matmul(x, buf.view(np.float32).T, out=y[:, r:r + n])
+    return y
+
+
+# ----------------------------------------------------------------------------------------------
+# Appendix A. The GPU: CuPy + kernels.cu
 #
 # load(path, device="cuda") copies the weights to the GPU (bf16 matrices stay bf16 bits, uint16,
-# since CuPy has no bf16 dtype; everything else float32) and the functions above run with
-# xp = cupy. Four hot spots come here instead: mamba -> cuda_mamba, attend -> cuda_attend, bf16
-# weights -> cuda_bf16_matmul, and a one-token extend -> cuda_decode, which runs the layer loop with
-# every position-dependent index read from device memory, so that a CUDA graph can replay it.
+# since CuPy has no bf16 dtype; everything else float32) and sets model.device = "cuda", so that
+# Model.run calls cuda_extend instead of extend. cuda_extend is the same layer loop: a decode step
+# (one token, last logits) goes to cuda_decode, which reads every position-dependent index from
+# device memory so that a CUDA graph can replay it; anything else goes to cuda_layers, extend()
+# with Mamba's conv + scan, the attention and the bf16 products on kernels.cu.
 #
-# Each kernel of kernels.cu has a NumPy twin here with the same name and parameter list, computing
-# the same thing with the same tiling and state layout into the same output arrays. `_launch` runs
-# the kernel on CuPy arrays and the twin on NumPy arrays, so every function of this section also
-# runs on the CPU, where the tests compare it with the model's own functions. The constants below
-# mirror kernels.cu's #defines (a test checks they agree).
+# Each kernel of kernels.cu has a NumPy twin here, in kernels.cu's order and under its number, with
+# the same name and parameter list, computing the same thing with the same tiling and state layout
+# into the same output arrays; its launcher follows it. `_launch` runs the kernel on CuPy arrays
+# and the twin on NumPy arrays, so every function of this appendix also runs on the CPU, where the
+# tests compare it with the model's own functions. The constants below mirror kernels.cu's
+# #defines (a test checks they agree).
 
 KERNELS_CU = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.cu")
 CUDA_GRAPHS = os.environ.get("PHI4FLASH_CUDA_GRAPHS", "1") != "0"  # replay the decode step as a CUDA graph
@@ -838,29 +876,29 @@ def require_cupy():
 def check_cuda_config(cfg):
     """kernels.cu's shape limits, checked once at load time rather than deep inside a kernel."""
     hd, H, H_kv, N = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.mamba_d_state
-    G = H // H_kv if H_kv else 0
-    problems = [f"head_dim {hd} is not a power of two in [4, {MAX_HEAD_DIM}]" * (hd not in (4, 8, 16, 32, 64)),
-                f"{H} query / {H_kv} KV heads: need H_kv even, G = H/H_kv with 2G dividing 64 and "
-                f"2G <= {DECODE_MAX_QUERIES}" * (not H_kv or H % H_kv or H_kv % 2 or 64 % (2 * G) or 2 * G > DECODE_MAX_QUERIES),
-                f"mamba_d_state {N} is not a power of two <= 32" * (N not in (1, 2, 4, 8, 16, 32)),
-                f"mamba_d_conv {cfg.mamba_d_conv} > {MAX_D_CONV}" * (cfg.mamba_d_conv > MAX_D_CONV)]
-    problems = [p for p in problems if p]
-    if problems:
-        raise Phi4FlashError(f"device 'cuda': kernels.cu does not support this config: {problems[0]}")
+    if hd not in (4, 8, 16, 32, 64):
+        problem = f"head_dim {hd} is not a power of two in [4, {MAX_HEAD_DIM}]"
+    elif not H_kv or H % H_kv or H_kv % 2 or 64 % (2 * (H // H_kv)) or 2 * (H // H_kv) > DECODE_MAX_QUERIES:
+        problem = (f"{H} query / {H_kv} KV heads: need H_kv even, G = H/H_kv with 2G dividing 64 "
+                   f"and 2G <= {DECODE_MAX_QUERIES}")
+    elif N not in (1, 2, 4, 8, 16, 32):
+        problem = f"mamba_d_state {N} is not a power of two <= 32"
+    elif cfg.mamba_d_conv > MAX_D_CONV:
+        problem = f"mamba_d_conv {cfg.mamba_d_conv} > {MAX_D_CONV}"
+    else:
+        return
+    raise Phi4FlashError(f"device 'cuda': kernels.cu does not support this config: {problem}")
 
 
 def to_device(model):
-    """Copy every weight to the GPU: bf16 bits stay uint16, everything else becomes float32."""
+    """Copy every weight to the GPU: bf16 bits stay uint16, float32 stays float32."""
     cupy = require_cupy()
     check_cuda_config(model.config)
-
-    def move(a):  # (any shape) host -> device
-        return cupy.asarray(a if a.dtype in (np.uint16, np.float32) else a.astype(np.float32))
-
-    model.embed_tokens = move(model.embed_tokens)
-    model.final_layernorm = {k: move(a) for k, a in model.final_layernorm.items()}
-    model.layers = [{group: {k: move(a) for k, a in params.items()} for group, params in layer.items()}
+    model.embed_tokens = cupy.asarray(model.embed_tokens)
+    model.final_layernorm = {k: cupy.asarray(a) for k, a in model.final_layernorm.items()}
+    model.layers = [{group: {k: cupy.asarray(a) for k, a in params.items()} for group, params in layer.items()}
                     for layer in model.layers]
+    model.device = "cuda"
     return model
 
 
@@ -873,7 +911,7 @@ def _kernel(name):
     if _module is None:
         import cupy
         with open(KERNELS_CU) as f:
-            _module = cupy.RawModule(code=f.read(), options=("-std=c++17",))
+            _module = cupy.RawModule(code=f.read(), options=("-std=c++17", "-ftz=true"))
     return _module.get_function(name)
 
 
@@ -894,10 +932,11 @@ def _contiguous(a, dtype=np.float32):
     return get_xp(a).ascontiguousarray(a, dtype=dtype)
 
 
-# --- NumPy twins of the kernels (same names and parameters as kernels.cu; outputs written in place)
+# --- 1a, 1b. Mamba's causal conv + SiLU
 
 def conv1d_silu_prefill(x, conv_state, weight, bias, out, T, d_inner, d_conv):
-    """out = silu(bias + Σ_k weight[:, k] ⊙ xs[t+k]), xs = [conv_state; x]. x, out (T, d_inner)."""
+    """Twin of kernel 1a: out = silu(bias + Σ_k weight[:, k] ⊙ xs[t+k]), xs = [conv_state; x].
+    x, out (T, d_inner)."""
     xs = np.concatenate([conv_state, x])                                  # (d_conv-1+T, d_inner)
     acc = np.broadcast_to(bias, (T, d_inner)).copy()                      # (T, d_inner)
     for k in range(d_conv):                                               # the kernel's order: tap 0 first
@@ -906,7 +945,8 @@ def conv1d_silu_prefill(x, conv_state, weight, bias, out, T, d_inner, d_conv):
 
 
 def conv1d_silu_step(x, conv_state, weight, bias, out, d_inner, d_conv):
-    """One token: out = silu(bias + Σ_k weight[:, k] ⊙ window[k]), then conv_state <- window[1:]."""
+    """Twin of kernel 1b, one token: out = silu(bias + Σ_k weight[:, k] ⊙ window[k]), then
+    conv_state <- window[1:]."""
     window = np.concatenate([conv_state, x.reshape(1, d_inner)])          # (d_conv, d_inner)
     acc = bias.copy()                                                     # (d_inner,)
     for k in range(d_conv):
@@ -915,10 +955,30 @@ def conv1d_silu_step(x, conv_state, weight, bias, out, d_inner, d_conv):
     conv_state[...] = window[1:]
 
 
+def cuda_conv1d_silu(x, conv_state, weight, bias):
+    """silu(causal_conv1d(x)) with conv_state (d_conv-1, d_inner) updated in place -> (T, d_inner)."""
+    xp = get_xp(x)
+    T, d_inner = x.shape
+    d_conv = weight.shape[1]
+    x = _contiguous(x)
+    out = xp.empty((T, d_inner), xp.float32)                              # (T, d_inner)  x̂
+    if T == 1:
+        _launch(conv1d_silu_step, (_blocks(d_inner, 256),), (256,),
+                (x, conv_state, weight, bias, out, np.int32(d_inner), np.int32(d_conv)))
+        return out
+    _launch(conv1d_silu_prefill, (_blocks(T * d_inner, 256),), (256,),
+            (x, conv_state, weight, bias, out, np.int32(T), np.int32(d_inner), np.int32(d_conv)))
+    keep = d_conv - 1                                                     # after the kernel: it reads the old state
+    conv_state[...] = x[T - keep:] if T >= keep else xp.concatenate([conv_state[T:], x])
+    return out
+
+
+# --- 2, 3. The selective scan, with softplus, the D skip and the z gate fused
+
 def scan_prefill(x, dt, dt_bias, A_log, B, C, D, z, ssm_state, y, y_gated, T, d_inner, d_state):
-    """The selective scan with softplus(dt + dt_bias), the D skip and the z gate fused; the state
-    h (d_inner, d_state) is updated in place. The kernel stages SCAN_CHUNK steps at a time in shared
-    memory, which changes no number, so the twin simply walks the tokens."""
+    """Twin of kernel 2: the selective scan with softplus(dt + dt_bias), the D skip and the z gate
+    fused; the state h (d_inner, d_state) is updated in place. The kernel stages SCAN_CHUNK steps at
+    a time in shared memory, which changes no number, so the twin simply walks the tokens."""
     A = -np.exp(A_log)                                                    # (d_inner, N)
     h = ssm_state.copy()                                                  # (d_inner, N)
     for t in range(T):
@@ -930,11 +990,42 @@ def scan_prefill(x, dt, dt_bias, A_log, B, C, D, z, ssm_state, y, y_gated, T, d_
 
 
 def scan_step(x, dt, dt_bias, A_log, B, C, D, z, ssm_state, y, y_gated, d_inner, d_state):
-    """scan_prefill for one token (x, dt, z, y, y_gated (1, d_inner); B, C (1, d_state))."""
+    """Twin of kernel 3: scan_prefill for one token (x, dt, z, y, y_gated (1, d_inner); B, C (1, d_state))."""
     scan_prefill(x.reshape(1, d_inner), dt.reshape(1, d_inner), dt_bias, A_log, B.reshape(1, d_state),
                  C.reshape(1, d_state), D, z.reshape(1, d_inner), ssm_state, y.reshape(1, d_inner),
                  y_gated.reshape(1, d_inner), 1, d_inner, d_state)
 
+
+def cuda_selective_scan(x, dt, dt_bias, A_log, B, C, D, z, ssm_state):
+    """The fused scan: -> (y pre-gate (T, d_inner), y ⊙ silu(z) (T, d_inner)); ssm_state in place."""
+    xp = get_xp(x)
+    T, d_inner = x.shape
+    N = A_log.shape[1]
+    args = [_contiguous(a) for a in (x, dt, dt_bias, A_log, B, C, D, z)]
+    y = xp.empty((T, d_inner), xp.float32)                                # (T, d_inner)  m at layer L/2
+    y_gated = xp.empty((T, d_inner), xp.float32)                          # (T, d_inner)
+    grid, block = (_blocks(d_inner, SCAN_CHANNELS),), (SCAN_CHANNELS * N,)
+    if T == 1:
+        _launch(scan_step, grid, block, (*args, ssm_state, y, y_gated, np.int32(d_inner), np.int32(N)))
+    else:
+        _launch(scan_prefill, grid, block, (*args, ssm_state, y, y_gated, np.int32(T), np.int32(d_inner), np.int32(N)))
+    return y, y_gated
+
+
+def cuda_mamba(u, p, conv_state, ssm_state):
+    """mamba() with the conv+SiLU and the scan as kernels; the states are updated in place (their
+    device addresses never change, which the decode graph relies on). -> (out (T, D), y (T, d_inner))."""
+    x = cuda_linear(u, p["in_proj_x"])                                    # (T, d_inner)
+    z = cuda_linear(u, p["in_proj_z"])                                    # (T, d_inner)
+    x = cuda_conv1d_silu(x, conv_state, p["conv1d_weight"], p["conv1d_bias"])  # (T, d_inner)  x̂
+    dt = cuda_linear(cuda_linear(x, p["x_proj_dt"]), p["dt_proj"])        # (T, d_inner); the bias is added in the scan
+    B = cuda_linear(x, p["x_proj_B"])                                     # (T, N)
+    C = cuda_linear(x, p["x_proj_C"])                                     # (T, N)
+    y, y_gated = cuda_selective_scan(x, dt, p["dt_proj_bias"], p["A_log"], B, C, p["D"], z, ssm_state)
+    return cuda_linear(y_gated, p["out_proj"]), y                         # (T, D), (T, d_inner)
+
+
+# --- 4, 5a, 5b. Differential attention: tiled prefill, split-K decode + reduce
 
 def _visible(kpos, qpos, window):
     """(..., S) key positions vs (..., 1) query positions -> True where the query sees the key."""
@@ -961,10 +1052,11 @@ def _differential_combine(a1, a2, lam, subln, lambda_init, eps):
 
 def attention_prefill(q, k, v, qpos, kpos, lambda_, subln, out, T, S, H, H_kv, head_dim, kv_head_stride,
                       window, lambda_init, eps):
-    """Tiled differential attention with an online softmax, the kernel's tiles exactly: per KV group
-    g and block of BQ = 64 / (2G) query rows, the keys [lo, hi) the rows can see (binary search on
-    the ascending kpos), walked PREFILL_KEYS at a time. (NumPy views carry their own strides, so
-    kv_head_stride is only the kernel's.) q (H, T, hd); k, v (H_kv, S, hd) -> out (T, H·hd)."""
+    """Twin of kernel 4: tiled differential attention with an online softmax, the kernel's tiles
+    exactly: per KV group g and block of BQ = 64 / (2G) query rows, the keys [lo, hi) the rows can
+    see (binary search on the ascending kpos), walked PREFILL_KEYS at a time. (NumPy views carry
+    their own strides, so kv_head_stride is only the kernel's.) q (H, T, hd); k, v (H_kv, S, hd)
+    -> out (T, H·hd)."""
     G, hd = H // H_kv, head_dim
     rows = PREFILL_VECTORS // (2 * G)
     scale = np.float32(1.0 / math.sqrt(hd))
@@ -974,8 +1066,8 @@ def attention_prefill(q, k, v, qpos, kpos, lambda_, subln, out, T, S, H, H_kv, h
         vg = np.concatenate([v[2 * g], v[2 * g + 1]], axis=-1)            # (S, 2hd)  [v1 ‖ v2]
         for t0 in range(0, T, rows):
             t1 = min(T, t0 + rows)
-            qb = q[np.array(heads), t0:t1]                                # (2, G, n, hd)
-            qp = qpos[t0:t1, None]                                        # (n, 1)
+            qb = q[np.array(heads), t0:t1]                                # (2, G, t1-t0, hd)
+            qp = qpos[t0:t1, None]                                        # (t1-t0, 1)
             lo = int(np.searchsorted(kpos, qpos[t0] - window + 1)) if window else 0
             hi = int(np.searchsorted(kpos, qpos[t1 - 1], side="right"))
             m = np.full((2, G, t1 - t0), -np.inf, np.float32)
@@ -983,21 +1075,21 @@ def attention_prefill(q, k, v, qpos, kpos, lambda_, subln, out, T, S, H, H_kv, h
             acc = np.zeros((2, G, t1 - t0, 2 * hd), np.float32)
             for k0 in range(lo, hi, PREFILL_KEYS):
                 k1 = min(hi, k0 + PREFILL_KEYS)
-                kt = k[[2 * g, 2 * g + 1], k0:k1]                         # (2, keys, hd) K of stripe 1, 2
-                scores = (qb @ kt[:, None].swapaxes(-1, -2)) * scale      # (2, G, n, keys)
+                kt = k[[2 * g, 2 * g + 1], k0:k1]                         # (2, k1-k0, hd) K of stripe 1, 2
+                scores = (qb @ kt[:, None].swapaxes(-1, -2)) * scale      # (2, G, t1-t0, k1-k0)
                 scores = np.where(_visible(kpos[k0:k1], qp, window), scores, -np.inf)
                 m, l, acc = _online_softmax_update(m, l, acc, scores, vg[k0:k1])
-            a = np.where(l[..., None] > 0, acc / np.maximum(l, 1e-30)[..., None], 0.0)  # (2, G, n, 2hd)
-            o = _differential_combine(a[0], a[1], lam, subln, lambda_init, eps)  # (G, n, 2hd)
+            a = np.where(l[..., None] > 0, acc / np.maximum(l, 1e-30)[..., None], 0.0)  # (2, G, t1-t0, 2hd)
+            o = _differential_combine(a[0], a[1], lam, subln, lambda_init, eps)  # (G, t1-t0, 2hd)
             out[t0:t1, g * G * 2 * hd:(g + 1) * G * 2 * hd] = o.transpose(1, 0, 2).reshape(t1 - t0, -1)
 
 
 def attention_decode_split(q, k, v, qpos, kpos, partial_acc, partial_m, partial_l, S, H, H_kv, head_dim,
                            kv_head_stride, window, keys_per_split):
-    """One query token, keys split into blocks of keys_per_split walked DECODE_KEYS at a time; a
-    tile with no visible key is skipped. Writes each split's (m, l, acc) per query head.
-    q (H, hd); k, v (H_kv, S, hd); kpos (S,) any order -> partial_m, partial_l (n_splits, H),
-    partial_acc (n_splits, H, 2hd)."""
+    """Twin of kernel 5a: one query token, keys split into blocks of keys_per_split walked
+    DECODE_KEYS at a time; a tile with no visible key is skipped. Writes each split's (m, l, acc) per
+    query head. q (H, hd); k, v (H_kv, S, hd); kpos (S,) any order -> partial_m, partial_l
+    (n_splits, H), partial_acc (n_splits, H, 2hd)."""
     G, hd = H // H_kv, head_dim
     scale = np.float32(1.0 / math.sqrt(hd))
     query_pos = qpos.reshape(-1)[0]
@@ -1012,20 +1104,20 @@ def attention_decode_split(q, k, v, qpos, kpos, partial_acc, partial_m, partial_
             begin, end = split * keys_per_split, min(S, (split + 1) * keys_per_split)
             for k0 in range(begin, end, DECODE_KEYS):
                 k1 = min(end, k0 + DECODE_KEYS)
-                visible = _visible(kpos[k0:k1], query_pos, window)        # (keys,)
-                if not visible.any():
+                seen = _visible(kpos[k0:k1], query_pos, window)           # (k1-k0,)
+                if not seen.any():
                     continue
-                kt = k[2 * g + stripe, k0:k1]                             # (2G, keys, hd)
-                scores = (kt @ q[heads][:, :, None])[..., 0] * scale      # (2G, keys)
-                scores = np.where(visible, scores, -np.inf)
+                kt = k[2 * g + stripe, k0:k1]                             # (2G, k1-k0, hd)
+                scores = (kt @ q[heads][:, :, None])[..., 0] * scale      # (2G, k1-k0)
+                scores = np.where(seen, scores, -np.inf)
                 m, l, acc = _online_softmax_update(m, l, acc, scores, vg[k0:k1])
             partial_m[split, heads], partial_l[split, heads], partial_acc[split, heads] = m, l, acc
 
 
 def attention_decode_reduce(partial_acc, partial_m, partial_l, lambda_, subln, out, n_splits, H, head_dim,
                             lambda_init, eps):
-    """Merge the splits (M = max m, L = Σ l e^(m−M), A = Σ acc e^(m−M)) and combine each head pair:
-    out (1, H·hd), pair j at features [j·2hd, (j+1)·2hd)."""
+    """Twin of kernel 5b: merge the splits (M = max m, L = Σ l e^(m−M), A = Σ acc e^(m−M)) and
+    combine each head pair: out (1, H·hd), pair j at features [j·2hd, (j+1)·2hd)."""
     seen = partial_l > 0                                                  # (n_splits, H)
     M = np.where(seen, partial_m, -np.inf).max(0)                         # (H,)
     w = np.where(seen, np.exp(np.where(seen, partial_m, 0.0) - np.where(seen, M, 0.0)), 0.0)  # (n_splits, H)
@@ -1033,80 +1125,6 @@ def attention_decode_reduce(partial_acc, partial_m, partial_l, lambda_, subln, o
     a = (partial_acc * w[..., None]).sum(0) / np.where(L > 0, L, 1.0)[:, None]  # (H, 2hd)
     o = _differential_combine(a[0::2], a[1::2], lambda_.reshape(-1)[0], subln, lambda_init, eps)  # (H/2, 2hd)
     out[...] = o.reshape(out.shape)
-
-
-def kv_write(k_new, v_new, k_cache, v_cache, kpos, pos, H_kv, head_dim, slots, window):
-    """Store one token's K/V at slot pos % W (ring) or pos (append buffer); kpos[slot] = pos."""
-    p = int(pos.reshape(-1)[0])
-    slot = p % window if window else p
-    if slot < slots:
-        k_cache[:, slot], v_cache[:, slot], kpos[slot] = k_new.reshape(H_kv, head_dim), v_new.reshape(H_kv, head_dim), p
-
-
-def gemv_bf16(x, W, y, rows, out_features, in_features):
-    """y = x·Wᵀ with W bf16 bits, in the kernel's order: lane l of output o's warp sums the column
-    groups l, l+32, ... (groups of 8 columns when in_features % 8 == 0, single columns otherwise),
-    then the 32 lane sums meet in a butterfly. x (rows, in), W (out, in) -> y (rows, out)."""
-    width = 8 if in_features % 8 == 0 else 1
-    cols = -(-in_features // (32 * width)) * 32 * width                  # padded to whole warp steps
-    xw = np.zeros((rows, cols), np.float32)
-    Ww = np.zeros((out_features, cols), np.float32)
-    xw[:, :in_features], Ww[:, :in_features] = x, bf16_to_f32(W)
-    xw = xw.reshape(rows, -1, 32, width)                                  # (rows, steps, lane, width)
-    Ww = Ww.reshape(out_features, -1, 32, width)                          # (out, steps, lane, width)
-    lanes = np.einsum("tslw,oslw->tol", xw, Ww)                           # (rows, out, 32) per-lane sums
-    for offset in (16, 8, 4, 2, 1):                                       # lane l adds lane l ^ offset
-        lanes = lanes + lanes[..., np.arange(32) ^ offset]
-    y[...] = lanes[..., 0]
-
-
-# --- Host side: shapes, launch geometry, and the model-level functions the dispatches call
-
-def cuda_conv1d_silu(x, conv_state, weight, bias):
-    """silu(causal_conv1d(x)) with conv_state (d_conv-1, d_inner) updated in place -> (T, d_inner)."""
-    xp = get_xp(x)
-    T, d_inner = x.shape
-    d_conv = weight.shape[1]
-    x, weight, bias = _contiguous(x), _contiguous(weight), _contiguous(bias)
-    out = xp.empty((T, d_inner), xp.float32)                              # (T, d_inner)  x̂
-    if T == 1:
-        _launch(conv1d_silu_step, (_blocks(d_inner, 256),), (256,),
-                (x, conv_state, weight, bias, out, np.int32(d_inner), np.int32(d_conv)))
-        return out
-    _launch(conv1d_silu_prefill, (_blocks(T * d_inner, 256),), (256,),
-            (x, conv_state, weight, bias, out, np.int32(T), np.int32(d_inner), np.int32(d_conv)))
-    keep = d_conv - 1                                                     # after the kernel: it reads the old state
-    conv_state[...] = x[T - keep:] if T >= keep else xp.concatenate([conv_state[T:], x])
-    return out
-
-
-def cuda_selective_scan(x, dt, dt_bias, A_log, B, C, D, z, ssm_state):
-    """The fused scan: -> (y pre-gate (T, d_inner), y ⊙ silu(z) (T, d_inner)); ssm_state in place."""
-    xp = get_xp(x)
-    T, d_inner = x.shape
-    N = A_log.shape[1]
-    args = [_contiguous(a) for a in (x, dt, dt_bias, A_log, B, C, D, z)]
-    y = xp.empty((T, d_inner), xp.float32)                                # (T, d_inner)  m at layer L/2
-    y_gated = xp.empty((T, d_inner), xp.float32)                          # (T, d_inner)
-    grid, block = (_blocks(d_inner, SCAN_CHANNELS),), (SCAN_CHANNELS * N,)
-    if T == 1:
-        _launch(scan_step, grid, block, (*args, ssm_state, y, y_gated, np.int32(d_inner), np.int32(N)))
-    else:
-        _launch(scan_prefill, grid, block, (*args, ssm_state, y, y_gated, np.int32(T), np.int32(d_inner), np.int32(N)))
-    return y, y_gated
-
-
-def cuda_mamba(u, p, conv_state, ssm_state):
-    """mamba() with the conv+SiLU and the scan as kernels; the states are updated in place (their
-    device addresses never change, which the decode graph relies on). Same returns as mamba()."""
-    x = linear(u, p["in_proj_x"])                                         # (T, d_inner)
-    z = linear(u, p["in_proj_z"])                                         # (T, d_inner)
-    x = cuda_conv1d_silu(x, conv_state, f32(p["conv1d_weight"]), f32(p["conv1d_bias"]))  # (T, d_inner)  x̂
-    dt = linear(linear(x, p["x_proj_dt"]), p["dt_proj"])                  # (T, d_inner); the bias is added in the scan
-    B = linear(x, p["x_proj_B"])                                          # (T, N)
-    C = linear(x, p["x_proj_C"])                                          # (T, N)
-    y, y_gated = cuda_selective_scan(x, dt, f32(p["dt_proj_bias"]), f32(p["A_log"]), B, C, f32(p["D"]), z, ssm_state)
-    return linear(y_gated, p["out_proj"]), y, conv_state, ssm_state       # (T, D), (T, d_inner)
 
 
 def _kv_views(k, v):
@@ -1119,9 +1137,26 @@ def _kv_views(k, v):
     return k, v, k.strides[0] // 4
 
 
-def cuda_decode_attention(q, k, v, qpos, kpos, window, lam, lam_init, subln, eps=1e-5):
+def cuda_prefill_attention(q, k, v, qpos, kpos, window, lam, lambda_init, subln, eps=1e-5):
+    """attention_prefill over T > 1 query rows; kpos must be ascending (true for every multi-token
+    call: keys come in time order). q (H, T, hd); k, v (H_kv, S, hd); lam (1,) -> (T, H·hd)."""
+    xp = get_xp(q)
+    H, T, hd = q.shape
+    H_kv, S, _ = k.shape
+    k, v, stride = _kv_views(k, v)
+    out = xp.empty((T, H * hd), xp.float32)                               # (T, H·hd)
+    rows = PREFILL_VECTORS // (2 * (H // H_kv))
+    _launch(attention_prefill, (_blocks(T, rows), H_kv // 2), (PREFILL_THREADS,),
+            (_contiguous(q), k, v, _contiguous(qpos, np.int64), _contiguous(kpos, np.int64), lam,
+             subln, out, np.int32(T), np.int32(S), np.int32(H), np.int32(H_kv), np.int32(hd),
+             np.int64(stride), np.int32(window or 0), np.float32(lambda_init), np.float32(eps)))
+    return out
+
+
+def cuda_decode_attention(q, k, v, qpos, kpos, window, lam, lambda_init, subln, eps=1e-5):
     """Differential attention of ONE query token over S key slots: split across blocks, then merged.
-    q (H, hd); k, v (H_kv, S, hd); qpos (1,) int64 on the device; kpos (S,) -1 = empty -> (1, H·hd)."""
+    q (H, hd); k, v (H_kv, S, hd); qpos (1,) int64 on the device; kpos (S,) -1 = empty; lam (1,)
+    -> (1, H·hd)."""
     xp = get_xp(q)
     H, hd = q.shape
     H_kv, S, _ = k.shape
@@ -1136,48 +1171,144 @@ def cuda_decode_attention(q, k, v, qpos, kpos, window, lam, lam_init, subln, eps
              np.int32(window or 0), np.int32(KEYS_PER_SPLIT)))
     out = xp.empty((1, H * hd), xp.float32)                               # (1, H·hd)
     _launch(attention_decode_reduce, (H // 2,), (DECODE_THREADS,),
-            (partial_acc, partial_m, partial_l, _contiguous(lam).reshape(1), _contiguous(f32(subln)), out,
-             np.int32(n_splits), np.int32(H), np.int32(hd), np.float32(lam_init), np.float32(eps)))
+            (partial_acc, partial_m, partial_l, lam, subln, out, np.int32(n_splits), np.int32(H), np.int32(hd),
+             np.float32(lambda_init), np.float32(eps)))
     return out
 
 
-def cuda_attend(q, k, v, qpos, kpos, window, lam, lam_init, subln, eps=1e-5):
-    """attend() on kernels: one query row -> the split-K decode kernels; more -> attention_prefill,
-    which needs kpos ascending (true for every multi-token call: keys come in time order).
-    q (H, T, hd); k, v (H_kv, S, hd); qpos (T,), kpos (S,) -> (T, H·hd)."""
-    xp = get_xp(q)
+def cuda_attend(q, k, v, qpos, kpos, window, lam, lambda_init, subln):
+    """attend() on kernels: one query row -> the split-K decode pair; more -> attention_prefill.
+    q (H, T, hd); k, v (H_kv, S, hd); qpos (T,), kpos (S,); lam (1,) on the device -> (T, H·hd)."""
     H, T, hd = q.shape
-    lam = xp.asarray(lam, xp.float32).reshape(1)                          # (1,) read by the kernel: no host sync
+    lam = get_xp(q).asarray(lam, np.float32).reshape(1)                   # a no-op for the model's own (1,) arrays
     if T == 1:
-        return cuda_decode_attention(q.reshape(H, hd), k, v, qpos, kpos, window, lam, lam_init, subln, eps)
-    H_kv, S, _ = k.shape
-    k, v, stride = _kv_views(k, v)
-    out = xp.empty((T, H * hd), xp.float32)                               # (T, H·hd)
-    rows = PREFILL_VECTORS // (2 * (H // H_kv))
-    _launch(attention_prefill, (_blocks(T, rows), H_kv // 2), (PREFILL_THREADS,),
-            (_contiguous(q), k, v, _contiguous(qpos, np.int64), _contiguous(kpos, np.int64), lam,
-             _contiguous(f32(subln)), out, np.int32(T), np.int32(S), np.int32(H), np.int32(H_kv), np.int32(hd),
-             np.int64(stride), np.int32(window or 0), np.float32(lam_init), np.float32(eps)))
-    return out
+        return cuda_decode_attention(q.reshape(H, hd), k, v, qpos, kpos, window, lam, lambda_init, subln)
+    return cuda_prefill_attention(q, k, v, qpos, kpos, window, lam, lambda_init, subln)
 
 
-def cuda_bf16_matmul(x, W):
-    """x·Wᵀ for bf16 bits W (out, in). A few rows (decode): gemv_bf16 reads each weight once, the
-    roofline of a decode step. Many rows (prefill): the product is compute-bound, so widening a block
-    of rows to fp32 (exact) costs little next to cuBLAS's fp32 GEMM, which then gives the NumPy
-    path's numbers up to summation order. A bf16 tensor-core GEMM (cublasGemmEx) would be several
-    times faster but rounds the activations to bf16: the next step if prefill misses its target."""
+# --- 6. kv_write: one decode token's K/V into its cache slot, the slot computed on the device
+
+def kv_write(k_new, v_new, k_cache, v_cache, kpos, pos, H_kv, head_dim, slots, window):
+    """Twin of kernel 6: store one token's K/V at slot pos % W (ring) or pos (append buffer);
+    kpos[slot] = pos."""
+    p = int(pos.reshape(-1)[0])
+    slot = p % window if window else p
+    if slot < slots:
+        k_cache[:, slot], v_cache[:, slot], kpos[slot] = k_new.reshape(H_kv, head_dim), v_new.reshape(H_kv, head_dim), p
+
+
+# --- 7. gemv_bf16: the bf16 products of a decode step
+
+def gemv_bf16(x, W, y, rows, out_features, in_features):
+    """Twin of kernel 7: y = x·Wᵀ with W bf16 bits, in the kernel's order: lane l of output o's warp
+    sums the column groups l, l+32, ... (groups of 8 columns when in_features % 8 == 0, single
+    columns otherwise), then the 32 lane sums meet in a butterfly. x (rows, in), W (out, in)
+    -> y (rows, out)."""
+    width = 8 if in_features % 8 == 0 else 1
+    cols = -(-in_features // (32 * width)) * 32 * width                  # padded to whole warp steps
+    xw = np.zeros((rows, cols), np.float32)
+    Ww = np.zeros((out_features, cols), np.float32)
+    xw[:, :in_features], Ww[:, :in_features] = x, bf16_to_f32(W)
+    xw = xw.reshape(rows, -1, 32, width)                                  # (rows, steps, lane, width)
+    Ww = Ww.reshape(out_features, -1, 32, width)                          # (out, steps, lane, width)
+    lanes = np.einsum("tslw,oslw->tol", xw, Ww)                           # (rows, out, 32) per-lane sums
+    for offset in (16, 8, 4, 2, 1):                                       # lane l adds lane l ^ offset
+        lanes = lanes + lanes[..., np.arange(32) ^ offset]
+    y[...] = lanes[..., 0]
+
+
+def cuda_linear(x, W, b=None):
+    """linear() on the GPU. bf16 bits W (out, in), a few rows (decode): gemv_bf16 reads each weight
+    once, the roofline of a decode step. Many rows (prefill): the product is compute-bound, so
+    widening a block of rows to fp32 (exact) costs little next to cuBLAS's fp32 GEMM, which then
+    gives the NumPy path's numbers up to summation order. float32 W: cuBLAS."""
     xp = get_xp(x)
+    if W.dtype != np.uint16:
+        y = x @ W.T                                                       # (T, out)
+        return y if b is None else y + b
     T, (rows, cols) = x.shape[0], W.shape
     y = xp.empty((T, rows), xp.float32)                                   # (T, out)
     if T <= GEMV_MAX_ROWS:
         _launch(gemv_bf16, (_blocks(rows, GEMV_WARPS),), (GEMV_WARPS * 32,),
                 (_contiguous(x), _contiguous(W, np.uint16), y, np.int32(T), np.int32(rows), np.int32(cols)))
-        return y
-    step = max(1, (16 << 20) // cols)                                     # 64 MB of fp32 per widened block
-    for r in range(0, rows, step):
-        y[:, r:r + step] = x @ bf16_to_f32(W[r:r + step]).T
-    return y
+    else:
+        step = max(1, (16 << 20) // cols)                                 # 64 MB of fp32 per widened block
+        for r in range(0, rows, step):
+            y[:, r:r + step] = x @ bf16_to_f32(W[r:r + step]).T
+    return y if b is None else y + b
+
+
+# --- The layer loop on the GPU
+
+def cuda_extend(model, cache, ids, logits="last", trace=None):
+    """extend() on the GPU: a decode step (one token, its logits, no trace) is cuda_decode;
+    everything else is cuda_layers."""
+    if len(ids) == 1 and logits == "last" and trace is None:
+        return cuda_decode(model, cache, ids)
+    return cuda_layers(model, cache, ids, logits, trace)
+
+
+def _lambdas(model, xp):
+    """λ of every attention layer, (1,) float32 on the device (a kernel argument: no host sync)."""
+    return {i: xp.asarray(diff_lambda(model.layers[i]["attn"], lambda_init_for(i)), xp.float32).reshape(1)
+            for i, kind in enumerate(model.config.layer_kinds) if kind in ("swa", "full", "cross")}
+
+
+def cuda_layers(model, cache, ids, logits, trace):
+    """extend(), line for line, with Mamba's conv + scan, the attention and the bf16 products on
+    kernels.cu. The conv and SSM states are updated in place."""
+    cfg, eps = model.config, model.config.layer_norm_eps
+    H, H_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    xp = get_xp(model.embed_tokens)
+    T, start = len(ids), cache.length
+    lam = _lambdas(model, xp)
+    pos = xp.arange(start, start + T)                                     # (T,)
+    hidden = f32(model.embed_tokens[xp.asarray(ids)])                     # (T, D)
+    record(trace, "embed", hidden)
+    memory = None
+    for i, (kind, layer) in enumerate(zip(cfg.layer_kinds, model.layers)):
+        if kind in ("gmu", "cross") and logits is None:
+            break
+        u = layer_norm(hidden, layer["input_layernorm"], eps)             # (T, D)
+        if kind == "mamba":
+            out, y = cuda_mamba(u, layer["mamba"], cache.conv_state[i], cache.ssm_state[i])
+            if i == cfg.memory_layer:
+                memory = y                                                # (T, d_inner)  m
+                record(trace, "memory", memory)
+        elif kind == "gmu":
+            p = layer["gmu"]
+            out = cuda_linear(silu(cuda_linear(u, p["in_proj"])) * memory, p["out_proj"])  # (T, D)
+        else:
+            p, rows = layer["attn"], slice(T - 1, T) if kind == "full" and logits != "all" else slice(None)
+            if kind == "cross":
+                kv = cache.shared(cfg)
+                k, v, kpos = kv.k[:, :kv.length], kv.v[:, :kv.length], xp.arange(kv.length)
+            else:
+                kv = cache.kv[i]
+                k_new = cuda_linear(u, p["Wk"], p["bk"]).reshape(T, H_kv, -1).transpose(1, 0, 2)  # (H_kv, T, hd)
+                v_new = cuda_linear(u, p["Wv"], p["bv"]).reshape(T, H_kv, -1).transpose(1, 0, 2)  # (H_kv, T, hd)
+                k, v, kpos = (kv_ring if kv.window else kv_append)(kv, k_new, v_new, start)
+            q = cuda_linear(u[rows], p["Wq"], p["bq"]).reshape(-1, H, cfg.head_dim).transpose(1, 0, 2)  # (H, T_q, hd)
+            o = cuda_attend(q, k, v, pos[rows], kpos, kv.window, lam[i], lambda_init_for(i), p["subln"])                                   # (T_q, H·hd)
+            out = cuda_linear(o, p["out_proj"], p["out_proj_bias"])       # (T_q, D)
+            if kind == "full":
+                hidden, memory, pos = hidden[rows], memory[rows], pos[rows]
+                record(trace, "shared_k", kv.k[:, :kv.length])
+                record(trace, "shared_v", kv.v[:, :kv.length])
+        hidden = hidden + out                                             # (T, D)
+        x, p = layer_norm(hidden, layer["post_attention_layernorm"], eps), layer["mlp"]
+        mlp_out = cuda_linear(silu(cuda_linear(x, p["fc1_gate"])) * cuda_linear(x, p["fc1_up"]), p["fc2"])  # (T, D)
+        hidden = hidden + mlp_out
+        for name, a in (("mixer_in", u), ("mixer_out", out), ("mlp_out", mlp_out), ("residual", hidden)):
+            record(trace, f"layers.{i}.{name}", a)
+    cache.length += T
+    if logits is None:
+        return None
+    hidden = layer_norm(hidden, model.final_layernorm, eps)               # (T or 1, D)
+    record(trace, "final_norm", hidden)
+    out = cuda_linear(hidden, model.embed_tokens)                         # (T or 1, V)
+    record(trace, "logits", out)
+    return out
 
 
 # --- The decode step: the layer loop for one token, every position read from device memory
@@ -1200,10 +1331,7 @@ class CudaStep:
 
 
 def new_cuda_step(model, xp):
-    cfg = model.config
-    lam = {i: xp.asarray(diff_lambda(model.layers[i]["attn"], lambda_init(i)), xp.float32).reshape(1)
-           for i, kind in enumerate(cfg.layer_kinds) if kind in ("attn", "cross")}
-    step = CudaStep(xp.zeros(1, xp.int64), xp.zeros(1, xp.int64), lam)
+    step = CudaStep(xp.zeros(1, xp.int64), xp.zeros(1, xp.int64), _lambdas(model, xp))
     if xp is not np:
         step.stream, step.pool = xp.cuda.Stream(), xp.cuda.MemoryPool()
     return step
@@ -1213,45 +1341,37 @@ def cuda_step_layers(model, cache, step):
     """extend() for the one token in step.token at position step.pos, graph-safe: no host sync, no
     index computed on the host from the position (kv_write and the attention mask read step.pos).
     The states and K/V caches are updated in place -> logits (1, V)."""
-    cfg = model.config
-    H, H_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    h = f32(model.embed_tokens[step.token])                               # (1, D)
+    cfg, eps = model.config, model.config.layer_norm_eps
+    H, H_kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    hidden = f32(model.embed_tokens[step.token])                          # (1, D)
     memory = None
     for i, (kind, layer) in enumerate(zip(cfg.layer_kinds, model.layers)):
-        u = layer_norm(h, layer["input_layernorm"], cfg.layer_norm_eps)   # (1, D)
+        u = layer_norm(hidden, layer["input_layernorm"], eps)             # (1, D)
         if kind == "mamba":
-            out, y, _, _ = cuda_mamba(u, layer["mamba"], cache.conv_state[i], cache.ssm_state[i])
+            out, y = cuda_mamba(u, layer["mamba"], cache.conv_state[i], cache.ssm_state[i])
             if i == cfg.memory_layer:
                 memory = y                                                # (1, d_inner)  m
         elif kind == "gmu":
-            out = gmu(u, layer["gmu"], memory)
+            p = layer["gmu"]
+            out = cuda_linear(silu(cuda_linear(u, p["in_proj"])) * memory, p["out_proj"])  # (1, D)
         else:
             p = layer["attn"]
-            q = project_heads(u, p["Wq"], p["bq"], H)[:, 0]               # (H, hd)
-            kv = cache.kv[i] if kind == "attn" else cache.shared(cfg)     # cross layers read layer L/2+1's
-            if kind == "attn":
-                k_new = project_heads(u, p["Wk"], p["bk"], H_kv)[:, 0]    # (H_kv, hd)
-                v_new = project_heads(u, p["Wv"], p["bv"], H_kv)[:, 0]    # (H_kv, hd)
-                _, slots, hd = kv.k.shape
+            q = cuda_linear(u, p["Wq"], p["bq"]).reshape(H, hd)           # (H, hd)
+            kv = cache.shared(cfg) if kind == "cross" else cache.kv[i]    # cross layers read layer L/2+1's
+            if kind != "cross":
+                k_new = cuda_linear(u, p["Wk"], p["bk"])                  # (1, H_kv·hd)
+                v_new = cuda_linear(u, p["Wv"], p["bv"])                  # (1, H_kv·hd)
                 _launch(kv_write, (_blocks(H_kv * hd, 256),), (256,),
-                        (_contiguous(k_new), _contiguous(v_new), kv.k, kv.v, kv.pos, step.pos, np.int32(H_kv),
-                         np.int32(hd), np.int32(slots), np.int32(kv.window or 0)))
-            o = cuda_decode_attention(q, kv.k, kv.v, step.pos, kv.pos, kv.window, step.lam[i], lambda_init(i),
-                                      p["subln"])                         # (1, H·hd) over every slot
-            out = linear(o, p["out_proj"], f32(p["out_proj_bias"]))       # (1, D)
-        h = h + out                                                       # (1, D)
-        h = h + mlp(layer_norm(h, layer["post_attention_layernorm"], cfg.layer_norm_eps), layer["mlp"])
-    h = layer_norm(h, model.final_layernorm, cfg.layer_norm_eps)          # (1, D)
-    return linear(h, model.embed_tokens)                                  # (1, V)
-
-
-def _grow_shared(kv, needed):
-    """kv_extend's growth of the append buffer (at least double), done before a decode step."""
-    xp = get_xp(kv.k)
-    grow = max(needed, 2 * kv.k.shape[1]) - kv.k.shape[1]
-    zeros = xp.zeros((kv.k.shape[0], grow, kv.k.shape[2]), xp.float32)   # (H_kv, grow, hd)
-    kv.k, kv.v = xp.concatenate([kv.k, zeros], axis=1), xp.concatenate([kv.v, zeros], axis=1)
-    kv.pos = xp.concatenate([kv.pos, xp.full(grow, -1, xp.int64)])
+                        (k_new, v_new, kv.k, kv.v, kv.pos, step.pos, np.int32(H_kv), np.int32(hd),
+                         np.int32(kv.k.shape[1]), np.int32(kv.window or 0)))
+            o = cuda_decode_attention(q, kv.k, kv.v, step.pos, kv.pos, kv.window, step.lam[i], lambda_init_for(i),
+                                      p["subln"])  # (1, H·hd) over every slot
+            out = cuda_linear(o, p["out_proj"], p["out_proj_bias"])       # (1, D)
+        hidden = hidden + out                                             # (1, D)
+        x, p = layer_norm(hidden, layer["post_attention_layernorm"], eps), layer["mlp"]
+        hidden = hidden + cuda_linear(silu(cuda_linear(x, p["fc1_gate"])) * cuda_linear(x, p["fc1_up"]), p["fc2"])
+    hidden = layer_norm(hidden, model.final_layernorm, eps)               # (1, D)
+    return cuda_linear(hidden, model.embed_tokens)                        # (1, V)
 
 
 def _graph_key(cache):
@@ -1270,7 +1390,7 @@ def cuda_decode(model, cache, ids):
     xp = get_xp(cache.ssm_state[0])
     shared = cache.shared(cfg)
     if cache.length >= shared.k.shape[1]:
-        _grow_shared(shared, cache.length + 1)
+        kv_grow(shared, cache.length + 1)
     if cache.cuda is None:
         cache.cuda = new_cuda_step(model, xp)
     step = cache.cuda
@@ -1324,9 +1444,8 @@ def _capture(model, cache, step, key):
         return
     step.graph, step.graph_logits, step.graph_key = graph, logits, key
 
-
 # ----------------------------------------------------------------------------------------------
-# Console scripts. chat.py and convert.py stay in the repository next to this file (so no generic
+# Appendix B. Console scripts. chat.py and convert.py stay in the repository next to this file (so no generic
 # `chat`/`convert` module is installed); `pip install -e .` makes phi4flash-chat/-convert run them.
 
 def _sibling(name):
@@ -1347,7 +1466,7 @@ def convert_main():
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line: trace one forward, save it, and compare it with a reference dump
+# Appendix B, continued. The command line: trace one forward, save it, and compare it with a reference dump
 #
 #   python phi4flash.py trace MODEL --ids 5,68,417 [--save dump.npz] [--compare ref.npz --atol 1e-4]
 #
@@ -1370,7 +1489,7 @@ def trace_rows(cfg):
             return "mamba → memory"
         if i == cfg.kv_layer:
             return "full attn → KV"
-        return f"SWA W={cfg.sliding_window[i]}" if kind == "attn" else {"cross": "cross attn"}.get(kind, kind)
+        return f"SWA W={cfg.sliding_window[i]}" if kind == "swa" else {"cross": "cross attn"}.get(kind, kind)
     rows = [("embed", "embedding", ["embed"])]
     for i, kind in enumerate(cfg.layer_kinds):
         made = {cfg.memory_layer: ["memory"], cfg.kv_layer: ["shared_k", "shared_v"]}.get(i, [])
@@ -1384,12 +1503,30 @@ def check_attn_probs(cfg, attn_probs):
     """(layer, j) must name an attention layer and one of its H/2 differential heads."""
     layer, j = attn_probs
     kinds = cfg.layer_kinds
-    if not 0 <= layer < len(kinds) or kinds[layer] not in ("attn", "cross"):
-        attn = [i for i, k in enumerate(kinds) if k in ("attn", "cross")]
+    if not 0 <= layer < len(kinds) or kinds[layer] not in ("swa", "full", "cross"):
+        attn = [i for i, k in enumerate(kinds) if k in ("swa", "full", "cross")]
         raise Phi4FlashError(f"attn_probs: layer {layer} is not an attention layer (those are {attn})")
     if not 0 <= j < cfg.num_attention_heads // 2:
         raise Phi4FlashError(f"attn_probs: head {j} is out of range; a layer has {cfg.num_attention_heads // 2} "
                              "differential heads, numbered from 0")
+
+
+def attention_maps(model, trace, i, j):
+    """Both softmax maps of differential head j of attention layer i, recomputed from what a full
+    forward's trace records: the layer's mixer input (its queries, and its keys for a "swa"/"full"
+    layer) or the shared K/V (a cross layer). Positions are 0..T-1. -> (2, T, T) float32, the
+    stripe-1 map of query head 2j and the stripe-2 map of query head 2j+1 (section 6)."""
+    cfg, p = model.config, model.layers[i]["attn"]
+    H, H_kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    u = trace[f"layers.{i}.mixer_in"]                                     # (T, D)
+    weights = {name: to_numpy(a) for name, a in p.items()}               # host copies on a GPU model
+    q = project_heads(u, weights["Wq"], weights["bq"], H)                 # (H, T, hd)
+    k = trace["shared_k"] if cfg.layer_kinds[i] == "cross" else project_heads(u, weights["Wk"], weights["bk"], H_kv)
+    pos = np.arange(len(u))                                               # (T,)
+    mask = visible(pos[None, :], pos[:, None], cfg.sliding_window[i] if cfg.layer_kinds[i] == "swa" else None)
+    g = j // (H // H_kv)                                                  # the KV group of head pair j
+    return np.stack([softmax(np.where(mask, q[2 * j + s] @ k[2 * g + s].T / math.sqrt(hd), -np.inf))
+                     for s in (0, 1)]).astype(np.float32)                 # (2, T, T)
 
 
 def reference_to_dump(ref, prompt):
@@ -1501,6 +1638,22 @@ def _load_npz(path):
     return arrays
 
 
+def save_npz(path, arrays):
+    """np.savez into a temporary file beside `path`, renamed over it when complete: an error or a
+    Ctrl-C never leaves a half-written dump."""
+    path = os.fspath(path)
+    tmp = f"{path}.partial-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise Phi4FlashError(f"--save {path}: cannot write it ({e.strerror or e})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def trace_command(args):
     from rich.console import Console
     console = Console()
@@ -1523,10 +1676,7 @@ def trace_command(args):
         raise Phi4FlashError(f"--compare {args.compare}: no array has a trace name (like layers.0.residual); "
                              "see the names in notes/08-trace-and-compare.md")
     if args.save:
-        try:
-            np.savez(args.save, **trace)
-        except OSError as e:
-            raise Phi4FlashError(f"--save {args.save}: cannot write it ({e.strerror or e})") from None
+        save_npz(args.save, trace)
     shown = ",".join(map(str, ids[:12])) + (",..." if len(ids) > 12 else "")
     console.print(f"{model.path}: {model.config.num_hidden_layers} layers, {len(ids)} tokens: {shown}", highlight=False)
     console.print(trace_table(model.config, trace, comparison))
@@ -1548,7 +1698,8 @@ def trace_command(args):
 
 
 def main(argv=None):
-    """python phi4flash.py trace ... (see --help); returns the exit code: 0 ok, 1 a tensor over atol, 2 an error."""
+    """python phi4flash.py trace ... (see --help); returns the exit code: 0 ok, 1 a tensor over atol,
+    2 an error, 130 Ctrl-C."""
     import argparse
     ap = argparse.ArgumentParser(prog="phi4flash.py", description="Phi-4-mini-flash-reasoning (SambaY) in NumPy.")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
@@ -1580,7 +1731,13 @@ def main(argv=None):
     except Phi4FlashError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was saved", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as a script this file is __main__; convert.py imports it again as phi4flash. Running the
+    # imported module's main makes both one module, with one Phi4FlashError class.
+    import phi4flash
+    sys.exit(phi4flash.main())

@@ -45,10 +45,10 @@ def test_chunked_prefill_and_later_turns_equal_one_forward(model):
     rng = np.random.default_rng(3)
     seq = rng.integers(0, 500, 70)
     full = model.forward(seq)
-    cache = phi4flash.new_cache(model.config, 4)  # deliberately too small: the shared K/V must grow
+    cache = model.new_cache(4)  # deliberately too small: the shared K/V must grow
     rows, start = [], 0
     for size in (3, 1, 9, 2, 17, 1, 1, 30, 6):
-        rows.append(phi4flash.extend(model, cache, seq[start:start + size], all_positions=True))
+        rows.append(phi4flash.extend(model, cache, seq[start:start + size], logits="all"))
         start += size
     assert start == len(seq)
     assert np.abs(np.concatenate(rows) - full).max() <= TOL
@@ -74,27 +74,27 @@ def test_cache_sizes_are_fixed_except_the_shared_kv(model, ref):
     tokens = list(model.generate(ref["p0_input_ids"], 60, temperature=0.0, stop_ids=(), cache=cache))
     assert len(tokens) == 60
     for i, kind in enumerate(cfg.layer_kinds):
-        if kind == "attn" and i != cfg.kv_layer:
+        if kind == "swa":
             assert cache.kv[i].k.shape == (cfg.num_key_value_heads, W, cfg.head_dim)  # a ring of exactly W
             assert sorted(cache.kv[i].pos.tolist()) == list(range(cache.length - W, cache.length))
         if kind == "mamba":
             assert cache.conv_state[i].shape == (cfg.mamba_d_conv - 1, cfg.d_inner)
             assert cache.ssm_state[i].shape == (cfg.d_inner, cfg.mamba_d_state)
     assert {i: kv.k.shape for i, kv in cache.kv.items()} == before  # preallocated: nothing grew
-    assert set(cache.kv) == {i for i, k in enumerate(cfg.layer_kinds) if k == "attn"}  # GMU/cross layers hold nothing
+    assert set(cache.kv) == {i for i, k in enumerate(cfg.layer_kinds) if k in ("swa", "full")}  # GMU/cross layers hold nothing
 
 
 def test_prefill_in_chunks_runs_the_cross_decoder_once(model, monkeypatch):
-    """phi4flash.prefill feeds a prompt chunk by chunk; chunks before the last stop after layer L/2+1
+    """Model.prefill feeds a prompt chunk by chunk; chunks before the last stop after layer L/2+1
     (nothing above writes to the cache), yet the cache and the last logits equal one extend()."""
     ids = np.random.default_rng(5).integers(0, 500, 45)
     one = model.new_cache(64)
-    want = phi4flash.extend(model, one, ids)
+    want = phi4flash.extend(model, one, ids)[-1]
     calls = []
     gmu = phi4flash.gmu
     monkeypatch.setattr(phi4flash, "gmu", lambda *a: calls.append(1) or gmu(*a))
     chunked = model.new_cache(64)
-    got = phi4flash.prefill(model, chunked, ids, chunk=8)
+    got, _ = model.prefill(ids, chunked, chunk=8)
     assert len(calls) == model.config.layer_kinds.count("gmu")  # one chunk (the last) reached the GMUs
     assert np.abs(got - want).max() <= TOL and chunked.length == one.length == 45
     for i in one.ssm_state:

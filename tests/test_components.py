@@ -39,9 +39,27 @@ def test_striped_gqa_mapping_matches_per_head_loop(H, H_kv):
     v = rng.standard_normal((H_kv, S, hd)).astype(np.float32)
     mask = np.arange(S)[None, :] <= np.arange(S - T, S)[:, None]
     subln = rng.standard_normal(2 * hd).astype(np.float32)
-    got = pf.differential_attention(q, k, v, mask, 0.3, 0.55, subln)
     want = naive_differential_attention(q, k, v, mask, 0.3, 0.55, subln)
-    assert np.abs(got - want).max() < 1e-5
+    for form in (pf.differential_attention_sequential, pf.differential_attention):
+        assert np.abs(form(q, k, v, mask, 0.3, 0.55, subln) - want).max() < 1e-5, form.__name__
+
+
+@pytest.mark.parametrize("H,H_kv,T,S", [(8, 4, 1, 1), (8, 4, 5, 9), (40, 20, 3, 70), (16, 4, 7, 7), (4, 2, 12, 30)])
+def test_differential_attention_fast_form_equals_sequential(H, H_kv, T, S):
+    """The broadcast form (stripes, GQA groups and value pairs as axes) against the per-head-pair
+    loop that writes the equation out. Same float32 math in another order: 1e-5 on O(1) outputs."""
+    rng = np.random.default_rng(T * S)
+    hd = 8
+    q = rng.standard_normal((H, T, hd)).astype(np.float32)
+    k = rng.standard_normal((H_kv, S, hd)).astype(np.float32)
+    v = rng.standard_normal((H_kv, S, hd)).astype(np.float32)
+    mask = pf.visible(np.arange(S)[None, :], np.arange(S - T, S)[:, None], 4)   # a window of 4
+    mask[:, 0] |= ~mask.any(-1)                                                  # at least one key per row
+    subln = rng.standard_normal(2 * hd).astype(np.float32)
+    fast = pf.differential_attention(q, k, v, mask, 0.7, 0.2, subln)
+    slow = pf.differential_attention_sequential(q, k, v, mask, 0.7, 0.2, subln)
+    assert fast.shape == slow.shape == (T, H * hd)
+    assert np.abs(fast - slow).max() < 1e-5
 
 
 def test_striping_table_for_8_query_4_kv_heads():
@@ -138,7 +156,7 @@ def test_causal_conv_state_carries_across_calls():
 def test_lambda_init_table():
     table = {1: 0.355509, 3: 0.556058, 5: 0.666122, 7: 0.726526, 9: 0.759677, 17: 0.796342, 31: 0.799945}
     for i, want in table.items():
-        assert abs(pf.lambda_init(i) - want) < 1e-6
+        assert abs(pf.lambda_init_for(i) - want) < 1e-6
 
 
 def test_elementwise_helpers_are_overflow_safe():

@@ -123,9 +123,9 @@ def test_loaded_model_has_the_real_schedule_shapes_and_count(converted):
     model = phi4flash.load(converted)
     cfg = model.config
     assert cfg == real_config()
-    assert cfg.layer_kinds == ["mamba", "attn"] * 9 + ["gmu", "cross"] * 7
+    assert cfg.layer_kinds == ["mamba", "swa"] * 8 + ["mamba", "full"] + ["gmu", "cross"] * 7
     assert [i for i, w in enumerate(cfg.sliding_window) if w == 512] == list(range(1, 16, 2))
-    mixer = {"mamba": "mamba", "attn": "attn", "cross": "attn", "gmu": "gmu"}
+    mixer = {"mamba": "mamba", "swa": "attn", "full": "attn", "cross": "attn", "gmu": "gmu"}
     for i, kind in enumerate(cfg.layer_kinds):
         assert set(model.layers[i]) == {"input_layernorm", "post_attention_layernorm", "mlp", mixer[kind]}, i
     tensors = loaded_tensors(model)
@@ -154,7 +154,7 @@ def test_one_token_through_every_layer_and_the_cache_at_real_width(converted):
     model.layers = [{part: zeros(tensors) for part, tensors in layer.items()} for layer in model.layers]
     cfg, trace = model.config, {}
     cache = model.new_cache(4)
-    logits = phi4flash.extend(model, cache, np.array([200022]), all_positions=True, trace=trace)
+    logits = phi4flash.extend(model, cache, np.array([200022]), logits="all", trace=trace)
     assert logits.shape == (1, 200064) and not logits.any()  # zero weights: zeros all the way, nothing NaN
     assert all(trace[f"layers.{i}.residual"].shape == (1, 2560) for i in range(32))
     assert trace["memory"].shape == (1, 5120) and trace["shared_k"].shape == (20, 1, 64)

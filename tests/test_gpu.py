@@ -1,7 +1,7 @@
 """The CuPy path, whole model.
 
-On the CPU, always: the GPU code path (cuda_mamba, cuda_attend and cuda_bf16_matmul dispatched as
-on a GPU, and the graph-safe decode step cuda_decode) run through the kernels' NumPy twins must give
+On the CPU, always: the GPU code path (Model.run -> cuda_extend: cuda_layers for chunks, the
+graph-safe decode step cuda_decode for one token) run through the kernels' NumPy twins must give
 the reference logits and equal full recompute, with every launch checked against kernels.cu's
 signatures; load(device="cuda") must fail in one line without CuPy or a GPU.
 
@@ -10,6 +10,7 @@ fixture and vs reference.npz (fp32 weights: <= 1e-4 abs; bf16 weights: relative 
 <= 1e-2 against the fp32 NumPy path), and cached decode vs full recompute with and without CUDA graphs.
 """
 import contextlib
+import dataclasses
 import types
 
 import numpy as np
@@ -24,29 +25,14 @@ TOL = 1e-4
 
 
 @contextlib.contextmanager
-def gpu_code_path(monkeypatch):
-    """Route the model through the GPU section on NumPy arrays: the dispatches a CuPy array takes
-    (mamba, attend, bf16_matmul, and extend's one-token decode), with the kernels' twins."""
+def gpu_code_path(model, monkeypatch):
+    """The model as load(device="cuda") sets it up (Model.run -> cuda_extend), but on its NumPy
+    arrays, so every kernel runs as its twin; each launch is checked against kernels.cu's signature.
+    -> (that model, the launch checker)."""
     checker = LaunchChecker(pf._launch)
-    extend, attend = pf.extend, pf.attend
-
-    def dispatching_extend(model, cache, ids, all_positions=False, trace=None, **kw):
-        if len(ids) == 1 and not all_positions and trace is None:  # extend()'s GPU dispatch condition
-            return pf.cuda_decode(model, cache, ids)
-        return extend(model, cache, ids, all_positions, trace, **kw)
-
-    def dispatching_attend(q, k, v, qpos, kpos, window, lam, lam_init, subln, block=256, probs=None):
-        if probs is None:                                          # attend()'s GPU dispatch condition
-            return pf.cuda_attend(q, k, v, qpos, kpos, window, lam, lam_init, subln)
-        return attend(q, k, v, qpos, kpos, window, lam, lam_init, subln, block, probs=probs)
-
     with monkeypatch.context() as m:
         m.setattr(pf, "_launch", checker)
-        m.setattr(pf, "mamba", pf.cuda_mamba)
-        m.setattr(pf, "attend", dispatching_attend)
-        m.setattr(pf, "bf16_matmul", pf.cuda_bf16_matmul)
-        m.setattr(pf, "extend", dispatching_extend)
-        yield checker
+        yield dataclasses.replace(model, device="cuda"), checker
 
 
 def maxdiff(a, b):
@@ -59,10 +45,10 @@ def maxdiff(a, b):
 
 @pytest.mark.parametrize("p", PROMPTS)
 def test_gpu_code_path_forward_matches_reference(model, ref, monkeypatch, p):
-    with gpu_code_path(monkeypatch) as launches:
+    with gpu_code_path(model, monkeypatch) as (gpu, launches):
         trace = {}
-        logits = model.forward(ref[f"{p}_input_ids"], trace=trace)
-        last, cache = model.prefill(ref[f"{p}_input_ids"])
+        logits = gpu.forward(ref[f"{p}_input_ids"], trace=trace)
+        last, cache = gpu.prefill(ref[f"{p}_input_ids"])
     assert maxdiff(logits, ref[f"{p}_logits"]) <= TOL
     for i in range(model.config.num_hidden_layers):
         assert maxdiff(trace[f"layers.{i}.residual"], ref[f"{p}_hidden_states"][i + 1]) <= TOL, i
@@ -93,29 +79,30 @@ def test_gpu_decode_step_equals_full_recompute_past_three_windows(model, ref, mo
     attention over whole rings and the whole preallocated shared buffer) vs one CPU forward."""
     W = model.config.sliding_window[1]
     prompt = np.resize(ref["p2_input_ids"], prompt_len)
-    with gpu_code_path(monkeypatch) as launches:
-        seq, cached, cache = greedy_decode(model, prompt, 3 * W + 5)
+    with gpu_code_path(model, monkeypatch) as (gpu, launches):
+        seq, cached, cache = greedy_decode(gpu, prompt, 3 * W + 5)
     full = model.forward(seq)                                             # the plain CPU path
     assert maxdiff(np.array(cached), full[prompt_len - 1:]) <= TOL
     kinds, steps = model.config.layer_kinds, 3 * W + 5 + (prompt_len == 1)  # a 1-token prompt is a decode step too
-    assert launches.counts["kv_write"] == steps * kinds.count("attn")     # sliding layers + layer L/2+1, each step
+    assert launches.counts["kv_write"] == steps * (kinds.count("swa") + 1)  # sliding layers + layer L/2+1, each step
     assert launches.counts["scan_step"] == steps * kinds.count("mamba")
     assert cache.cuda is not None and cache.length == len(seq)
 
 
 def test_gpu_decode_and_chunks_mix_and_the_shared_buffer_grows(model, monkeypatch):
-    """Decode steps (cuda_decode) and multi-token chunks (extend) share one cache; its shared K/V
+    """Decode steps (cuda_decode) and multi-token chunks (cuda_layers) share one cache; its shared K/V
     starts too small and grows under both. The caches equal the CPU path's, slot for slot."""
     rng = np.random.default_rng(4)
     seq = rng.integers(0, 500, 40)
     sizes = (3, 1, 1, 5, 1, 1, 1, 9, 1, 17)
-    cpu_cache = pf.new_cache(model.config, 2)
-    cpu_rows = [pf.extend(model, cpu_cache, seq[s:s + n], all_positions=n > 1)
+    cpu_cache = model.new_cache(2)
+    cpu_rows = [model.run(cpu_cache, seq[s:s + n], "all" if n > 1 else "last")
                 for s, n in zip(np.cumsum((0,) + sizes[:-1]), sizes)]
-    with gpu_code_path(monkeypatch):
-        cache = pf.new_cache(model.config, 2)
-        rows = [pf.extend(model, cache, seq[s:s + n], all_positions=n > 1)
+    with gpu_code_path(model, monkeypatch) as (gpu, launches):
+        cache = gpu.new_cache(2)
+        rows = [gpu.run(cache, seq[s:s + n], "all" if n > 1 else "last")
                 for s, n in zip(np.cumsum((0,) + sizes[:-1]), sizes)]
+    assert launches.counts["scan_step"] == sizes.count(1) * model.config.layer_kinds.count("mamba")
     for got, want in zip(rows, cpu_rows):
         assert maxdiff(got, want) <= TOL
     assert cache.length == cpu_cache.length == 40
@@ -131,9 +118,9 @@ def test_gpu_decode_and_chunks_mix_and_the_shared_buffer_grows(model, monkeypatc
 
 
 def test_gpu_code_path_greedy_generation_matches_reference_targets(model, ref, monkeypatch):
-    with gpu_code_path(monkeypatch):
+    with gpu_code_path(model, monkeypatch) as (gpu, _):
         for p in PROMPTS:
-            ids = list(model.generate(ref[f"{p}_input_ids"], 24, temperature=0.0, stop_ids=()))
+            ids = list(gpu.generate(ref[f"{p}_input_ids"], 24, temperature=0.0, stop_ids=()))
             assert ids == ref[f"{p}_greedy_full_ids"].tolist(), p
 
 

@@ -1,6 +1,6 @@
 """kernels.cu, checked three ways.
 
-1. On the CPU, always: each kernel's NumPy twin (phi4flash.py, "GPU: CuPy + kernels.cu": same name,
+1. On the CPU, always: each kernel's NumPy twin (phi4flash.py, appendix A: same name,
    same parameters, same tiling / online softmax / split reduction / state layout) against the
    model's own functions (causal_conv1d, selective_scan_sequential, attend, linear), including
    T < W, T not a multiple of the tile, T >> W and batch 1. Every launch is also checked against
@@ -175,7 +175,7 @@ def random_mamba_layer(rng, D, E, N, R, d_conv=4):
 
 
 @pytest.mark.parametrize("T", [1, 7, 40])
-def test_cuda_mamba_equals_mamba(checked, monkeypatch, T):
+def test_cuda_mamba_equals_mamba(checked, T):
     """The whole GPU mixer (GEMV below 9 rows, widened-tile matmul above) vs mamba(), states included."""
     rng = np.random.default_rng(200 + T)
     D, E, N, R = 48, 96, 16, 4   # R = 4: in_features not a multiple of 8 -> the GEMV's scalar path
@@ -184,16 +184,14 @@ def test_cuda_mamba_equals_mamba(checked, monkeypatch, T):
     conv0, ssm0 = rand(rng, 3, E), rand(rng, E, N, scale=0.1)
     want = pf.mamba(u, p, conv0.copy(), ssm0.copy())
     conv, ssm = conv0.copy(), ssm0.copy()
-    monkeypatch.setattr(pf, "bf16_matmul", pf.cuda_bf16_matmul)        # linear() as it dispatches on a GPU
-    got = pf.cuda_mamba(u, p, conv, ssm)
-    assert got[2] is conv and got[3] is ssm                              # in place: the graph needs fixed addresses
+    got = (*pf.cuda_mamba(u, p, conv, ssm), conv, ssm)                   # the states are updated in place
     for g, w, name in zip(got, want, ("out", "y", "conv_state", "ssm_state")):
         assert np.abs(g - w).max() < 1e-4, name
     assert ("gemv_bf16" in checked.counts) == (T <= pf.GEMV_MAX_ROWS)
 
 
 def attention_case(rng, H, H_kv, hd, T, past, window):
-    """Queries at positions past..past+T-1; keys in time order as kv_extend returns them (a window
+    """Queries at positions past..past+T-1; keys in time order as kv_ring / kv_append return them (a window
     keeps only the W-1 newest past keys)."""
     kstart = max(0, past - window + 1) if window else 0
     S = past + T - kstart
@@ -218,9 +216,9 @@ PREFILL_CASES = [  # (H, H_kv, hd, T, past, W)
 def test_attention_prefill_twin_equals_attend(checked, H, H_kv, hd, T, past, window):
     rng = np.random.default_rng(T * 7 + past)
     q, k, v, qpos, kpos, subln = attention_case(rng, H, H_kv, hd, T, past, window)
-    lam, lam_init = np.float32(0.31), 0.62
-    want = pf.attend(q, k, v, qpos, kpos, window, lam, lam_init, subln)
-    got = pf.cuda_attend(q, k, v, qpos, kpos, window, lam, lam_init, subln)
+    lam, lambda_init = np.float32(0.31), 0.62
+    want = pf.attend(q, k, v, qpos, kpos, window, lam, lambda_init, subln)
+    got = pf.cuda_attend(q, k, v, qpos, kpos, window, lam, lambda_init, subln)
     assert got.shape == want.shape and np.abs(got - want).max() < TOL
     assert checked.counts == {"attention_prefill": 1}
 
@@ -292,16 +290,16 @@ def test_gemv_bf16_twin_equals_linear(checked, rows, out, inp):
     W = bf16_bits(rand(rng, out, inp))
     x = rand(rng, rows, inp)
     want = x.astype(np.float64) @ pf.bf16_to_f32(W).T.astype(np.float64)
-    got = pf.cuda_bf16_matmul(x, W)
+    got = pf.cuda_linear(x, W)
     assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
     assert np.abs(got - pf.linear(x, W)).max() <= 1e-5 * max(1.0, np.abs(want).max())
     assert checked.counts == {"gemv_bf16": 1}
 
 
-def test_bf16_matmul_many_rows_widens_tiles():
+def test_cuda_linear_many_rows_widens_tiles():
     rng = np.random.default_rng(11)
     W, x = bf16_bits(rand(rng, 70, 48)), rand(rng, 20, 48)
-    assert np.abs(pf.cuda_bf16_matmul(x, W) - x @ pf.bf16_to_f32(W).T).max() < TOL
+    assert np.abs(pf.cuda_linear(x, W) - x @ pf.bf16_to_f32(W).T).max() < TOL
 
 
 # ------------------------------------------------------------------------------------------------
@@ -418,7 +416,7 @@ def test_gpu_bf16_matmul_equals_twin(rows, out, inp):
     cupy = gpu_or_skip()
     rng = np.random.default_rng(rows + out)
     W, x = bf16_bits(rand(rng, out, inp, scale=inp ** -0.5)), rand(rng, rows, inp)
-    host, dev, _, _ = on_both(cupy, pf.cuda_bf16_matmul, x, W)
+    host, dev, _, _ = on_both(cupy, pf.cuda_linear, x, W)
     assert_close(host, dev, tol=1e-5, what="gemv")
 
 

@@ -17,8 +17,8 @@ def cfg():
 
 def test_schedule(cfg):
     kinds = cfg.layer_kinds
-    assert kinds[:16] == ["mamba", "attn"] * 8
-    assert kinds[16:18] == ["mamba", "attn"] and (cfg.memory_layer, cfg.kv_layer) == (16, 17)
+    assert kinds[:16] == ["mamba", "swa"] * 8
+    assert kinds[16:18] == ["mamba", "full"] and (cfg.memory_layer, cfg.kv_layer) == (16, 17)
     assert kinds[18:] == ["gmu", "cross"] * 7
     assert cfg.sliding_window == tuple(512 if i % 2 and i < 16 else None for i in range(32))
     assert (cfg.head_dim, cfg.d_inner, cfg.mamba_dt_rank, cfg.context_length) == (64, 5120, 160, 65536)
@@ -33,7 +33,7 @@ def test_hf_tensor_table_counts(cfg):
     assert shapes["model.layers.17.attn.Wqkv.weight"] == (5120, 2560)
     assert shapes["model.layers.16.attn.x_proj.weight"] == (192, 5120)
     assert shapes["model.layers.30.attn.in_proj.weight"] == (5120, 2560) and "model.layers.30.attn.A_log" not in shapes
-    per_kind = {"mamba": 41_241_600, "attn": 19_668_864, "cross": 13_112_704, "gmu": 26_214_400}
+    per_kind = {"mamba": 41_241_600, "swa": 19_668_864, "full": 19_668_864, "cross": 13_112_704, "gmu": 26_214_400}
     for i, kind in enumerate(cfg.layer_kinds):
         mixer = sum(math.prod(s) for n, s in shapes.items() if n.startswith(f"model.layers.{i}.attn."))
         assert mixer == per_kind[kind], i
@@ -63,7 +63,7 @@ def test_real_size_snapshot_passes_validation(tmp_path):
     assert len(found) == 434 and len(plan) == len(phi4flash.tensor_shapes(cfg))
     assert {os.path.basename(f) for f, _, _ in found.values()} == {"model-00001-of-00002.safetensors",
                                                                   "model-00002-of-00002.safetensors"}
-    assert cfg.layer_kinds[16:18] == ["mamba", "attn"]
+    assert cfg.layer_kinds[16:18] == ["mamba", "full"]
 
 
 @pytest.mark.parametrize("change,words", [

@@ -65,6 +65,30 @@ def test_trace_has_every_documented_name_with_its_shape(model, ref):
         assert x.shape == want and x.dtype == np.float32, name
 
 
+@pytest.mark.parametrize("layer", [1, 5, 7])
+def test_attention_maps_rebuild_the_layers_output(model, ref, layer):
+    """attn_probs are recomputed from the trace after the forward (the model's attention code does
+    no tracing). They must be the maps the layer used: combined by the equation with the layer's
+    values, the maps of every head pair give the layer's mixer_out (1e-5: the same fp32 math)."""
+    cfg, p = model.config, model.layers[layer]["attn"]
+    trace = {}
+    model.forward(ref["p2_input_ids"], trace=trace)
+    u = trace[f"layers.{layer}.mixer_in"]
+    v = trace["shared_v"] if cfg.layer_kinds[layer] == "cross" else \
+        phi4flash.project_heads(u, p["Wv"], p["bv"], cfg.num_key_value_heads)        # (H_kv, T, hd)
+    lambda_init = phi4flash.lambda_init_for(layer)
+    lam = phi4flash.diff_lambda(p, lambda_init)
+    G = cfg.num_attention_heads // cfg.num_key_value_heads
+    pairs = []
+    for j in range(cfg.num_attention_heads // 2):
+        P = phi4flash.attention_maps(model, trace, layer, j)                           # (2, T, T)
+        assert np.allclose(P.sum(-1), 1, atol=1e-5)
+        V_g = np.concatenate([v[2 * (j // G)], v[2 * (j // G) + 1]], axis=-1)          # (T, 2hd)
+        pairs.append(phi4flash.rms_norm(P[0] @ V_g - lam * (P[1] @ V_g), p["subln"], 1e-5) * (1 - lambda_init))
+    out = phi4flash.linear(np.concatenate(pairs, axis=-1), p["out_proj"], p["out_proj_bias"])
+    assert np.abs(out - trace[f"layers.{layer}.mixer_out"]).max() < 1e-5
+
+
 def test_fixture_reference_converted_to_dump_names_matches(model, ref):
     cfg = model.config
     for p in PROMPTS:
@@ -282,3 +306,35 @@ def test_cli_errors(converted, ref, tmp_path, capsys, args, message):
     out, err = capsys.readouterr()
     assert code == 2 and out == ""
     assert err.startswith(message.format(**paths)) and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("what", ["missing", "a file", "repo id", "broken snapshot"])
+def test_cli_model_folder_errors_are_one_line(tmp_path, what):
+    """Run as a script, phi4flash.py is __main__ while convert.py imports phi4flash: the two must be
+    one module, or convert's Phi4FlashError escapes main() as a traceback."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    model = {"missing": tmp_path / "none", "a file": os.path.join(ROOT, "README.md"),
+             "repo id": "nobody/no-such-model", "broken snapshot": broken}[what]
+    r = run_cli(model, "--ids", "1,2", cache=tmp_path / "cache")
+    assert r.returncode == 2 and r.stdout == "", r.stdout
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert str(model) in r.stderr
+
+
+def test_cli_ctrl_c_is_a_clean_one_line_stop(converted, tmp_path):
+    """SIGINT while the forward runs: one line, exit 130, no dump left behind."""
+    import signal
+    import time
+    ids = ",".join(["5", "68", "417"] * 8000)                                 # a forward of a few seconds
+    dump = tmp_path / "dump.npz"
+    env = dict(os.environ, PHI4FLASH_CACHE=str(tmp_path / "cache"))
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "phi4flash.py"), "trace", converted, "--ids", ids,
+                          "--save", str(dump)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(2.0)
+    assert p.poll() is None, "the forward finished before the signal: make it longer"
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err == "interrupted: nothing was saved\n", err
+    assert not any(f.startswith("dump") for f in os.listdir(tmp_path))
