@@ -31,6 +31,7 @@ odd i > L/2+1 (the cross-decoder).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import mmap
@@ -454,22 +455,26 @@ def differential_attention_sequential(q, k, v, mask, lam, lambda_init, subln, ep
 
 
 def differential_attention(q, k, v, mask, lam, lambda_init, subln, eps=1e-5):
-    """All heads at once: the stripes, GQA groups and value pairs become broadcast axes.
+    """All heads at once. K head 2g+s serves the G stripe-s queries of group g, and V heads 2g, 2g+1
+    serve all 2G queries of the group, so a group's queries are stacked as the rows of one matrix:
+    each K and V row is read once per call (decoding is bound by reading them).
     q (H, T, hd); k, v (H_kv, S, hd); mask (T, S) True where a key is visible -> (T, H·hd)."""
     xp = get_xp(q)
     H, T, hd = q.shape
     H_kv, S, _ = k.shape
-    G = H // H_kv
-    qs = q.reshape(H // 2, 2, T, hd).transpose(1, 0, 2, 3)                # (2, H/2, T, hd)   [stripe, j]
-    qs = qs.reshape(2, H_kv // 2, G, T, hd)                               # (2, H_kv/2, G, T, hd)  j = g·G + r
-    ks = k.reshape(H_kv // 2, 2, S, hd).transpose(1, 0, 2, 3)[:, :, None]  # (2, H_kv/2, 1, S, hd)  [stripe, g]
-    vs = v.reshape(H_kv // 2, 1, 2, S, hd)                                # (H_kv/2, 1, 2, S, hd)  V heads 2g, 2g+1
-    scores = qs @ ks.swapaxes(-1, -2) * (1.0 / math.sqrt(hd))             # (2, H_kv/2, G, T, S)
-    maps = softmax(xp.where(mask, scores, -xp.inf))                       # (2, H_kv/2, G, T, S)
-    att = maps[:, :, :, None] @ vs                                        # (2, H_kv/2, G, 2, T, hd)
-    att = att.transpose(0, 1, 2, 4, 3, 5).reshape(2, H_kv // 2, G, T, 2 * hd)  # P·[v1_g ‖ v2_g] (no copy of V)
+    G, n_groups = H // H_kv, H_kv // 2
+    qs = q.reshape(n_groups, G, 2, T, hd).transpose(0, 2, 1, 3, 4)       # (H_kv/2, 2, G, T, hd)  head 2(gG+r)+s
+    qs = qs.reshape(n_groups, 2, G * T, hd)                               # (H_kv/2, 2, G·T, hd)   rows (r, t)
+    ks = k.reshape(n_groups, 2, S, hd)                                    # (H_kv/2, 2, S, hd)     K head 2g+s
+    scores = qs @ ks.swapaxes(-1, -2) * (1.0 / math.sqrt(hd))             # (H_kv/2, 2, G·T, S)
+    scores = xp.where(mask, scores.reshape(n_groups, 2, G, T, S), -xp.inf)  # (H_kv/2, 2, G, T, S)
+    maps = softmax(scores).reshape(n_groups, 1, 2 * G * T, S)            # (H_kv/2, 1, 2·G·T, S)  rows (s, r, t)
+    vs = v.reshape(n_groups, 2, S, hd)                                    # (H_kv/2, 2, S, hd)     V heads 2g, 2g+1
+    att = maps @ vs                                                       # (H_kv/2, 2, 2·G·T, hd) [g, V head, (s, r, t)]
+    att = att.reshape(n_groups, 2, 2, G, T, hd).transpose(2, 0, 3, 4, 1, 5)  # (2, H_kv/2, G, T, 2, hd)
+    att = att.reshape(2, n_groups, G, T, 2 * hd)                          # P_s·[v_2g ‖ v_2g+1] per stripe s
     o = rms_norm(att[0] - lam * att[1], subln, eps) * (1.0 - lambda_init)  # (H_kv/2, G, T, 2hd)
-    return o.transpose(2, 0, 1, 3).reshape(T, H * hd)                     # pair j -> heads 2j, 2j+1
+    return o.transpose(2, 0, 1, 3).reshape(T, H * hd)                     # pair j = gG + r -> heads 2j, 2j+1
 
 
 def visible(kpos, qpos, window):
@@ -682,22 +687,34 @@ def extend(model, cache, ids, logits="last", trace=None):
 # 9. Sampling, and the Model: the weights plus the API (forward, new_cache, prefill, step, generate)
 
 def sample(logits, token_mask, temperature, top_k, top_p, rng):
-    """Mask ids without a token -> greedy if temperature == 0, else /temperature -> top-k -> top-p -> draw."""
-    logits = np.where(token_mask, np.asarray(logits, np.float64), -np.inf)  # (V,)
+    """Mask ids without a token -> greedy if temperature == 0, else /temperature -> top-k -> top-p ->
+    draw one id from the renormalised probabilities (inverse CDF of one uniform number)."""
+    logits = np.where(token_mask, np.asarray(logits, np.float32), -np.inf)  # (V,)
     if temperature == 0:
         return int(np.argmax(logits))
-    logits = logits / temperature
+    logits = logits / np.float32(temperature)
     if top_k and top_k < logits.size:
-        kth = np.partition(logits, -top_k)[-top_k]
-        logits = np.where(logits >= kth, logits, -np.inf)
+        logits = np.where(logits >= np.partition(logits, -top_k)[-top_k], logits, -np.inf)
     probs = softmax(logits)                                               # (V,)
-    if top_p < 1.0:
-        order = np.argsort(-probs)
-        cum = np.cumsum(probs[order])
-        keep = order[: int(np.searchsorted(cum, top_p)) + 1]              # smallest set with mass >= top_p
-        probs = np.zeros_like(probs)
-        probs[keep] = softmax(logits[keep])
-    return int(rng.choice(probs.size, p=probs / probs.sum()))
+    ids = nucleus(probs, top_p) if top_p < 1.0 else np.arange(probs.size)  # (n,)
+    cum = np.cumsum(probs[ids], dtype=np.float64)                         # (n,)
+    return int(ids[min(int(np.searchsorted(cum, rng.random() * cum[-1], side="right")), len(ids) - 1)])
+
+
+def nucleus(probs, top_p):
+    """Top-p: the smallest set of ids whose probabilities sum to at least top_p, most likely first.
+    Only the k most likely ids are sorted, k growing until they hold top_p of the mass (the set
+    takes the most likely first, so it is among them): a peaked distribution over 200K ids costs no
+    full sort."""
+    k = 256
+    while True:
+        k = min(k, probs.size)
+        top = np.argpartition(probs, probs.size - k)[probs.size - k:] if k < probs.size else np.arange(k)
+        top = top[np.argsort(-probs[top])]                                # (k,) most likely first
+        cum = np.cumsum(probs[top], dtype=np.float64)                     # (k,)
+        if cum[-1] >= top_p or k == probs.size:
+            return top[:min(int(np.searchsorted(cum, top_p)), k - 1) + 1]
+        k *= 16
 
 
 PREFILL_CHUNK = 512  # prompt tokens per extend(): activations stay a few MB (cache-friendly), memory stays flat
@@ -717,10 +734,12 @@ class Model:
     device: str = "cpu"           # "cuda": run() takes appendix A's kernels instead of extend()
 
     def run(self, cache, ids, logits="last", trace=None):
-        """The layer loop on this model's device: extend() on the CPU, cuda_extend() on a GPU."""
+        """The layer loop on this model's device: extend() on the CPU (with the BLAS threads section 10
+        asks for), cuda_extend() on a GPU."""
         if self.device == "cuda":
             return cuda_extend(self, cache, ids, logits, trace)
-        return extend(self, cache, ids, logits, trace)
+        with cpu_threads(len(ids)):
+            return extend(self, cache, ids, logits, trace)
 
     def forward(self, ids, trace=None, attn_probs=None):
         """Full forward, every position, nothing cached between calls: (T, V) float32 logits.
@@ -796,17 +815,96 @@ def to_numpy(a):
 # ----------------------------------------------------------------------------------------------
 # 10. bf16 weights on a CPU
 #
-# NumPy has no bf16 arithmetic, so bf16 weights are widened to fp32 a block of rows at a time into a
-# scratch buffer: the bits, shifted into the high half of a uint32, are the fp32 value (exact). The
-# buffer is reused, so only a few MB are ever fp32; for a few rows (decode) it is small enough to stay
-# in cache between the widening and the matmul. (Splitting the blocks over threads was measured
-# slower on 2 cores: the widening competes with BLAS's own threads.)
+# NumPy has no bf16 arithmetic. A bf16 number is the top half of an fp32, so its 16 bits shifted
+# into the high half of a uint32 are the fp32 value: the widening is exact. linear() multiplies bf16
+# bits W in one of two ways:
+#   * a few rows of x (a decode step, a chunk of up to CPU_GEMV_ROWS tokens): gemv_bf16_cpu, compiled
+#     with numba, widens each weight inside the dot product, so every weight is read once, 2 bytes,
+#     at about the RAM bandwidth (decoding reads all of them per token: that is its floor);
+#   * many rows (prefill, compute-bound), or no numba (PHI4FLASH_NUMBA=0, or not installed): a block
+#     of rows is widened into an fp32 scratch buffer and BLAS multiplies it (bf16_matmul_blocks).
+# Both accumulate in fp32 and match x·widen(W)ᵀ to ~1e-7 relative (only the summation order
+# differs). gemv_bf16_reference is the compiled kernel's NumPy twin.
 
-_scratch = threading.local()  # one buffer per thread, so concurrent callers do not share it
+CPU_GEMV_ROWS = 16        # up to this many rows take the compiled product
+USE_NUMBA = os.environ.get("PHI4FLASH_NUMBA", "1") != "0"
+_gemv = None              # the compiled kernel once built; False when numba is off or missing
+_blas = None              # threadpoolctl's controller of the BLAS thread pool
+_scratch = threading.local()  # the blocks' fp32 buffer, one per thread so concurrent callers do not share it
 
 
 def bf16_matmul(x, W):
-    """x·Wᵀ for bf16 bits W (uint16) [out, in], in fp32."""
+    """x·Wᵀ for bf16 bits W (uint16) [out, in], in fp32. x (T, in) -> (T, out)."""
+    gemv = compiled_gemv() if x.shape[0] <= CPU_GEMV_ROWS else None
+    if gemv is None:
+        return bf16_matmul_blocks(x, W)
+    y = np.empty((x.shape[0], W.shape[0]), np.float32)                   # (T, out)
+    gemv(np.ascontiguousarray(x, np.float32), W, y)
+    return y
+
+
+def gemv_bf16_reference(x, W):
+    """The compiled kernel's twin: y[t, o] = Σ_k x[t, k] · bf16_to_f32(W[o, k]), in NumPy (float64
+    sums, so the tests measure the kernel's fp32 rounding). x (T, in), W (out, in) -> (T, out)."""
+    return (x.astype(np.float64) @ bf16_to_f32(W).astype(np.float64).T).astype(np.float32)
+
+
+def compiled_gemv():
+    """gemv_bf16_cpu compiled by numba on first use (then cached on disk where numba can write), or
+    None when numba is off or missing."""
+    global _gemv, widen_bf16
+    if _gemv is None:
+        _gemv = False
+        if not USE_NUMBA:
+            return None
+        try:
+            import numba
+            from llvmlite import ir
+            from numba.extending import intrinsic
+        except ImportError:
+            return None
+
+        @intrinsic
+        def widen_bf16(typingctx, bits):  # uint16 -> float32; numba would promote uint32 << 16 to uint64
+            def codegen(context, builder, signature, args):
+                word = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+                return builder.bitcast(word, ir.FloatType())
+            return numba.float32(numba.uint16), codegen
+
+        def gemv_bf16_cpu(x, W, y):
+            """y[t, o] = Σ_k x[t, k] · widen_bf16(W[o, k]) in fp32; the output features go to the threads."""
+            for o in numba.prange(W.shape[0]):
+                w = W[o]
+                for t in range(x.shape[0]):
+                    acc = numba.float32(0.0)
+                    for k in range(w.shape[0]):
+                        acc += x[t, k] * widen_bf16(w[k])
+                    y[t, o] = acc
+
+        options = dict(parallel=True, fastmath={"reassoc", "contract"}, nogil=True)  # reassoc: SIMD sums
+        try:
+            _gemv = numba.njit(cache=True, **options)(gemv_bf16_cpu)
+        except Exception:  # nowhere to write numba's cache: compile in every process instead
+            _gemv = numba.njit(**options)(gemv_bf16_cpu)
+    return _gemv or None
+
+
+def cpu_threads(T):
+    """The BLAS thread pool while extend() feeds T tokens: one thread when the compiled product runs
+    (its threads and BLAS's spinning ones stall each other on a small machine; the few-row matmuls
+    left in such a step are small), else as configured."""
+    global _blas
+    if T > CPU_GEMV_ROWS or compiled_gemv() is None:
+        return contextlib.nullcontext()
+    if _blas is None:
+        from threadpoolctl import ThreadpoolController
+        _blas = ThreadpoolController()
+    return _blas.limit(limits=1, user_api="blas")
+
+
+def bf16_matmul_blocks(x, W):
+    """x·Wᵀ by widening a block of W's rows at a time into a reused fp32 buffer: only a few MB are
+    ever fp32, and BLAS multiplies each block. x (T, in) -> (T, out)."""
     T, (rows, cols) = x.shape[0], W.shape
     y = np.empty((T, rows), np.float32)                                  # (T, out)
     step = max(1, ((4 << 20) if T >= 16 else (256 << 10)) // cols)      # 16 MB of fp32 per block, or 1 MB (L2)

@@ -35,6 +35,10 @@ import phi4flash  # noqa: E402
 from phi4flash import Config  # noqa: E402
 
 SIZES = {
+    # the 169M-parameter model of the bf16 issue: hidden 1024, 8 layers, 16/8 heads, MLP 4096, vocab 32000, window 128
+    "169m": Config(vocab_size=32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
+                   num_attention_heads=16, num_key_value_heads=8,
+                   sliding_window=tuple(128 if i % 2 and i < 4 else None for i in range(8)), mamba_dt_rank=64),
     # a few hundred MB of weights: big enough that decode streams from RAM, small enough to iterate
     "mid": Config(vocab_size=32064, hidden_size=1024, intermediate_size=4096, num_hidden_layers=16,
                   num_attention_heads=16, num_key_value_heads=8,
@@ -147,9 +151,9 @@ def random_device_model(cfg, dtype, seed=0):
 
     layers = []
     for i, kind in enumerate(cfg.layer_kinds):
-        mixer = "mamba" if kind == "mamba" else "gmu" if kind == "gmu" else "attn"
+        mixer = kind if kind in ("mamba", "gmu") else "attn"
         layers.append({n: group(f"layers.{i}.{n}.") for n in ("input_layernorm", "post_attention_layernorm", "mlp", mixer)})
-    model = phi4flash.Model(cfg, tensors["embed_tokens.weight"], group("final_layernorm."), layers)
+    model = phi4flash.Model(cfg, tensors["embed_tokens.weight"], group("final_layernorm."), layers, device="cuda")
     model.token_mask = np.ones(cfg.vocab_size, bool)
     return model
 
@@ -187,7 +191,7 @@ def decode_bytes(model, context):
     weights = sum(t.nbytes for t in weight_tensors(model))
     hd, H_kv = cfg.head_dim, cfg.num_key_value_heads
     kinds = cfg.layer_kinds
-    swa = sum(1 for i, k in enumerate(kinds) if k == "attn" and i != cfg.kv_layer)
+    swa = kinds.count("swa")
     readers = 1 + kinds.count("cross")  # layer L/2+1 and every cross-attention layer read the shared K/V
     window = max(w for w in cfg.sliding_window if w) if swa else 0
     kv = swa * 2 * H_kv * min(context, window) * hd * 4 + readers * 2 * H_kv * context * hd * 4
@@ -236,6 +240,76 @@ def bf16_profile(rows=10240, cols=2560, repeats=5):
     print(f"  copy bandwidth (read + write):             {copy_bandwidth() / 1e9:6.1f}")
 
 
+class PartTimer:
+    """Exclusive wall time of named parts of phi4flash: each wrapped function's time minus the time of
+    the wrapped functions it calls, so the parts add up to the step."""
+
+    def __init__(self):
+        self.seconds, self._stack = {}, []
+
+    def wrap(self, fn, name):
+        def timed(*args, **kw):
+            label = name(*args) if callable(name) else name
+            self._stack.append(0.0)
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                elapsed = time.perf_counter() - t
+                inner = self._stack.pop()
+                self.seconds[label] = self.seconds.get(label, 0.0) + elapsed - inner
+                if self._stack:
+                    self._stack[-1] += elapsed
+        return timed
+
+
+def decode_profile(model, contexts, steps):
+    """Where a decode step's time goes at each context: {context: {part: ms per step}}. 'sample' is
+    sampling at temperature 0.6 / top-p 0.95 over the whole vocabulary, as chat does."""
+    pf = phi4flash
+    head = model.embed_tokens
+    parts = {"linear": lambda x, W, b=None: ("LM head" if W is head else
+                                              "weights (bf16)" if W.dtype == np.uint16 else "weights (fp32)"),
+             "layer_norm": "LayerNorms", "causal_conv1d": "Mamba conv", "selective_scan": "Mamba scan",
+             "mamba": "Mamba elementwise", "mlp": "MLP SwiGLU elementwise", "gmu": "GMU elementwise",
+             "attend": lambda q, k, v, qpos, kpos, window, *a: "sliding-window attention" if window else
+             "shared-K/V attention (layer L/2+1 + cross)",
+             "self_attention": "attention projections glue", "cross_attention": "attention projections glue",
+             "kv_ring": "K/V cache writes", "kv_append": "K/V cache writes", "extend": "layer loop glue",
+             "sample": "sample"}
+    rng = np.random.default_rng(1)
+    out = {}
+    for ctx in contexts:
+        timer = PartTimer()
+        saved = {n: getattr(pf, n) for n in parts}
+        _, cache = model.prefill(rng.integers(0, model.config.vocab_size, ctx), model.new_cache(ctx + steps + 4))
+        token, sampler = 1, np.random.default_rng(0)
+        for _ in range(2):
+            token = int(np.argmax(model.step(cache, token)))
+        try:
+            for n, label in parts.items():
+                setattr(pf, n, timer.wrap(saved[n], label))
+            t = time.perf_counter()
+            for _ in range(steps):
+                logits = model.step(cache, token)
+                token = pf.sample(logits, model.token_mask, 0.6, 0, 0.95, sampler)
+            total = time.perf_counter() - t
+        finally:
+            for n, fn in saved.items():
+                setattr(pf, n, fn)
+        ms = {k: 1e3 * v / steps for k, v in sorted(timer.seconds.items(), key=lambda kv: -kv[1])}
+        ms["other (Model.step, to_numpy)"] = 1e3 * total / steps - sum(ms.values())
+        out[ctx] = {"total_ms": 1e3 * total / steps, "parts_ms": ms}
+    return out
+
+
+def print_profile(profile):
+    for ctx, p in profile.items():
+        print(f"\ndecode step at context {ctx}: {p['total_ms']:.2f} ms (with sampling)\n| part | ms | share |\n|---|---|---|")
+        for part, ms in p["parts_ms"].items():
+            print(f"| {part} | {ms:.2f} | {100 * ms / p['total_ms']:.1f}% |")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), default="mid")
@@ -247,6 +321,8 @@ def main(argv=None):
     ap.add_argument("--model", help="use this converted folder instead of generating one")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--bf16-profile", action="store_true", help="only: where a bf16 weight's time goes (CPU)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also: where a decode step's time goes at each context (CPU; timers on phi4flash's functions)")
     args = ap.parse_args(argv)
     if args.bf16_profile:
         bf16_profile()
@@ -308,6 +384,8 @@ def main(argv=None):
             if _cupy is not None:
                 results["decode"][-1]["peak_device_GB"] = device_peak([cache]) / 1e9
             del cache
+        if args.profile:
+            results["profile"] = decode_profile(model, [int(c) for c in args.contexts.split(",") if c], args.steps)
         results["prefill"] = []
         for n in [int(c) for c in args.prefill.split(",") if c]:
             reset_peak_rss()
@@ -343,6 +421,8 @@ def report(r):
     print("\n| prompt tokens | prefill s | tok/s | peak RSS GB |\n|---|---|---|---|")
     for p in r["prefill"]:
         print(f"| {p['tokens']} | {p['s']:.3f} | {p['tok_per_s']:.0f} | {p['peak_rss_GB']:.2f} |")
+    if "profile" in r:
+        print_profile(r["profile"])
     lens = {p["tokens"]: p["s"] for p in r["prefill"]}
     for n in sorted(lens):
         if 4 * n in lens:

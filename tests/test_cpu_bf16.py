@@ -1,0 +1,150 @@
+"""bf16 weights on a CPU (phi4flash.py section 10): the compiled few-rows product against its NumPy
+twin and against float32 weights, the same logits with and without numba, the BLAS thread limit of
+a decode step, and flat memory over a long generation. Work and numbers only, no timings.
+
+Tolerances: the kernel sums in fp32 in another order than the float64 twin, so a product over K
+inputs is within ~K·2⁻²⁴ of it relative to max|y|; 1e-5 leaves room for K = 10240. Logits from bf16
+bits and from their exact fp32 widening differ only by summation order: 1e-5 absolute on O(1)
+logits, the project's fp32 parity tolerance divided by 10.
+"""
+import os
+import subprocess
+import sys
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import phi4flash as pf
+from conftest import PROMPTS, ROOT
+
+numba = pytest.importorskip("numba", reason="numba is not installed: only the NumPy bf16 path can be tested")
+
+
+def bf16_bits(a):
+    return (np.ascontiguousarray(a, np.float32).view(np.uint32) >> 16).astype(np.uint16)
+
+
+@pytest.fixture
+def numba_off(monkeypatch):
+    """The NumPy-only path, as with PHI4FLASH_NUMBA=0 or without numba."""
+    monkeypatch.setattr(pf, "_gemv", False)
+
+
+def relative(got, want):
+    return float(np.abs(got.astype(np.float64) - want).max() / max(1e-30, np.abs(want).max()))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13, 16])
+@pytest.mark.parametrize("out,inp", [(37, 77), (1, 300), (64, 1), (129, 2560), (256, 10240)])
+def test_compiled_product_equals_its_twin_and_linear_on_fp32(rows, out, inp):
+    rng = np.random.default_rng(rows * 1000 + out + inp)
+    W = bf16_bits(rng.standard_normal((out, inp)))
+    x = rng.standard_normal((rows, inp)).astype(np.float32)
+    assert pf.compiled_gemv() is not None
+    got = pf.bf16_matmul(x, W)                                           # the compiled kernel: rows <= 16
+    assert got.shape == (rows, out) and got.dtype == np.float32
+    assert relative(got, pf.gemv_bf16_reference(x, W)) < 1e-5
+    assert relative(got, pf.linear(x, pf.bf16_to_f32(W))) < 1e-5          # the fp32 weights through BLAS
+
+
+def test_compiled_product_at_the_real_head_shape():
+    """The tied head, 200064 x 2560: zero pages except three slices of random rows, the first, one in
+    the middle and the last (so the highest output index is exercised)."""
+    W = np.zeros((200064, 2560), np.uint16)
+    rng = np.random.default_rng(7)
+    slices = [slice(0, 40), slice(100_000, 100_033), slice(200_064 - 31, 200_064)]
+    for s in slices:
+        W[s] = bf16_bits(rng.standard_normal((s.stop - s.start, 2560)))
+    x = rng.standard_normal((2, 2560)).astype(np.float32)
+    y = pf.bf16_matmul(x, W)
+    for s in slices:
+        assert relative(y[:, s], pf.gemv_bf16_reference(x, W[s])) < 1e-5
+    assert not y[:, 40:100_000].any()
+
+
+def test_many_rows_take_the_blocks_and_agree():
+    rng = np.random.default_rng(3)
+    W = bf16_bits(rng.standard_normal((300, 96)))
+    x = rng.standard_normal((pf.CPU_GEMV_ROWS + 1, 96)).astype(np.float32)
+    assert relative(pf.bf16_matmul(x, W), pf.gemv_bf16_reference(x, W)) < 1e-5
+    assert relative(pf.bf16_matmul(x[:16], W), pf.bf16_matmul_blocks(x[:16], W)) < 1e-5
+
+
+def test_numpy_only_path_when_numba_is_off(numba_off):
+    assert pf.compiled_gemv() is None
+    rng = np.random.default_rng(4)
+    W = bf16_bits(rng.standard_normal((50, 70)))
+    x = rng.standard_normal((1, 70)).astype(np.float32)
+    assert relative(pf.bf16_matmul(x, W), pf.gemv_bf16_reference(x, W)) < 1e-5
+
+
+def greedy(model, prompt, steps):
+    logits, cache = model.prefill(prompt)
+    out = [logits]
+    for _ in range(steps):
+        out.append(model.step(cache, int(np.argmax(np.where(model.token_mask, out[-1], -np.inf)))))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("path", ["numba", "numpy"])
+def test_bf16_logits_equal_fp32_logits(model, model_f32, ref, monkeypatch, path):
+    """The same model stored as bf16 bits (default) and as their exact fp32 widening: forward over
+    every prompt (p0 has 5 tokens: the compiled product; p1, p2 take the blocks) and 20 decode steps."""
+    if path == "numpy":
+        monkeypatch.setattr(pf, "_gemv", False)
+    for p in PROMPTS:
+        ids = ref[f"{p}_input_ids"]
+        assert np.abs(model.forward(ids) - model_f32.forward(ids)).max() <= 1e-5, p
+        assert np.abs(greedy(model, ids, 20) - greedy(model_f32, ids, 20)).max() <= 1e-5, p
+
+
+def test_phi4flash_numba_0_never_imports_numba_and_gives_the_same_logits(converted, model, ref, tmp_path):
+    """A process with PHI4FLASH_NUMBA=0 (as CI's NumPy-only path) decodes with NumPy alone."""
+    script = (
+        "import sys, numpy as np; sys.path.insert(0, sys.argv[1]); import phi4flash as pf\n"
+        "m = pf.load(sys.argv[2]); logits, cache = m.prefill([5, 68, 417]); rows = [logits]\n"
+        "for t in (3, 9, 27): rows.append(m.step(cache, t))\n"
+        "np.save(sys.argv[3], np.array(rows)); print('numba' in sys.modules, pf.compiled_gemv())\n")
+    out = tmp_path / "logits.npy"
+    r = subprocess.run([sys.executable, "-c", script, ROOT, converted, str(out)], capture_output=True, text=True,
+                       env=dict(os.environ, PHI4FLASH_NUMBA="0"), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "None"]
+    logits, cache = model.prefill([5, 68, 417])
+    want = [logits] + [model.step(cache, t) for t in (3, 9, 27)]
+    assert np.abs(np.load(out) - np.array(want)).max() <= 1e-5
+
+
+def test_a_decode_step_runs_blas_on_one_thread(model, monkeypatch):
+    """Inside a few-row extend() the BLAS pool is limited to one thread; a prefill chunk keeps it."""
+    from threadpoolctl import threadpool_info
+    seen = []
+    extend = pf.extend
+
+    def recording(m, cache, ids, *args):
+        seen.append((len(ids), [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]))
+        return extend(m, cache, ids, *args)
+    before = [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+    monkeypatch.setattr(pf, "extend", recording)
+    _, cache = model.prefill(np.arange(pf.CPU_GEMV_ROWS + 1))
+    model.step(cache, 5)
+    assert seen[0] == (pf.CPU_GEMV_ROWS + 1, before) and seen[1] == (1, [1] * len(before))
+    assert [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"] == before
+
+
+def test_memory_stays_flat_over_a_long_generation(model, ref):
+    """NumPy reports its allocations to tracemalloc: after a warm-up, 140 more decode steps leave
+    the traced memory where it was (the cache was preallocated for the whole generation)."""
+    cache = model.new_cache(len(ref["p1_input_ids"]) + 200)
+    tokens = model.generate(ref["p1_input_ids"], 180, temperature=0.8, seed=1, stop_ids=(), cache=cache)
+    try:
+        sizes = []
+        for n, _ in enumerate(tokens):
+            if n == 30:
+                tracemalloc.start()
+            if n in (30, 170):
+                sizes.append(tracemalloc.get_traced_memory()[0])
+    finally:
+        tracemalloc.stop()
+    assert len(sizes) == 2 and sizes[1] - sizes[0] < 64 << 10, sizes
