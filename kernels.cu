@@ -176,22 +176,33 @@ extern "C" __global__ void scan_prefill(const float* x, const float* dt, const f
 }
 
 // ================================================================================================
-// 3. scan_step: the same recurrence for one decode token, state read and written in place.
+// 3. scan_step: the recurrence for one decode token, with Δ's projection fused in front of it.
 //
-//   x, dt, z (d_inner,); B, C (d_state,); others as scan_prefill -> y, y_gated (d_inner,)
+//   dt      = dt_low · dt_proj[c]ᵀ,   [dt_low | B | C] = xdbc      (x_proj's output, one GEMV)
+//   delta   = softplus(dt + dt_bias[c]),  then h, y, y_gated as in scan_prefill
+//   x, z (d_inner,); xdbc (dt_rank + 2·d_state,); dt_proj (d_inner, dt_rank) float32; dt_bias, D
+//   (d_inner,); A_log, ssm_state (d_inner, d_state) -> y, y_gated (d_inner,); ssm_state in place.
 // Mapping: thread (c, n) as in scan_prefill, 32 channels per block, block 32 * d_state, grid
-//   ceil(d_inner / 32); lane n == 0 of each group writes the channel's outputs.
-// Traffic: the state read and written (8 * d_inner * d_state bytes, 640 KB for the real model),
-//   A_log read (4 * d_inner * d_state), plus 24 * d_inner for the vectors.
-extern "C" __global__ void scan_step(const float* x, const float* dt, const float* dt_bias, const float* A_log,
-                                     const float* B, const float* C, const float* D, const float* z,
-                                     float* ssm_state, float* y, float* y_gated, int d_inner, int d_state) {
+//   ceil(d_inner / 32). The d_state threads of channel c first share its dt_rank-long dot product
+//   (lane n takes k = n, n + d_state, ...; a shuffle sum gives every lane the total), then each
+//   advances h[c, n]; lane n == 0 writes the channel's outputs.
+// Traffic: dt_proj once (4 * d_inner * dt_rank bytes, 3.3 MB for the real model), the state read
+//   and written (8 * d_inner * d_state), A_log (4 * d_inner * d_state), 20 * d_inner for the vectors.
+extern "C" __global__ void scan_step(const float* x, const float* xdbc, const float* dt_proj, const float* dt_bias,
+                                     const float* A_log, const float* D, const float* z, float* ssm_state,
+                                     float* y, float* y_gated, int d_inner, int d_state, int dt_rank) {
     int c = blockIdx.x * SCAN_CHANNELS + threadIdx.x / d_state;
     int n = threadIdx.x % d_state;
     bool live = c < d_inner;
+    const float* B = xdbc + dt_rank;
+    const float* C = B + d_state;
+    float dt = 0.0f;
+    if (live)
+        for (int k = n; k < dt_rank; k += d_state) dt += xdbc[k] * dt_proj[(long long)c * dt_rank + k];
+    dt = group_sum(dt, d_state);                             // dead threads still join the shuffles
     float contribution = 0.0f, delta = 0.0f, xt = 0.0f;
     if (live) {
-        delta = softplus(dt[c] + dt_bias[c]);
+        delta = softplus(dt + dt_bias[c]);
         xt = x[c];
         float h = expf(delta * -expf(A_log[c * d_state + n])) * ssm_state[c * d_state + n] + delta * B[n] * xt;
         ssm_state[c * d_state + n] = h;
@@ -582,60 +593,203 @@ extern "C" __global__ void kv_write(const float* k_new, const float* v_new, floa
 }
 
 // ================================================================================================
-// 7. gemv_bf16: y = x · Wᵀ for a few rows of x (decode), W kept as bf16 bits, fp32 accumulation.
+// 7. gemv_bf16 / gemv_f32: y = epilogue(x · Wᵀ) for a few rows of x (decode), fp32 sums, W stored as
+//    bf16 bits (widened exactly, bits << 16) or float32; the two kernels differ only in W's type.
 //
-//   x (rows, in_features) float32; W (out_features, in_features) bf16 bits -> y (rows, out_features)
-// Mapping: one warp per output feature o (8 warps, 256 threads per block; grid ceil(out / 8)). Lane
-//   l reads 8 consecutive bf16 (16 bytes) at columns 8(l + 32i), so a warp streams 512 contiguous
-//   bytes of the row per step, widens them exactly (bits << 16) and multiplies by the matching x
-//   columns (x is small and read from L1/L2) for every row of x at once: each weight is read once
-//   per call whatever the number of rows. The 32 lane sums meet in a butterfly reduction. When
-//   in_features is not a multiple of 8, or a pointer is not 16-byte aligned, lane l takes the
-//   single columns l + 32i instead. rows <= GEMV_MAX_ROWS.
-// Traffic: 2 · out · in bytes of weights (the whole point: the weights are the decode roofline),
-//   4 · rows · out written; x re-reads hit the caches.
+//   acc[t, o] = Σ_k x[t, k] · W[o, k]
+//   mode 0 (GEMV_PLAIN):    y[t, o] = acc + bias[o]                   (no bias unless has_bias)
+//   mode 1 (GEMV_RESIDUAL): y[t, o] = aux[t, o] + (acc + bias[o])     (aux: the residual stream; y may be aux)
+//   mode 2 (GEMV_SWIGLU):   y[t, o] = silu(acc[t, o]) · acc[t, o + out_features]   (W = [gate; up], 2·out rows)
+//   mode 3 (GEMV_GATE):     y[t, o] = silu(acc) · aux[t, o]           (the GMU: aux = the memory m)
+//   x (rows, in_features); W (out_features or 2·out_features, in_features); bias, aux, y as above.
+// Mapping: 8 warps per block; `splits` (1, 2, 4 or 8) consecutive warps share one output feature
+//   (split-K), so a small output (x_proj's 192 rows, out_proj, fc2) still gives every SM work:
+//   grid ceil(out_features / (8 / splits)). Warp part p of output o reads the 8-weight groups
+//   j = lane + 32·(p + splits·i), i = 0, 1, ..., of W's row (16 or 32 contiguous bytes per lane,
+//   two groups in flight per iteration), widens them and multiplies by the matching x columns for
+//   every row of x at once (x is small and comes from L1/L2): each weight is read once per call.
+//   When in_features is not a multiple of 8, or a pointer is not 16-byte aligned, lanes take single
+//   columns lane + 32·(p + splits·i) instead. Lane sums meet in a butterfly, the splits of an output
+//   in shared memory; then the epilogue. rows <= GEMV_MAX_ROWS.
+// Traffic: the weights once (2 or 4 · out · in bytes, twice that for SwiGLU's two rows): the decode
+//   roofline; plus 4 · rows · out written (and read, for aux); x re-reads hit the caches.
 #define GEMV_WARPS 8
 #define GEMV_MAX_ROWS 8
-extern "C" __global__ void __launch_bounds__(GEMV_WARPS * WARP)
-gemv_bf16(const float* x, const unsigned short* W, float* y, int rows, int out_features, int in_features) {
-    const int lane = threadIdx.x % WARP;
-    const int o = blockIdx.x * GEMV_WARPS + threadIdx.x / WARP;
-    if (o >= out_features) return;                           // a whole warp leaves together
-    const unsigned short* w_row = W + (long long)o * in_features;
-    float sum[GEMV_MAX_ROWS];
+#define GEMV_PLAIN 0
+#define GEMV_RESIDUAL 1
+#define GEMV_SWIGLU 2
+#define GEMV_GATE 3
+
+__device__ __forceinline__ void load8(const unsigned short* p, float w[8]) {   // 8 bf16 = 16 bytes
+    uint4 v = *reinterpret_cast<const uint4*>(p);
+    w[0] = bf16_bits_to_float(v.x & 0xffffu); w[1] = bf16_bits_to_float(v.x >> 16);
+    w[2] = bf16_bits_to_float(v.y & 0xffffu); w[3] = bf16_bits_to_float(v.y >> 16);
+    w[4] = bf16_bits_to_float(v.z & 0xffffu); w[5] = bf16_bits_to_float(v.z >> 16);
+    w[6] = bf16_bits_to_float(v.w & 0xffffu); w[7] = bf16_bits_to_float(v.w >> 16);
+}
+
+__device__ __forceinline__ void load8(const float* p, float w[8]) {            // 8 floats = 32 bytes
+    float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+    w[0] = a.x; w[1] = a.y; w[2] = a.z; w[3] = a.w; w[4] = b.x; w[5] = b.y; w[6] = b.z; w[7] = b.w;
+}
+
+__device__ __forceinline__ float load1(const unsigned short* p) { return bf16_bits_to_float(*p); }
+__device__ __forceinline__ float load1(const float* p) { return *p; }
+
+__device__ __forceinline__ float dot8(const float* x, const float w[8]) {
+    float4 a = reinterpret_cast<const float4*>(x)[0], b = reinterpret_cast<const float4*>(x)[1];
+    return a.x * w[0] + a.y * w[1] + a.z * w[2] + a.w * w[3] + b.x * w[4] + b.y * w[5] + b.z * w[6] + b.w * w[7];
+}
+
+template <typename WT>
+__device__ __forceinline__ void gemv_body(const float* x, const WT* W, const float* bias, const float* aux, float* y,
+                                          int rows, int out_features, int in_features, int mode, int has_bias,
+                                          int splits, float (*s_part)[GEMV_MAX_ROWS][2]) {
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    const int o = blockIdx.x * (GEMV_WARPS / splits) + warp / splits, part = warp % splits;
+    const bool live = o < out_features;                      // a whole warp is live or not: no divergence
+    const int n_w = mode == GEMV_SWIGLU ? 2 : 1;             // SwiGLU: the gate row o and the up row o + out
+    float sum[2][GEMV_MAX_ROWS];
 #pragma unroll
-    for (int t = 0; t < GEMV_MAX_ROWS; t++) sum[t] = 0.0f;
-    bool vector_path = in_features % 8 == 0 && ((unsigned long long)W % 16) == 0 && ((unsigned long long)x % 16) == 0;
-    if (vector_path) {
-        for (int col = 8 * lane; col < in_features; col += 8 * WARP) {
-            uint4 packed = *reinterpret_cast<const uint4*>(w_row + col);   // 8 bf16 weights
-            float w[8] = {bf16_bits_to_float(packed.x & 0xffffu), bf16_bits_to_float(packed.x >> 16),
-                          bf16_bits_to_float(packed.y & 0xffffu), bf16_bits_to_float(packed.y >> 16),
-                          bf16_bits_to_float(packed.z & 0xffffu), bf16_bits_to_float(packed.z >> 16),
-                          bf16_bits_to_float(packed.w & 0xffffu), bf16_bits_to_float(packed.w >> 16)};
+    for (int r = 0; r < 2; r++)
 #pragma unroll
-            for (int t = 0; t < GEMV_MAX_ROWS; t++) {
-                if (t < rows) {
-                    const float4* xr = reinterpret_cast<const float4*>(x + (long long)t * in_features + col);
-                    float4 a = xr[0], b = xr[1];
-                    sum[t] += a.x * w[0] + a.y * w[1] + a.z * w[2] + a.w * w[3]
-                            + b.x * w[4] + b.y * w[5] + b.z * w[6] + b.w * w[7];
-                }
+        for (int t = 0; t < GEMV_MAX_ROWS; t++) sum[r][t] = 0.0f;
+    const bool vector_path = in_features % 8 == 0 && ((unsigned long long)W % 16) == 0 &&
+                             ((unsigned long long)x % 16) == 0;
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        if (r >= n_w || !live) break;
+        const WT* w_row = W + (long long)(o + r * out_features) * in_features;
+        if (vector_path) {
+            const int step = 8 * WARP * splits;              // columns between a lane's groups
+            int col = 8 * (lane + WARP * part);
+            // bf16: two 16-byte groups in flight per iteration; fp32 groups are already 32 bytes
+            for (; sizeof(WT) == 2 && col + step < in_features; col += 2 * step) {
+                float wa[8], wb[8];
+                load8(w_row + col, wa);                      // both loads issued before any FMA
+                load8(w_row + col + step, wb);
+#pragma unroll
+                for (int t = 0; t < GEMV_MAX_ROWS; t++)
+                    if (t < rows) {
+                        const float* xr = x + (long long)t * in_features + col;
+                        sum[r][t] += dot8(xr, wa) + dot8(xr + step, wb);
+                    }
+            }
+            for (; col < in_features; col += step) {
+                float wa[8];
+                load8(w_row + col, wa);
+#pragma unroll
+                for (int t = 0; t < GEMV_MAX_ROWS; t++)
+                    if (t < rows) sum[r][t] += dot8(x + (long long)t * in_features + col, wa);
+            }
+        } else {
+            for (int col = lane + WARP * part; col < in_features; col += WARP * splits) {
+                float w = load1(w_row + col);
+#pragma unroll
+                for (int t = 0; t < GEMV_MAX_ROWS; t++)
+                    if (t < rows) sum[r][t] += x[(long long)t * in_features + col] * w;
             }
         }
-    } else {
-        for (int col = lane; col < in_features; col += WARP) {
-            float w = bf16_bits_to_float(w_row[col]);
+    }
 #pragma unroll
-            for (int t = 0; t < GEMV_MAX_ROWS; t++)
-                if (t < rows) sum[t] += x[(long long)t * in_features + col] * w;
+    for (int r = 0; r < 2; r++)
+#pragma unroll
+        for (int t = 0; t < GEMV_MAX_ROWS; t++)
+            if (r < n_w && t < rows) {
+                sum[r][t] = group_sum(sum[r][t], WARP);       // every lane of the warp calls it
+                if (splits > 1 && lane == 0) s_part[warp][t][r] = sum[r][t];
+            }
+    if (splits > 1) {
+        __syncthreads();                                     // no thread has returned: all reach it
+        if (part == 0) {
+#pragma unroll
+            for (int r = 0; r < 2; r++)
+#pragma unroll
+                for (int t = 0; t < GEMV_MAX_ROWS; t++)      // constant indices keep sum[][] in registers
+                    if (r < n_w && t < rows) {
+                        float total = 0.0f;
+                        for (int p = 0; p < splits; p++) total += s_part[warp + p][t][r];
+                        sum[r][t] = total;
+                    }
         }
     }
+    if (!live || part != 0 || lane != 0) return;
 #pragma unroll
     for (int t = 0; t < GEMV_MAX_ROWS; t++) {
-        if (t < rows) {
-            float total = group_sum(sum[t], WARP);
-            if (lane == 0) y[(long long)t * out_features + o] = total;
+        if (t >= rows) break;
+        long long i = (long long)t * out_features + o;
+        float acc = sum[0][t], v;
+        if (mode == GEMV_SWIGLU) v = silu(acc) * sum[1][t];
+        else if (mode == GEMV_GATE) v = silu(acc) * aux[i];
+        else {
+            v = has_bias ? acc + bias[o] : acc;
+            if (mode == GEMV_RESIDUAL) v = aux[i] + v;
         }
+        y[i] = v;
     }
+}
+
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * WARP)
+gemv_bf16(const float* x, const unsigned short* W, const float* bias, const float* aux, float* y, int rows,
+          int out_features, int in_features, int mode, int has_bias, int splits) {
+    __shared__ float s_part[GEMV_WARPS][GEMV_MAX_ROWS][2];
+    gemv_body(x, W, bias, aux, y, rows, out_features, in_features, mode, has_bias, splits, s_part);
+}
+
+// (at least 2 blocks per SM, so up to 128 registers: ptxas spills fp32's 8-wide loads when it keeps 64)
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * WARP, 2)
+gemv_f32(const float* x, const float* W, const float* bias, const float* aux, float* y, int rows,
+         int out_features, int in_features, int mode, int has_bias, int splits) {
+    __shared__ float s_part[GEMV_WARPS][GEMV_MAX_ROWS][2];
+    gemv_body(x, W, bias, aux, y, rows, out_features, in_features, mode, has_bias, splits, s_part);
+}
+
+// ================================================================================================
+// 8. layer_norm_rows: y = (x − mean) / sqrt(biased var + eps) ⊙ weight + bias, per row.
+//
+//   x, y (rows, D); weight, bias (D,). y may not be x.
+// Mapping: one block of NORM_THREADS per row (grid rows); each thread walks features tid, tid + 256,
+//   ...; the mean, then the variance about it, are block sums (warp shuffles, one shared slot per
+//   warp, every thread adds the slots).
+// Traffic: x read twice (the second pass from L1/L2) and y written: about 12 · rows · D bytes.
+#define NORM_THREADS 256
+
+__device__ __forceinline__ float block_sum(float v, float* s_warp) {   // every thread gets the total
+    v = group_sum(v, WARP);
+    if (threadIdx.x % WARP == 0) s_warp[threadIdx.x / WARP] = v;
+    __syncthreads();
+    float total = 0.0f;
+    for (int w = 0; w < NORM_THREADS / WARP; w++) total += s_warp[w];
+    __syncthreads();                                         // s_warp is reused by the next sum
+    return total;
+}
+
+extern "C" __global__ void __launch_bounds__(NORM_THREADS)
+layer_norm_rows(const float* x, const float* weight, const float* bias, float* y, int D, float eps) {
+    __shared__ float s_warp[NORM_THREADS / WARP];
+    const float* xr = x + (long long)blockIdx.x * D;
+    float* yr = y + (long long)blockIdx.x * D;
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < D; i += NORM_THREADS) s += xr[i];
+    const float mean = block_sum(s, s_warp) / D;
+    float v = 0.0f;
+    for (int i = threadIdx.x; i < D; i += NORM_THREADS) v += (xr[i] - mean) * (xr[i] - mean);
+    const float sd = sqrtf(block_sum(v, s_warp) / D + eps);
+    for (int i = threadIdx.x; i < D; i += NORM_THREADS) yr[i] = (xr[i] - mean) / sd * weight[i] + bias[i];
+}
+
+// ================================================================================================
+// 9. embed_bf16 / embed_f32: the decode step's first op, y = E[token[0]] widened to float32.
+//
+//   E (V, D) bf16 bits or float32; token (1,) int64 on the device (a CUDA graph replays the step
+//   with a new id written there) -> y (D,).
+// Mapping: one thread per feature, grid ceil(D / 256), block 256. Traffic: 2 or 4 · D + 4 · D bytes.
+extern "C" __global__ void embed_bf16(const unsigned short* E, const long long* token, float* y, int D) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < D) y[i] = bf16_bits_to_float(E[token[0] * D + i]);
+}
+
+extern "C" __global__ void embed_f32(const float* E, const long long* token, float* y, int D) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < D) y[i] = E[token[0] * D + i];
 }

@@ -949,8 +949,10 @@ DECODE_THREADS = 128
 DECODE_KEYS = 32          # keys per attention_decode_split tile
 DECODE_MAX_QUERIES = 8    # 2G query heads per KV group
 KEYS_PER_SPLIT = 128      # keys per attention_decode_split block (a multiple of DECODE_KEYS)
-GEMV_WARPS = 8            # output features per gemv_bf16 block (one warp each)
+GEMV_WARPS = 8            # warps per gemv block: 8 / splits output features
 GEMV_MAX_ROWS = 8         # more rows than this go to the widened-tile cuBLAS path
+GEMV_PLAIN, GEMV_RESIDUAL, GEMV_SWIGLU, GEMV_GATE = 0, 1, 2, 3  # gemv epilogues (kernel 7)
+NORM_THREADS = 256        # threads per layer_norm_rows block (one row each)
 
 
 def require_cupy():
@@ -997,7 +999,7 @@ def to_device(model):
     model.layers = [{group: {k: cupy.asarray(a) for k, a in params.items()} for group, params in layer.items()}
                     for layer in model.layers]
     model.device = "cuda"
-    return model
+    return fuse_for_decode(model)
 
 
 _module = None
@@ -1087,26 +1089,26 @@ def scan_prefill(x, dt, dt_bias, A_log, B, C, D, z, ssm_state, y, y_gated, T, d_
     ssm_state[...] = h
 
 
-def scan_step(x, dt, dt_bias, A_log, B, C, D, z, ssm_state, y, y_gated, d_inner, d_state):
-    """Twin of kernel 3: scan_prefill for one token (x, dt, z, y, y_gated (1, d_inner); B, C (1, d_state))."""
-    scan_prefill(x.reshape(1, d_inner), dt.reshape(1, d_inner), dt_bias, A_log, B.reshape(1, d_state),
-                 C.reshape(1, d_state), D, z.reshape(1, d_inner), ssm_state, y.reshape(1, d_inner),
-                 y_gated.reshape(1, d_inner), 1, d_inner, d_state)
+def scan_step(x, xdbc, dt_proj, dt_bias, A_log, D, z, ssm_state, y, y_gated, d_inner, d_state, dt_rank):
+    """Twin of kernel 3, one decode token, Δ's projection fused: dt = xdbc[:dt_rank]·dt_projᵀ, then
+    scan_prefill's step with B, C from xdbc. x, z, y, y_gated (1, d_inner); dt_proj (d_inner, dt_rank)."""
+    dt_low, B, C = xdbc.reshape(-1)[:dt_rank], xdbc.reshape(-1)[dt_rank:dt_rank + d_state], xdbc.reshape(-1)[dt_rank + d_state:]
+    dt = (dt_proj @ dt_low).reshape(1, d_inner)                          # (1, d_inner)
+    scan_prefill(x.reshape(1, d_inner), dt, dt_bias, A_log, B.reshape(1, d_state), C.reshape(1, d_state), D,
+                 z.reshape(1, d_inner), ssm_state, y.reshape(1, d_inner), y_gated.reshape(1, d_inner), 1, d_inner, d_state)
 
 
 def cuda_selective_scan(x, dt, dt_bias, A_log, B, C, D, z, ssm_state):
-    """The fused scan: -> (y pre-gate (T, d_inner), y ⊙ silu(z) (T, d_inner)); ssm_state in place."""
+    """The fused scan over T >= 1 tokens (scan_prefill): -> (y pre-gate (T, d_inner), y ⊙ silu(z)
+    (T, d_inner)); ssm_state updated in place."""
     xp = get_xp(x)
     T, d_inner = x.shape
     N = A_log.shape[1]
-    args = [_contiguous(a) for a in (x, dt, dt_bias, A_log, B, C, D, z)]
     y = xp.empty((T, d_inner), xp.float32)                                # (T, d_inner)  m at layer L/2
     y_gated = xp.empty((T, d_inner), xp.float32)                          # (T, d_inner)
-    grid, block = (_blocks(d_inner, SCAN_CHANNELS),), (SCAN_CHANNELS * N,)
-    if T == 1:
-        _launch(scan_step, grid, block, (*args, ssm_state, y, y_gated, np.int32(d_inner), np.int32(N)))
-    else:
-        _launch(scan_prefill, grid, block, (*args, ssm_state, y, y_gated, np.int32(T), np.int32(d_inner), np.int32(N)))
+    _launch(scan_prefill, (_blocks(d_inner, SCAN_CHANNELS),), (SCAN_CHANNELS * N,),
+            (*[_contiguous(a) for a in (x, dt, dt_bias, A_log, B, C, D, z)], ssm_state, y, y_gated, np.int32(T),
+             np.int32(d_inner), np.int32(N)))
     return y, y_gated
 
 
@@ -1251,23 +1253,25 @@ def cuda_prefill_attention(q, k, v, qpos, kpos, window, lam, lambda_init, subln,
     return out
 
 
-def cuda_decode_attention(q, k, v, qpos, kpos, window, lam, lambda_init, subln, eps=1e-5):
+def cuda_decode_attention(q, k, v, qpos, kpos, window, lam, lambda_init, subln, eps=1e-5, out=None, partials=None):
     """Differential attention of ONE query token over S key slots: split across blocks, then merged.
     q (H, hd); k, v (H_kv, S, hd); qpos (1,) int64 on the device; kpos (S,) -1 = empty; lam (1,)
-    -> (1, H·hd)."""
+    -> (1, H·hd), into `out` when given. partials: (m, l, acc) buffers with at least ceil(S / 128)
+    rows (the decode step's, so that it allocates nothing); else they are allocated here."""
     xp = get_xp(q)
     H, hd = q.shape
     H_kv, S, _ = k.shape
     k, v, stride = _kv_views(k, v)
     n_splits = _blocks(S, KEYS_PER_SPLIT)
-    partial_m = xp.empty((n_splits, H), xp.float32)                       # (n_splits, H)
-    partial_l = xp.empty((n_splits, H), xp.float32)                       # (n_splits, H)
-    partial_acc = xp.empty((n_splits, H, 2 * hd), xp.float32)             # (n_splits, H, 2hd)
+    if partials is None:
+        partials = (xp.empty((n_splits, H), xp.float32), xp.empty((n_splits, H), xp.float32),
+                    xp.empty((n_splits, H, 2 * hd), xp.float32))     # m, l (n_splits, H); acc (n_splits, H, 2hd)
+    partial_m, partial_l, partial_acc = (a[:n_splits] for a in partials)
     _launch(attention_decode_split, (n_splits, H_kv // 2), (DECODE_THREADS,),
             (_contiguous(q), k, v, _contiguous(qpos, np.int64), _contiguous(kpos, np.int64), partial_acc, partial_m,
              partial_l, np.int32(S), np.int32(H), np.int32(H_kv), np.int32(hd), np.int64(stride),
              np.int32(window or 0), np.int32(KEYS_PER_SPLIT)))
-    out = xp.empty((1, H * hd), xp.float32)                               # (1, H·hd)
+    out = xp.empty((1, H * hd), xp.float32) if out is None else out       # (1, H·hd)
     _launch(attention_decode_reduce, (H // 2,), (DECODE_THREADS,),
             (partial_acc, partial_m, partial_l, lam, subln, out, np.int32(n_splits), np.int32(H), np.int32(hd),
              np.float32(lambda_init), np.float32(eps)))
@@ -1295,45 +1299,95 @@ def kv_write(k_new, v_new, k_cache, v_cache, kpos, pos, H_kv, head_dim, slots, w
         k_cache[:, slot], v_cache[:, slot], kpos[slot] = k_new.reshape(H_kv, head_dim), v_new.reshape(H_kv, head_dim), p
 
 
-# --- 7. gemv_bf16: the bf16 products of a decode step
+# --- 7. gemv_bf16 / gemv_f32: the products of a decode step, with their epilogues
 
-def gemv_bf16(x, W, y, rows, out_features, in_features):
-    """Twin of kernel 7: y = x·Wᵀ with W bf16 bits, in the kernel's order: lane l of output o's warp
-    sums the column groups l, l+32, ... (groups of 8 columns when in_features % 8 == 0, single
-    columns otherwise), then the 32 lane sums meet in a butterfly. x (rows, in), W (out, in)
-    -> y (rows, out)."""
-    width = 8 if in_features % 8 == 0 else 1
-    cols = -(-in_features // (32 * width)) * 32 * width                  # padded to whole warp steps
-    xw = np.zeros((rows, cols), np.float32)
-    Ww = np.zeros((out_features, cols), np.float32)
-    xw[:, :in_features], Ww[:, :in_features] = x, bf16_to_f32(W)
-    xw = xw.reshape(rows, -1, 32, width)                                  # (rows, steps, lane, width)
-    Ww = Ww.reshape(out_features, -1, 32, width)                          # (out, steps, lane, width)
-    lanes = np.einsum("tslw,oslw->tol", xw, Ww)                           # (rows, out, 32) per-lane sums
-    for offset in (16, 8, 4, 2, 1):                                       # lane l adds lane l ^ offset
-        lanes = lanes + lanes[..., np.arange(32) ^ offset]
-    y[...] = lanes[..., 0]
+def gemv_bf16(x, W, bias, aux, y, rows, out_features, in_features, mode, has_bias, splits):
+    """Twin of kernel 7 (bf16 bits W): acc = x·widen(W)ᵀ in fp32, then the epilogue of `mode`:
+    GEMV_PLAIN acc (+ bias), GEMV_RESIDUAL aux + (acc (+ bias)), GEMV_SWIGLU silu(acc[:, :out]) ⊙
+    acc[:, out:] (W = [gate; up]), GEMV_GATE silu(acc) ⊙ aux. The kernel's split-K and lane order
+    change only the summation order. x (rows, in) -> y (rows, out)."""
+    gemv_f32(x, bf16_to_f32(W), bias, aux, y, rows, out_features, in_features, mode, has_bias, splits)
+
+
+def gemv_f32(x, W, bias, aux, y, rows, out_features, in_features, mode, has_bias, splits):
+    """Twin of kernel 7 with float32 W; see gemv_bf16."""
+    acc = x.reshape(rows, in_features) @ W.T                              # (rows, out) or (rows, 2·out)
+    if mode == GEMV_SWIGLU:
+        out = silu(acc[:, :out_features]) * acc[:, out_features:]
+    elif mode == GEMV_GATE:
+        out = silu(acc) * aux.reshape(rows, out_features)
+    else:
+        out = acc + bias if has_bias else acc
+        if mode == GEMV_RESIDUAL:
+            out = aux.reshape(rows, out_features) + out
+    y.reshape(rows, out_features)[...] = out
+
+
+def gemv_splits(out_features, in_features):
+    """Warps per output feature: enough outputs x splits for every SM to have warps in flight, yet
+    at least one 256-column step per warp."""
+    splits = 1
+    while splits < GEMV_WARPS and out_features * splits < 8192 and in_features >= 2 * 256 * splits:
+        splits *= 2
+    return splits
+
+
+def cuda_gemv(x, W, y, mode=GEMV_PLAIN, bias=None, aux=None, out_features=None):
+    """Launch kernel 7 into y (rows, out): W bf16 bits -> gemv_bf16, float32 -> gemv_f32. bias and
+    aux may be None (then y itself stands in for the unused pointer: the kernel does not read it)."""
+    rows, in_features = x.shape
+    out_features = out_features or W.shape[0]
+    splits = gemv_splits(out_features, in_features)
+    kernel = gemv_bf16 if W.dtype == np.uint16 else gemv_f32
+    _launch(kernel, (_blocks(out_features, GEMV_WARPS // splits),), (GEMV_WARPS * 32,),
+            (x, W, y if bias is None else bias, y if aux is None else aux, y, np.int32(rows), np.int32(out_features),
+             np.int32(in_features), np.int32(mode), np.int32(bias is not None), np.int32(splits)))
+    return y
 
 
 def cuda_linear(x, W, b=None):
-    """linear() on the GPU. bf16 bits W (out, in), a few rows (decode): gemv_bf16 reads each weight
-    once, the roofline of a decode step. Many rows (prefill): the product is compute-bound, so
-    widening a block of rows to fp32 (exact) costs little next to cuBLAS's fp32 GEMM, which then
-    gives the NumPy path's numbers up to summation order. float32 W: cuBLAS."""
+    """linear() on the GPU. A few rows (decode, short chunks): kernel 7 reads each weight once, the
+    roofline of a decode step. Many rows (prefill): the product is compute-bound; float32 W goes to
+    cuBLAS, and bf16 bits are widened a block of rows at a time (exact) for cuBLAS's fp32 GEMM,
+    which costs little next to it and gives the NumPy path's numbers up to summation order."""
     xp = get_xp(x)
+    T, rows = x.shape[0], W.shape[0]
+    if T <= GEMV_MAX_ROWS:
+        return cuda_gemv(_contiguous(x), W, xp.empty((T, rows), xp.float32), bias=b)
     if W.dtype != np.uint16:
         y = x @ W.T                                                       # (T, out)
-        return y if b is None else y + b
-    T, (rows, cols) = x.shape[0], W.shape
-    y = xp.empty((T, rows), xp.float32)                                   # (T, out)
-    if T <= GEMV_MAX_ROWS:
-        _launch(gemv_bf16, (_blocks(rows, GEMV_WARPS),), (GEMV_WARPS * 32,),
-                (_contiguous(x), _contiguous(W, np.uint16), y, np.int32(T), np.int32(rows), np.int32(cols)))
     else:
-        step = max(1, (16 << 20) // cols)                                 # 64 MB of fp32 per widened block
+        y = xp.empty((T, rows), xp.float32)                               # (T, out)
+        step = max(1, (16 << 20) // W.shape[1])                           # 64 MB of fp32 per widened block
         for r in range(0, rows, step):
             y[:, r:r + step] = x @ bf16_to_f32(W[r:r + step]).T
     return y if b is None else y + b
+
+
+# --- 8. layer_norm_rows: the decode step's LayerNorms
+
+def layer_norm_rows(x, weight, bias, y, D, eps):
+    """Twin of kernel 8: layer_norm() of every row of x into y."""
+    y[...] = layer_norm(x.reshape(-1, D), {"weight": weight, "bias": bias}, eps).reshape(y.shape)
+
+
+def cuda_layer_norm(x, p, y, eps):
+    """LayerNorm of x (rows, D) into y (rows, D) with p's weight and bias."""
+    _launch(layer_norm_rows, (x.shape[0],), (NORM_THREADS,), (x, p["weight"], p["bias"], y, np.int32(x.shape[1]),
+                                                              np.float32(eps)))
+    return y
+
+
+# --- 9. embed_bf16 / embed_f32: the decode step's embedding row
+
+def embed_bf16(E, token, y, D):
+    """Twin of kernel 9 (bf16 bits E): y = widen(E[token[0]])."""
+    y.reshape(D)[...] = bf16_to_f32(E[int(token.reshape(-1)[0])])
+
+
+def embed_f32(E, token, y, D):
+    """Twin of kernel 9 (float32 E): y = E[token[0]]."""
+    y.reshape(D)[...] = E[int(token.reshape(-1)[0])]
 
 
 # --- The layer loop on the GPU
@@ -1409,72 +1463,132 @@ def cuda_layers(model, cache, ids, logits, trace):
     return out
 
 
-# --- The decode step: the layer loop for one token, every position read from device memory
+# --- The decode step: a fixed sequence of kernels.cu's kernels, every position read from device memory
+
+def fuse_for_decode(model):
+    """One matrix per product of a decode step: the converter's split projections are concatenated
+    back (mamba in_proj = [x; z], x_proj = [dt; B; C]; attention Wqkv = [Wq; Wk; Wv] and bqkv;
+    mlp fc1 = [gate; up]) and the split names become row views of them, so nothing is stored twice;
+    dt_proj becomes float32 for the fused scan step (3.3 MB per layer). Done once, by to_device."""
+    xp = get_xp(model.embed_tokens)
+
+    def fuse(p, whole_name, parts):
+        if whole_name in p:
+            return
+        p[whole_name] = whole = xp.concatenate([p[n] for n in parts])     # (Σ rows, in) or (Σ rows,)
+        r = 0
+        for n in parts:
+            p[n], r = whole[r:r + p[n].shape[0]], r + p[n].shape[0]
+
+    for kind, layer in zip(model.config.layer_kinds, model.layers):
+        fuse(layer["mlp"], "fc1", ("fc1_gate", "fc1_up"))
+        if kind == "mamba":
+            p = layer["mamba"]
+            fuse(p, "in_proj", ("in_proj_x", "in_proj_z"))
+            fuse(p, "x_proj", ("x_proj_dt", "x_proj_B", "x_proj_C"))
+            p["dt_proj"] = xp.ascontiguousarray(f32(p["dt_proj"]))         # (d_inner, dt_rank)
+        elif kind in ("swa", "full"):
+            fuse(layer["attn"], "Wqkv", ("Wq", "Wk", "Wv"))
+            fuse(layer["attn"], "bqkv", ("bq", "bk", "bv"))
+    return model
+
 
 @dataclass(eq=False)
 class CudaStep:
-    """A cache's decode-step state on the GPU. Every buffer keeps its address from step to step, so
-    a CUDA graph captured once replays every later step; only `token` and `pos` are rewritten."""
+    """A cache's decode step on the GPU. Every buffer keeps its address from step to step, so a CUDA
+    graph captured once replays every later step; only `token` and `pos` are rewritten."""
     token: object                 # (1,) int64, the id fed this step
     pos: object                   # (1,) int64, its position
     lam: dict                     # attention layer i -> (1,) float32 λ (weights only: computed once)
-    logits: object = None         # (1, V) of the last eager step
-    stream: object = None         # where steps run: a blocking stream, ordered with the default one
-    pool: object = None           # memory pool of the steps' temporaries (the graph's live here)
+    buf: dict                     # every intermediate of the step, (1, n) float32, and the attention partials
+    stream: object = None         # where steps run and are captured: a non-blocking stream
     graph: object = None
-    graph_logits: object = None   # (1, V) the graph's output buffer
-    graph_key: tuple = ()         # the cache buffer addresses the graph was captured with
-    eager_steps: int = 0          # the first step runs eagerly: it compiles kernels and fills the pool
+    graph_key: tuple = ()         # the buffer addresses the graph was captured with
+    eager_steps: int = 0          # the first step runs eagerly (it compiles the kernels), then a graph
     graph_error: str = ""         # why capture failed; then every step runs eagerly
 
 
 def new_cuda_step(model, xp):
-    step = CudaStep(xp.zeros(1, xp.int64), xp.zeros(1, xp.int64), _lambdas(model, xp))
+    cfg = model.config
+    d_inner, N, hd = cfg.d_inner, cfg.mamba_d_state, cfg.head_dim
+    widths = {"hidden": cfg.hidden_size, "normed": cfg.hidden_size, "xz": 2 * d_inner, "xc": d_inner,
+              "xdbc": cfg.mamba_dt_rank + 2 * N, "y": d_inner, "y_gated": d_inner, "memory": d_inner,
+              "qkv": (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * hd, "attn": cfg.num_attention_heads * hd,
+              "mlp": cfg.intermediate_size, "gmu": d_inner, "logits": cfg.vocab_size}
+    step = CudaStep(xp.zeros(1, xp.int64), xp.zeros(1, xp.int64), _lambdas(model, xp),
+                    {name: xp.zeros((1, n), xp.float32) for name, n in widths.items()})
     if xp is not np:
-        step.stream, step.pool = xp.cuda.Stream(), xp.cuda.MemoryPool()
+        step.stream = xp.cuda.Stream(non_blocking=True)
     return step
 
 
+def step_partials(cfg, step, slots, xp):
+    """The attention partials for `slots` key slots (the longest cache a step reads), grown with it."""
+    n_splits, H = _blocks(slots, KEYS_PER_SPLIT), cfg.num_attention_heads
+    if "partial_m" not in step.buf or step.buf["partial_m"].shape[0] < n_splits:
+        step.buf["partial_m"] = xp.zeros((n_splits, H), xp.float32)                      # (n_splits, H)
+        step.buf["partial_l"] = xp.zeros((n_splits, H), xp.float32)                      # (n_splits, H)
+        step.buf["partial_acc"] = xp.zeros((n_splits, H, 2 * cfg.head_dim), xp.float32)  # (n_splits, H, 2hd)
+
+
 def cuda_step_layers(model, cache, step):
-    """extend() for the one token in step.token at position step.pos, graph-safe: no host sync, no
-    index computed on the host from the position (kv_write and the attention mask read step.pos).
-    The states and K/V caches are updated in place -> logits (1, V)."""
-    cfg, eps = model.config, model.config.layer_norm_eps
+    """extend() for the one token in step.token at position step.pos, as a fixed sequence of kernel
+    launches into the step's buffers: nothing is allocated, nothing synchronises, no index depends
+    on the position on the host, so a CUDA graph can replay it. Per layer: LayerNorm, the mixer
+    (Mamba: in_proj, conv, x_proj, scan with dt_proj, out_proj + residual; attention: Wqkv,
+    kv_write, split + reduce, out_proj + residual; GMU: in_proj ⊙ memory, out_proj + residual),
+    LayerNorm, fc1 with SwiGLU, fc2 + residual. The states and K/V caches are updated in place
+    -> logits (1, V), the step's buffer."""
+    cfg, eps, b = model.config, model.config.layer_norm_eps, step.buf
+    D, d_inner, N, d_conv = cfg.hidden_size, cfg.d_inner, cfg.mamba_d_state, cfg.mamba_d_conv
     H, H_kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    hidden = f32(model.embed_tokens[step.token])                          # (1, D)
-    memory = None
+    partials = (b["partial_m"], b["partial_l"], b["partial_acc"])
+    E = model.embed_tokens
+    _launch(embed_bf16 if E.dtype == np.uint16 else embed_f32, (_blocks(D, 256),), (256,),
+            (E, step.token, b["hidden"], np.int32(D)))
     for i, (kind, layer) in enumerate(zip(cfg.layer_kinds, model.layers)):
-        u = layer_norm(hidden, layer["input_layernorm"], eps)             # (1, D)
+        cuda_layer_norm(b["hidden"], layer["input_layernorm"], b["normed"], eps)
         if kind == "mamba":
-            out, y = cuda_mamba(u, layer["mamba"], cache.conv_state[i], cache.ssm_state[i])
-            if i == cfg.memory_layer:
-                memory = y                                                # (1, d_inner)  m
+            p = layer["mamba"]
+            cuda_gemv(b["normed"], p["in_proj"], b["xz"])                 # (1, 2·d_inner)  [x | z]
+            x, z = b["xz"][:, :d_inner], b["xz"][:, d_inner:]
+            _launch(conv1d_silu_step, (_blocks(d_inner, 256),), (256,),
+                    (x, cache.conv_state[i], p["conv1d_weight"], p["conv1d_bias"], b["xc"], np.int32(d_inner),
+                     np.int32(d_conv)))                                   # (1, d_inner)  x̂
+            cuda_gemv(b["xc"], p["x_proj"], b["xdbc"])                    # (1, dt_rank + 2N)  [dt_low | B | C]
+            y = b["memory"] if i == cfg.memory_layer else b["y"]          # layer L/2's y is the GMU memory
+            _launch(scan_step, (_blocks(d_inner, SCAN_CHANNELS),), (SCAN_CHANNELS * N,),
+                    (b["xc"], b["xdbc"], p["dt_proj"], p["dt_proj_bias"], p["A_log"], p["D"], z, cache.ssm_state[i],
+                     y, b["y_gated"], np.int32(d_inner), np.int32(N), np.int32(cfg.mamba_dt_rank)))
+            cuda_gemv(b["y_gated"], p["out_proj"], b["hidden"], GEMV_RESIDUAL, aux=b["hidden"])
         elif kind == "gmu":
             p = layer["gmu"]
-            out = cuda_linear(silu(cuda_linear(u, p["in_proj"])) * memory, p["out_proj"])  # (1, D)
+            cuda_gemv(b["normed"], p["in_proj"], b["gmu"], GEMV_GATE, aux=b["memory"])  # silu(x·in_projᵀ) ⊙ m
+            cuda_gemv(b["gmu"], p["out_proj"], b["hidden"], GEMV_RESIDUAL, aux=b["hidden"])
         else:
-            p = layer["attn"]
-            q = cuda_linear(u, p["Wq"], p["bq"]).reshape(H, hd)           # (H, hd)
-            kv = cache.shared(cfg) if kind == "cross" else cache.kv[i]    # cross layers read layer L/2+1's
-            if kind != "cross":
-                k_new = cuda_linear(u, p["Wk"], p["bk"])                  # (1, H_kv·hd)
-                v_new = cuda_linear(u, p["Wv"], p["bv"])                  # (1, H_kv·hd)
+            p, q = layer["attn"], b["qkv"][:, :H * hd]
+            if kind == "cross":
+                cuda_gemv(b["normed"], p["Wq"], q, bias=p["bq"])          # (1, H·hd)
+                kv = cache.shared(cfg)                                    # layer L/2+1's K/V
+            else:
+                cuda_gemv(b["normed"], p["Wqkv"], b["qkv"], bias=p["bqkv"])  # (1, (H + 2·H_kv)·hd)  [q | k | v]
+                kv = cache.kv[i]
                 _launch(kv_write, (_blocks(H_kv * hd, 256),), (256,),
-                        (k_new, v_new, kv.k, kv.v, kv.pos, step.pos, np.int32(H_kv), np.int32(hd),
-                         np.int32(kv.k.shape[1]), np.int32(kv.window or 0)))
-            o = cuda_decode_attention(q, kv.k, kv.v, step.pos, kv.pos, kv.window, step.lam[i], lambda_init_for(i),
-                                      p["subln"])  # (1, H·hd) over every slot
-            out = cuda_linear(o, p["out_proj"], p["out_proj_bias"])       # (1, D)
-        hidden = hidden + out                                             # (1, D)
-        x, p = layer_norm(hidden, layer["post_attention_layernorm"], eps), layer["mlp"]
-        hidden = hidden + cuda_linear(silu(cuda_linear(x, p["fc1_gate"])) * cuda_linear(x, p["fc1_up"]), p["fc2"])
-    hidden = layer_norm(hidden, model.final_layernorm, eps)               # (1, D)
-    return cuda_linear(hidden, model.embed_tokens)                        # (1, V)
+                        (b["qkv"][:, H * hd:(H + H_kv) * hd], b["qkv"][:, (H + H_kv) * hd:], kv.k, kv.v, kv.pos,
+                         step.pos, np.int32(H_kv), np.int32(hd), np.int32(kv.k.shape[1]), np.int32(kv.window or 0)))
+            cuda_decode_attention(q.reshape(H, hd), kv.k, kv.v, step.pos, kv.pos, kv.window, step.lam[i],
+                                  lambda_init_for(i), p["subln"], out=b["attn"], partials=partials)  # over every slot
+            cuda_gemv(b["attn"], p["out_proj"], b["hidden"], GEMV_RESIDUAL, bias=p["out_proj_bias"], aux=b["hidden"])
+        cuda_layer_norm(b["hidden"], layer["post_attention_layernorm"], b["normed"], eps)
+        cuda_gemv(b["normed"], layer["mlp"]["fc1"], b["mlp"], GEMV_SWIGLU, out_features=cfg.intermediate_size)
+        cuda_gemv(b["mlp"], layer["mlp"]["fc2"], b["hidden"], GEMV_RESIDUAL, aux=b["hidden"])
+    cuda_layer_norm(b["hidden"], model.final_layernorm, b["normed"], eps)
+    return cuda_gemv(b["normed"], E, b["logits"])                         # (1, V), the tied head
 
 
-def _graph_key(cache):
-    """Addresses of every cache buffer the step reads or writes: a captured graph is valid while they hold."""
-    arrays = [*cache.conv_state.values(), *cache.ssm_state.values()]
+def _graph_key(cache, step):
+    """Addresses of every buffer the step reads or writes: a captured graph is valid while they hold."""
+    arrays = [*cache.conv_state.values(), *cache.ssm_state.values(), *step.buf.values()]
     arrays += [a for kv in cache.kv.values() for a in (kv.k, kv.v, kv.pos)]
     return tuple(a.data.ptr for a in arrays)
 
@@ -1482,8 +1596,8 @@ def _graph_key(cache):
 def cuda_decode(model, cache, ids):
     """extend(model, cache, ids) for one token on the GPU -> logits (1, V). The first step runs
     eagerly; the second is captured as a CUDA graph (CuPy stream capture) and every later one is a
-    graph launch, unless CUDA_GRAPHS is off or the capture failed. Re-captured when a cache buffer
-    moved (the shared K/V grew). With NumPy arrays the same step runs on the CPU through the twins."""
+    graph launch, unless CUDA_GRAPHS is off or the capture failed. Re-captured when a buffer moved
+    (the shared K/V grew). With NumPy arrays the same step runs on the CPU through the twins."""
     cfg = model.config
     xp = get_xp(cache.ssm_state[0])
     shared = cache.shared(cfg)
@@ -1492,9 +1606,10 @@ def cuda_decode(model, cache, ids):
     if cache.cuda is None:
         cache.cuda = new_cuda_step(model, xp)
     step = cache.cuda
+    step_partials(cfg, step, max(kv.k.shape[1] for kv in cache.kv.values()), xp)
     if xp is np:
         step.token[0], step.pos[0] = int(ids[0]), cache.length
-        logits = cuda_step_layers(model, cache, step)
+        logits = cuda_step_layers(model, cache, step).copy()
     else:
         logits = _run_on_device(model, cache, step, int(ids[0]))
     cache.length += 1
@@ -1505,42 +1620,39 @@ def cuda_decode(model, cache, ids):
 
 def _run_on_device(model, cache, step, token):
     cupy = get_xp(step.pos)
-    key = _graph_key(cache)
+    key = _graph_key(cache, step)
+    step.stream.wait_event(cupy.cuda.get_current_stream().record())      # after the prefill that filled the cache
     with step.stream:
-        step.token.fill(token)                                            # kernel launches, no host sync
+        step.token.fill(token)
         step.pos.fill(cache.length)
         if CUDA_GRAPHS and step.eager_steps and not step.graph_error and step.graph_key != key:
             _capture(model, cache, step, key)
         if CUDA_GRAPHS and step.graph is not None and step.graph_key == key:
             step.graph.launch(step.stream)
-            logits = step.graph_logits.copy()
         else:
-            with cupy.cuda.using_allocator(step.pool.malloc):
-                step.logits = cuda_step_layers(model, cache, step)
+            cuda_step_layers(model, cache, step)
             step.eager_steps += 1
-            logits = step.logits.copy()
+        logits = step.buf["logits"].copy()
         step.stream.synchronize()                                         # the one sync: the logits to sample from
     return logits
 
 
 def _capture(model, cache, step, key):
-    """Record one decode step into a CUDA graph (nothing runs while recording). The step's
-    temporaries come from step.pool, which nothing else uses, so the addresses the graph recorded
-    stay free for it between launches; its output buffer is held in step.graph_logits."""
-    cupy = get_xp(step.pos)
+    """Record one decode step into a CUDA graph (nothing runs while recording). The step allocates
+    nothing and launches only kernels.cu's kernels, so the recording is exactly that sequence."""
     step.graph = None
     try:
-        with cupy.cuda.using_allocator(step.pool.malloc):
-            step.stream.begin_capture()
-            try:
-                logits = cuda_step_layers(model, cache, step)
-            finally:
-                graph = step.stream.end_capture()
+        step.stream.begin_capture()
+        try:
+            cuda_step_layers(model, cache, step)
+        finally:
+            graph = step.stream.end_capture()
     except Exception as e:  # any CUDA/CuPy refusal: fall back to eager steps for this cache
         step.graph_error = f"{type(e).__name__}: {(str(e) or '-').splitlines()[0]}"
         print(f"phi4flash: CUDA graph capture failed ({step.graph_error}); decoding without graphs", file=sys.stderr)
         return
-    step.graph, step.graph_logits, step.graph_key = graph, logits, key
+    step.graph, step.graph_key = graph, key
+
 
 # ----------------------------------------------------------------------------------------------
 # Appendix B. Console scripts. chat.py and convert.py stay in the repository next to this file (so no generic

@@ -30,9 +30,11 @@ def gpu_code_path(model, monkeypatch):
     arrays, so every kernel runs as its twin; each launch is checked against kernels.cu's signature.
     -> (that model, the launch checker)."""
     checker = LaunchChecker(pf._launch)
+    layers = [{group: dict(params) for group, params in layer.items()} for layer in model.layers]  # fused below, not the fixture's
+    gpu = pf.fuse_for_decode(dataclasses.replace(model, layers=layers, device="cuda"))
     with monkeypatch.context() as m:
         m.setattr(pf, "_launch", checker)
-        yield dataclasses.replace(model, device="cuda"), checker
+        yield gpu, checker
 
 
 def maxdiff(a, b):
@@ -122,6 +124,86 @@ def test_gpu_code_path_greedy_generation_matches_reference_targets(model, ref, m
         for p in PROMPTS:
             ids = list(gpu.generate(ref[f"{p}_input_ids"], 24, temperature=0.0, stop_ids=()))
             assert ids == ref[f"{p}_greedy_full_ids"].tolist(), p
+
+
+def random_model(cfg, seed=0):
+    """A Model of random float32/bf16 arrays in memory with the tensors of `cfg` (no file, no tokenizer)."""
+    rng = np.random.default_rng(seed)
+    tensors = {name: (rng.standard_normal(shape) * 0.1).astype(np.float32) for name, shape in pf.tensor_shapes(cfg).items()}
+    for name in tensors:
+        if name.rsplit(".", 1)[-1] in pf.LINEAR_WEIGHTS or name == "embed_tokens.weight":
+            tensors[name] = (tensors[name].view(np.uint32) >> 16).astype(np.uint16)
+
+    def group(prefix):
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    layers = [{n: group(f"layers.{i}.{n}.") for n in ("input_layernorm", "post_attention_layernorm", "mlp",
+                                                        kind if kind in ("mamba", "gmu") else "attn")}
+              for i, kind in enumerate(cfg.layer_kinds)]
+    model = pf.Model(cfg, tensors["embed_tokens.weight"], group("final_layernorm."), layers, device="cuda")
+    model.token_mask = np.ones(cfg.vocab_size, bool)
+    return pf.fuse_for_decode(model)
+
+
+class NoMath(np.ndarray):
+    """An array that refuses arithmetic: any ufunc, matmul or array function but a no-copy
+    ascontiguousarray raises. Slicing and reshaping (views) still work."""
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        raise AssertionError(f"the decode step computed {ufunc.__name__} itself, outside kernels.cu")
+
+    def __array_function__(self, func, types, args, kwargs):
+        if func is np.ascontiguousarray and args[0].flags.c_contiguous and kwargs.get("dtype", args[0].dtype) == args[0].dtype:
+            return args[0]
+        raise AssertionError(f"the decode step called numpy.{func.__name__} itself, outside kernels.cu")
+
+
+def test_decode_step_is_only_kernels_at_most_12_per_layer(monkeypatch):
+    """One decode step on the real 32-layer schedule (small widths) is a fixed sequence of kernels.cu
+    launches and nothing else: every array it touches refuses arithmetic, and the launches are only
+    counted (the twins do not run). At most 12 per layer: <= 400 per token."""
+    cfg = pf.Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=32, num_attention_heads=8,
+                    num_key_value_heads=4, sliding_window=tuple(8 if i % 2 and i < 16 else None for i in range(32)),
+                    mamba_dt_rank=4)
+    model = random_model(cfg)
+    cache = model.new_cache(16)
+    step = pf.new_cuda_step(model, np)
+    pf.step_partials(cfg, step, 16, np)
+    nomath = lambda a: a.view(NoMath)  # noqa: E731
+    model.embed_tokens = nomath(model.embed_tokens)
+    model.final_layernorm = {k: nomath(a) for k, a in model.final_layernorm.items()}
+    model.layers = [{g: {k: nomath(a) for k, a in p.items()} for g, p in layer.items()} for layer in model.layers]
+    step.buf = {k: nomath(a) for k, a in step.buf.items()}
+    step.token, step.pos, step.lam = nomath(step.token), nomath(step.pos), {i: nomath(a) for i, a in step.lam.items()}
+    cache.conv_state = {i: nomath(a) for i, a in cache.conv_state.items()}
+    cache.ssm_state = {i: nomath(a) for i, a in cache.ssm_state.items()}
+    for kv in cache.kv.values():
+        kv.k, kv.v, kv.pos = nomath(kv.k), nomath(kv.v), nomath(kv.pos)
+    launched = []
+    checker = LaunchChecker(lambda twin, grid, block, args: None)
+    monkeypatch.setattr(pf, "_launch", lambda twin, grid, block, args: launched.append(twin.__name__) or
+                        checker(twin, grid, block, tuple(np.asarray(a) if isinstance(a, NoMath) else a for a in args)))
+    pf.cuda_step_layers(model, cache, step)
+    assert launched[0] == "embed_bf16" and launched[-2:] == ["layer_norm_rows", "gemv_bf16"]
+    body = launched[1:-2]
+    starts = [n for n, k in enumerate(body) if k == "layer_norm_rows"][::2]   # each layer: LN1 ... LN2 ...
+    per_layer = [len(body[a:b]) for a, b in zip(starts, starts[1:] + [len(body)])]
+    assert len(per_layer) == 32 and max(per_layer) <= 12 and len(launched) <= 400, per_layer
+    kinds = cfg.layer_kinds
+    assert per_layer == [{"mamba": 9, "swa": 9, "full": 9, "gmu": 6, "cross": 8}[k] for k in kinds]
+    assert len(launched) == 3 + 9 * 9 + 9 * 9 + 6 * 7 + 8 * 7
+
+
+def test_a_one_token_chunk_without_logits_is_not_a_decode_step(model, monkeypatch):
+    """extend(..., logits=None) for one token (a chat turn's last chunk of one token) only fills the
+    cache: the layer loop (cuda_layers) up to layer L/2+1, not the decode step and its head."""
+    with gpu_code_path(model, monkeypatch) as (gpu, launches):
+        cache = gpu.new_cache(16)
+        assert gpu.run(cache, np.array([5, 68, 417]), None) is None
+        assert gpu.run(cache, np.array([322]), None) is None
+        assert "scan_step" not in launches.counts and cache.cuda is None and cache.length == 4
+        logits = gpu.step(cache, 76)
+    want = model.forward([5, 68, 417, 322, 76])[-1]
+    assert maxdiff(logits, want) <= TOL
 
 
 def test_check_cuda_config_accepts_the_real_and_tiny_models_only_when_supported(model):
@@ -228,7 +310,7 @@ def test_gpu_cached_decode_equals_full_recompute(gpu_model, ref, monkeypatch, gr
     assert maxdiff(np.array(cached), full[prompt_len - 1:]) <= TOL
     assert cache.cuda.graph_error == ""
     assert (cache.cuda.graph is not None) == graphs                       # captured once, then replayed
-    assert cache.cuda.eager_steps == (1 if graphs else 3 * W + 5)
+    assert cache.cuda.eager_steps == (1 if graphs else 3 * W + 5 + (prompt_len == 1))  # a 1-token prompt is a step too
 
 
 def test_gpu_greedy_generation_and_turns_match_cpu(gpu_model, model, ref):
