@@ -219,9 +219,12 @@ def read_converted(file):
     tensors, meta = read_safetensors(file)
     if meta.get("format") != FORMAT:
         raise Phi4FlashError(f"{file}: not a phi4flash converted file (a Hugging Face checkpoint? run convert.py on its folder)")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise Phi4FlashError(f"{file}: converted with format version {meta.get('format_version')}, this code reads "
-                             f"version {FORMAT_VERSION}; convert the original checkpoint again")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        newer = str(version).isdigit() and int(version) > int(FORMAT_VERSION)
+        raise Phi4FlashError(f"{file}: converted with format version {version}, this code reads version {FORMAT_VERSION}; "
+                             + ("upgrade phi4flash (pip install -U -e . in its clone)" if newer
+                                else "convert the original checkpoint again"))
     try:
         c = json.loads(meta["config"])
         cfg = Config(**{**c, "sliding_window": tuple(c["sliding_window"])})
@@ -270,16 +273,25 @@ def load(path, device="cpu"):
 
 
 def read_side_files(model, folder):
-    """tokenizer_config.json, generation_config.json and tokenizer.json, when present."""
+    """tokenizer_config.json, generation_config.json and tokenizer.json, when present; a damaged one
+    is a one-line error naming it."""
     for name in ("tokenizer_config.json", "generation_config.json"):
-        if os.path.isfile(os.path.join(folder, name)):
-            with open(os.path.join(folder, name)) as f:
-                model.files[name] = json.load(f)
-    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    model.files[name] = json.load(f)
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise Phi4FlashError(f"{path}: unreadable ({getattr(e, 'strerror', None) or e}); restore it from the "
+                                     "original checkpoint or convert it again") from None
+            if not isinstance(model.files[name], dict):
+                raise Phi4FlashError(f"{path}: expected a JSON object, found {type(model.files[name]).__name__}")
+    if os.path.exists(os.path.join(folder, "tokenizer.json")):
         attach_tokenizer(model, os.path.join(folder, "tokenizer.json"))
     else:
         model.token_mask = np.ones(model.config.vocab_size, bool)
-        model.stop_ids = tuple(_as_list(model.files.get("generation_config.json", {}).get("eos_token_id")))
+        model.stop_ids = tuple(s for s in _as_list(model.files.get("generation_config.json", {}).get("eos_token_id"))
+                               if isinstance(s, int))
 
 
 def _as_list(x):
@@ -290,13 +302,17 @@ def attach_tokenizer(model, tokenizer_json):
     """Tokenizer, the mask of ids that have a token, and the stop ids (eos of the generation config,
     plus <|end|> and <|endoftext|> looked up by string: the config's bos/eos numbers are not trusted)."""
     from tokenizers import Tokenizer
-    tok = Tokenizer.from_file(tokenizer_json)
+    try:
+        tok = Tokenizer.from_file(tokenizer_json)
+    except Exception as e:  # the library's own error types: a bad file, or a format it does not know
+        raise Phi4FlashError(f"{tokenizer_json}: not a tokenizer the tokenizers library can read "
+                             f"({(str(e) or type(e).__name__).splitlines()[0][:200]})") from None
     model.tokenizer = tok
     mask = np.zeros(model.config.vocab_size, bool)
     ids = np.fromiter(tok.get_vocab(with_added_tokens=True).values(), dtype=np.int64)
     mask[ids[ids < model.config.vocab_size]] = True
     model.token_mask = mask
-    stops = _as_list(model.files.get("generation_config.json", {}).get("eos_token_id"))
+    stops = [s for s in _as_list(model.files.get("generation_config.json", {}).get("eos_token_id")) if isinstance(s, int)]
     stops += [tok.token_to_id(s) for s in ("<|end|>", "<|endoftext|>") if tok.token_to_id(s) is not None]
     model.stop_ids = tuple(dict.fromkeys(int(s) for s in stops))
 
@@ -782,13 +798,24 @@ class Model:
         stop_ids = set(self.stop_ids if stop_ids is None else stop_ids)
         rng = np.random.default_rng(seed)
         ids = check_ids(self, ids)
+        limit, seen = self.config.context_length, 0 if cache is None else cache.length
+        if seen + len(ids) > limit:
+            raise Phi4FlashError(f"ids: {seen + len(ids)} tokens ({seen} in the cache + {len(ids)} new) do not fit the "
+                                 f"model's context of {limit} tokens")
         logits, cache = self.prefill(ids, cache if cache is not None else self.new_cache(len(ids) + max_new_tokens))
+        fed = list(ids)
         for n in range(max_new_tokens):
+            if not np.isfinite(logits).all():
+                raise Phi4FlashError(nonfinite_message(self, fed))
             token = sample(logits, self.token_mask, temperature, top_k, top_p, rng)
             yield token
             if token in stop_ids or n == max_new_tokens - 1:
                 return
+            if cache.length + 1 > limit:
+                raise Phi4FlashError(f"generate: stopped at the model's context of {limit} tokens "
+                                     f"({n + 1} generated); start a new conversation or a shorter prompt")
             logits = self.step(cache, token)
+            fed.append(token)
 
     def encode(self, text):
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -810,6 +837,22 @@ def check_ids(model, ids):
 
 def to_numpy(a):
     return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
+
+
+def nonfinite_message(model, ids):
+    """Why the logits are NaN/inf, in one line: the first traced tensor (in forward order) that is
+    not finite, from a full forward over the tokens this generation fed (at most the last 512)."""
+    ids = list(ids)[-512:]
+    trace = {}
+    with np.errstate(all="ignore"):
+        model.forward(ids, trace=trace)
+    first = next((name for _, _, names in trace_rows(model.config) for name in names
+                  if name in trace and not np.isfinite(trace[name]).all()), None)
+    if first is None:
+        return (f"generate: the logits are not finite (NaN/inf), yet a fresh forward over the last {len(ids)} tokens "
+                "is finite: the cached state overflowed")
+    return (f"generate: the logits are not finite (NaN/inf); a traced forward over the last {len(ids)} tokens "
+            f"first goes non-finite at {first}: check that layer's weights")
 
 
 # ----------------------------------------------------------------------------------------------

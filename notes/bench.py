@@ -155,7 +155,7 @@ def random_device_model(cfg, dtype, seed=0):
         layers.append({n: group(f"layers.{i}.{n}.") for n in ("input_layernorm", "post_attention_layernorm", "mlp", mixer)})
     model = phi4flash.Model(cfg, tensors["embed_tokens.weight"], group("final_layernorm."), layers, device="cuda")
     model.token_mask = np.ones(cfg.vocab_size, bool)
-    return model
+    return phi4flash.fuse_for_decode(model)
 
 
 def reset_device_peak():
@@ -310,6 +310,96 @@ def print_profile(profile):
             print(f"| {part} | {ms:.2f} | {100 * ms / p['total_ms']:.1f}% |")
 
 
+# --- --kernels: time and bandwidth of each kernel launch of a decode step, as llm.c's dev/cuda does
+
+def _param(args, names, name):
+    return args[names.index(name)]
+
+
+def kernel_bytes(twin, args):
+    """DRAM bytes of one launch, from the traffic formula in the kernel's header in kernels.cu."""
+    import inspect
+    names = [n.rstrip("_") for n in inspect.signature(twin).parameters]
+    get = lambda n: _param(args, names, n)  # noqa: E731
+    i = lambda n: int(get(n))  # noqa: E731
+    name = twin.__name__
+    if name == "conv1d_silu_prefill":
+        return 8 * i("T") * i("d_inner")
+    if name == "conv1d_silu_step":
+        return 4 * i("d_inner") * (2 * i("d_conv") + 2)
+    if name == "scan_prefill":
+        return 20 * i("T") * i("d_inner") + 8 * i("d_inner") * i("d_state")
+    if name == "scan_step":
+        return 4 * i("d_inner") * i("dt_rank") + 12 * i("d_inner") * i("d_state") + 20 * i("d_inner")
+    if name == "attention_prefill":
+        T, S, H, H_kv, hd = i("T"), i("S"), i("H"), i("H_kv"), i("head_dim")
+        BQ, W = 64 // (2 * (H // H_kv)), i("window") or S
+        return 8 * T * H * hd + 16 * hd * min(S, BQ + W) * -(-T // BQ) * H_kv // 2
+    if name == "attention_decode_split":   # every slot's K and V rows once (empty tiles are skipped: an upper bound)
+        return 16 * i("head_dim") * i("S") * i("H_kv") // 2 + 8 * i("S") * i("H_kv") // 2
+    if name == "attention_decode_reduce":
+        return 4 * i("n_splits") * i("H") * (2 * i("head_dim") + 2) + 4 * i("H") * i("head_dim")
+    if name == "kv_write":
+        return 16 * i("H_kv") * i("head_dim")
+    if name in ("gemv_bf16", "gemv_f32"):
+        rows, out, inp, mode = i("rows"), i("out_features"), i("in_features"), i("mode")
+        w = get("W").dtype.itemsize * out * inp * (2 if mode == phi4flash.GEMV_SWIGLU else 1)
+        return w + 4 * rows * inp + 4 * rows * out * (2 if mode in (phi4flash.GEMV_RESIDUAL, phi4flash.GEMV_GATE) else 1)
+    if name == "layer_norm_rows":
+        return 12 * get("x").size
+    if name in ("embed_bf16", "embed_f32"):
+        return (get("E").dtype.itemsize + 4) * i("D")
+    raise KeyError(f"{name}: no traffic formula (add the one in its kernels.cu header)")
+
+
+def kernel_profile(model, context, steps):
+    """Run `steps` eager decode steps (no CUDA graph) at this context and time every launch with
+    CUDA events (perf_counter on the CPU twins): {kernel: {"launches", "ms", "MB", "GBps"}} per step."""
+    pf = phi4flash
+    rng = np.random.default_rng(2)
+    _, cache = model.prefill(rng.integers(0, model.config.vocab_size, context), model.new_cache(context + steps + 4))
+    token = int(np.argmax(model.step(cache, 1)))                          # compiles every kernel
+    launch, graphs, stats = pf._launch, pf.CUDA_GRAPHS, {}
+
+    def timed(twin, grid, block, args):
+        if _cupy is not None:
+            start, end = _cupy.cuda.Event(), _cupy.cuda.Event()
+            start.record()
+            launch(twin, grid, block, args)
+            end.record()
+            pending.append((twin.__name__, start, end, kernel_bytes(twin, args)))
+        else:
+            t = time.perf_counter()
+            launch(twin, grid, block, args)
+            pending.append((twin.__name__, time.perf_counter() - t, None, kernel_bytes(twin, args)))
+    pending = []
+    try:
+        pf._launch, pf.CUDA_GRAPHS = timed, False
+        for _ in range(steps):
+            token = int(np.argmax(model.step(cache, token)))
+    finally:
+        pf._launch, pf.CUDA_GRAPHS = launch, graphs
+    for name, start, end, nbytes in pending:
+        seconds = _cupy.cuda.get_elapsed_time(start, end) / 1e3 if _cupy is not None else start
+        k = stats.setdefault(name, {"launches": 0, "ms": 0.0, "MB": 0.0})
+        k["launches"] += 1 / steps
+        k["ms"] += 1e3 * seconds / steps
+        k["MB"] += nbytes / 1e6 / steps
+    for k in stats.values():
+        k["GBps"] = k["MB"] / k["ms"] if k["ms"] else 0.0
+    return dict(sorted(stats.items(), key=lambda kv: -kv[1]["ms"]))
+
+
+def print_kernels(r):
+    for ctx, stats in r["kernels"].items():
+        total = sum(k["ms"] for k in stats.values())
+        print(f"\nkernels of one decode step at context {ctx} (eager, events around each launch): "
+              f"{sum(k['launches'] for k in stats.values()):.0f} launches, {total:.3f} ms of kernel time\n"
+              "| kernel | launches | ms | MB | GB/s |\n|---|---|---|---|---|")
+        for name, k in stats.items():
+            print(f"| {name} | {k['launches']:.0f} | {k['ms']:.3f} | {k['MB']:.1f} | {k['GBps']:.0f} |")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), default="mid")
@@ -321,6 +411,8 @@ def main(argv=None):
     ap.add_argument("--model", help="use this converted folder instead of generating one")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--bf16-profile", action="store_true", help="only: where a bf16 weight's time goes (CPU)")
+    ap.add_argument("--kernels", action="store_true",
+                    help="also: each kernel's time and GB/s in a decode step (from its header's traffic formula)")
     ap.add_argument("--profile", action="store_true",
                     help="also: where a decode step's time goes at each context (CPU; timers on phi4flash's functions)")
     args = ap.parse_args(argv)
@@ -384,6 +476,11 @@ def main(argv=None):
             if _cupy is not None:
                 results["decode"][-1]["peak_device_GB"] = device_peak([cache]) / 1e9
             del cache
+        if args.kernels:
+            if model.device != "cuda":
+                raise SystemExit("error: --kernels times kernels.cu's kernels: add --device cuda")
+            results["kernels"] = {c: kernel_profile(model, c, args.steps) for c in
+                                  [int(c) for c in args.contexts.split(",") if c]}
         if args.profile:
             results["profile"] = decode_profile(model, [int(c) for c in args.contexts.split(",") if c], args.steps)
         results["prefill"] = []
@@ -423,6 +520,8 @@ def report(r):
         print(f"| {p['tokens']} | {p['s']:.3f} | {p['tok_per_s']:.0f} | {p['peak_rss_GB']:.2f} |")
     if "profile" in r:
         print_profile(r["profile"])
+    if "kernels" in r:
+        print_kernels(r)
     lens = {p["tokens"]: p["s"] for p in r["prefill"]}
     for n in sorted(lens):
         if 4 * n in lens:

@@ -11,6 +11,9 @@ fixture and vs reference.npz (fp32 weights: <= 1e-4 abs; bf16 weights: relative 
 """
 import contextlib
 import dataclasses
+import inspect
+import os
+import sys
 import types
 
 import numpy as np
@@ -18,7 +21,7 @@ import pytest
 
 import convert
 import phi4flash as pf
-from conftest import PROMPTS, cupy_or_skip
+from conftest import PROMPTS, ROOT, cupy_or_skip
 from test_kernels import LaunchChecker
 
 TOL = 1e-4
@@ -204,6 +207,34 @@ def test_a_one_token_chunk_without_logits_is_not_a_decode_step(model, monkeypatc
         logits = gpu.step(cache, 76)
     want = model.forward([5, 68, 417, 322, 76])[-1]
     assert maxdiff(logits, want) <= TOL
+
+
+def test_bench_kernel_traffic_counts_every_weight_once_per_step(model, monkeypatch):
+    """notes/bench.py --kernels: every kernel of a decode step has a traffic formula, and the
+    products' weight bytes add up to the model's weights (each read once per token)."""
+    sys.path.insert(0, os.path.join(ROOT, "notes"))
+    import bench
+    with gpu_code_path(model, monkeypatch) as (gpu, launches):
+        stats = bench.kernel_profile(gpu, 12, 2)
+        seen = []
+        pf_launch = pf._launch
+        monkeypatch.setattr(pf, "_launch", lambda twin, grid, block, args: seen.append((twin, args)) or
+                            pf_launch(twin, grid, block, args))
+        _, cache = gpu.prefill([5, 68, 417])
+        seen.clear()
+        gpu.step(cache, 322)
+    assert set(stats) == {twin.__name__ for twin, _ in seen} and all(k["launches"] >= 1 for k in stats.values())
+    names = {twin.__name__: [n.rstrip("_") for n in inspect.signature(twin).parameters] for twin, _ in seen}
+    weights = 0
+    for twin, args in seen:
+        a = dict(zip(names[twin.__name__], args))
+        if twin.__name__.startswith("gemv"):
+            weights += a["W"].nbytes if int(a["mode"]) == pf.GEMV_SWIGLU else a["W"].nbytes * int(a["out_features"]) // a["W"].shape[0]
+        elif twin.__name__ == "scan_step":
+            weights += a["dt_proj"].nbytes
+    fused = {id(w): w.nbytes for layer in gpu.layers for p in layer.values() for k, w in p.items()
+             if k in ("in_proj", "x_proj", "dt_proj", "out_proj", "Wqkv", "fc1", "fc2") or k == "Wq" and "Wqkv" not in p}
+    assert weights == sum(fused.values()) + gpu.embed_tokens.nbytes
 
 
 def test_check_cuda_config_accepts_the_real_and_tiny_models_only_when_supported(model):
