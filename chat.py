@@ -28,7 +28,7 @@ from phi4flash import Phi4FlashError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = os.path.join(HERE, "tests", "fixtures", "tiny-phi4flash")
-REAL_MODEL_HINT = ("huggingface-cli download microsoft/Phi-4-mini-flash-reasoning "
+REAL_MODEL_HINT = ("hf download microsoft/Phi-4-mini-flash-reasoning "
                    "&& python chat.py microsoft/Phi-4-mini-flash-reasoning")
 CHUNK = 512  # prompt tokens per extend() call: Ctrl-C and the progress bar get a say between chunks
 

@@ -4,8 +4,8 @@
 
 SRC is a snapshot folder (config.json, model.safetensors or model-0000K-of-0000N.safetensors +
 model.safetensors.index.json, tokenizer files, generation_config.json), or a repo id such as
-microsoft/Phi-4-mini-flash-reasoning that `huggingface-cli download` has put in the local Hugging Face
-cache (nothing is downloaded here). Everything is checked before a byte is written; tensors are then
+microsoft/Phi-4-mini-flash-reasoning that `hf download` has put in the local Hugging Face cache
+(nothing is downloaded here). Everything is checked before a byte is written; tensors are then
 streamed a few MB at a time into DST/model.safetensors under the names phi4flash.tensor_shapes()
 lists, and DST appears only when the whole conversion succeeded.
 
@@ -373,48 +373,32 @@ def convert(src, dst, dtype="bfloat16", force=False, show_progress=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# A repo id ("microsoft/Phi-4-mini-flash-reasoning"), found in the local Hugging Face cache. Nothing is
-# ever downloaded: we only read the folders `huggingface-cli download REPO_ID` leaves behind,
-#   HUB/models--microsoft--Phi-4-mini-flash-reasoning/refs/main            the revision "main" points to
-#   HUB/models--microsoft--Phi-4-mini-flash-reasoning/snapshots/REVISION/  its files (links into blobs/)
+# A repo id ("microsoft/Phi-4-mini-flash-reasoning"), found in the local Hugging Face cache that
+# `hf download REPO_ID` fills. huggingface_hub itself finds it (its cache folder, refs/main, the
+# snapshot that names), with local_files_only=True: nothing is downloaded, no connection is made.
 
 HF_REPO_ID = "microsoft/Phi-4-mini-flash-reasoning"
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name: anything else is taken as a path
 
 
-def hf_hub_cache():
-    """The hub cache folder, found as huggingface_hub finds it: $HF_HUB_CACHE (or the older
-    $HUGGINGFACE_HUB_CACHE), else $HF_HOME/hub, else $XDG_CACHE_HOME/huggingface/hub, else
-    ~/.cache/huggingface/hub."""
-    hub = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
-    if hub:
-        return os.path.expanduser(hub)
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
-    return os.path.join(os.path.expanduser(home), "hub")
+def download_command(repo_id):
+    """The command that puts repo_id into the local Hugging Face cache (the `hf` CLI of huggingface_hub
+    0.34 and later; older hubs called it `huggingface-cli download`)."""
+    return f"hf download {repo_id}"
 
 
 def find_snapshot(repo_id, what="MODEL"):
-    """owner/name -> the snapshot folder that refs/main names (or the only snapshot, if there is no
-    ref); a one-line Phi4FlashError that says how to download it when it is not there."""
-    hub = hf_hub_cache()
-    repo = os.path.join(hub, "models--" + repo_id.replace("/", "--"))
-    snapshots, ref = os.path.join(repo, "snapshots"), os.path.join(repo, "refs", "main")
-    download = f"huggingface-cli download {repo_id}"
-    if os.path.isfile(ref):
-        with open(ref) as f:
-            revision = f.read().strip()
-        if os.path.isdir(os.path.join(snapshots, revision)):
-            return os.path.join(snapshots, revision)
-        raise Phi4FlashError(f"{what} {repo_id}: {ref} names revision {revision!r}, which has no folder in "
-                             f"{snapshots}; download it again with: {download}")
-    revisions = sorted(os.listdir(snapshots)) if os.path.isdir(snapshots) else []
-    if len(revisions) == 1:
-        return os.path.join(snapshots, revisions[0])
-    if revisions:
-        raise Phi4FlashError(f"{what} {repo_id}: {len(revisions)} snapshots in {snapshots} and no refs/main to "
-                             f"choose one; pass the snapshot folder itself")
-    raise Phi4FlashError(f"{what} {repo_id}: not a folder, and not in the local Hugging Face cache ({hub}); "
-                         f"download it with: {download}")
+    """owner/name -> the snapshot folder of revision main in the local Hugging Face cache; a one-line
+    Phi4FlashError that says how to download it when it is not there."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.utils import HFValidationError, LocalEntryNotFoundError
+    try:
+        return snapshot_download(repo_id, local_files_only=True)
+    except HFValidationError:
+        raise Phi4FlashError(f"{what} {repo_id}: not a folder, and not a Hugging Face repo id") from None
+    except LocalEntryNotFoundError:
+        raise Phi4FlashError(f"{what} {repo_id}: not a folder, and not in the local Hugging Face cache "
+                             f"({constants.HF_HUB_CACHE}); download it with: {download_command(repo_id)}") from None
 
 
 def snapshot_folder(arg, what="MODEL"):

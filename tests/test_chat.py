@@ -305,7 +305,7 @@ def test_one_shot_chat_prints_the_greedy_generation(tmp_path, model):
     once into the cache) prints exactly the decoded greedy generate() output."""
     r = chat_run("--prompt", "Simplify 2+2", "--temp", "0", "-n", "20", cache=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "random" in r.stderr and "huggingface-cli download" in r.stderr
+    assert "random" in r.stderr and "hf download microsoft/Phi-4-mini-flash-reasoning" in r.stderr
     prompt = chat.render_prompt(model, [{"role": "user", "content": "Simplify 2+2"}])
     tokens = list(model.generate(model.encode(prompt), 20, temperature=0.0))
     if tokens[-1] in model.stop_ids:
