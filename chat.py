@@ -12,7 +12,6 @@ only its own new tokens; see `chat_turn`.
 from __future__ import annotations
 
 import argparse
-import codecs
 import contextlib
 import json
 import math
@@ -56,57 +55,33 @@ def render_prompt(model, messages, add_generation_prompt=True):
 # ----------------------------------------------------------------------------------------------
 # Streaming text: byte-level tokens can end in the middle of a UTF-8 character
 
-_BYTE_ALPHABET = None
-
-
-def _byte_alphabet():
-    """The byte-level BPE alphabet (GPT-2's): printable character -> the byte it stands for."""
-    global _BYTE_ALPHABET
-    if _BYTE_ALPHABET is None:
-        printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-        chars, n = {}, 0
-        for b in range(256):
-            if b in printable:
-                chars[chr(b)] = b
-            else:
-                chars[chr(256 + n)] = b
-                n += 1
-        _BYTE_ALPHABET = chars
-    return _BYTE_ALPHABET
-
-
 class StreamDecoder:
     """Turns token ids into text as they arrive, holding back an incomplete UTF-8 character, so the
-    pieces concatenate to exactly tokenizer.decode(all ids)."""
+    pieces concatenate to exactly tokenizer.decode(all ids). tokenizers' DecodeStream does the work:
+    it returns None while the text so far ends in an incomplete character."""
 
     def __init__(self, tokenizer):
-        self.tok = tokenizer
-        self.byte_level = json.loads(tokenizer.to_str()).get("decoder", {}).get("type") == "ByteLevel"
-        self.special = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
-        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-        self.ids, self.shown = [], ""
+        from tokenizers.decoders import DecodeStream
+        self.tok, self.stream = tokenizer, DecodeStream(skip_special_tokens=False)
+        self.ids, self.shown, self.held = [], 0, False  # shown: characters returned; held: a token since
 
     def push(self, token):
         """-> the new text this token completes ('' while a character is still incomplete)."""
-        if self.byte_level:
-            piece = self.tok.id_to_token(token)
-            if piece in self.special:  # added tokens decode as their own text
-                return self.utf8.decode(b"", final=True) + piece
-            alphabet = _byte_alphabet()
-            return self.utf8.decode(bytes(alphabet[c] for c in piece))
-        self.ids.append(token)  # other decoders: decode everything, show what is new and complete
-        text = self.tok.decode(self.ids, skip_special_tokens=False)
-        if text.endswith("\ufffd"):
-            return ""
-        new, self.shown = text[len(self.shown):], text
-        return new
+        self.ids.append(token)
+        piece = self.stream.step(self.tok, token)
+        self.held = piece is None
+        self.shown += len(piece or "")
+        return piece or ""
 
     def flush(self):
-        if self.byte_level:
-            return self.utf8.decode(b"", final=True)
+        """-> what is still held at the end of the reply: bytes that never completed a character, shown
+        as U+FFFD exactly as tokenizer.decode shows them (one decode of the reply, only in that case)."""
+        if not self.held:
+            return ""
+        self.held = False
         text = self.tok.decode(self.ids, skip_special_tokens=False)
-        new, self.shown = text[len(self.shown):], text
-        return new
+        piece, self.shown = text[self.shown:], len(text)
+        return piece
 
 
 # ----------------------------------------------------------------------------------------------

@@ -46,6 +46,9 @@ def test_stream_decoder_holds_a_character_until_its_last_byte(model):
     assert [dec.push(t) for t in ids] == ["", "", "", "🙂", "!"]
     dec = chat.StreamDecoder(tok)  # a special token right after an incomplete character flushes it first
     assert dec.push(ids[0]) == "" and dec.push(tok.token_to_id("<|end|>")) == "\ufffd<|end|>"
+    dec = chat.StreamDecoder(tok)  # a reply that ends inside a character: flush() shows what decode() shows
+    assert [dec.push(t) for t in ids[:2]] == ["", ""] and dec.flush() == tok.decode(ids[:2]) == "\ufffd"
+    assert dec.flush() == ""
 
 
 # ----------------------------------------------------------------------------------------------
