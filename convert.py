@@ -41,9 +41,13 @@ CHUNK_BYTES = 32 << 20  # source bytes read per step: peak memory is a few of th
 
 def config_from_hf(hf, where="config.json"):
     """Read a Hugging Face Phi4Flash config dict; one-line Phi4FlashError on anything we cannot run."""
-    if hf.get("model_type") != "phi4flash" and "Phi4FlashForCausalLM" not in (hf.get("architectures") or []):
-        raise Phi4FlashError(f"{where}: model_type is {hf.get('model_type')!r} and architectures is "
-                             f"{hf.get('architectures')!r}; expected Phi-4-mini-flash (model_type 'phi4flash')")
+    # The rule: model_type must be "phi4flash" (what transformers dispatches on), and architectures, when
+    # the config has it, must list Phi4FlashForCausalLM. The real config has both.
+    if hf.get("model_type") != "phi4flash":
+        raise Phi4FlashError(f"{where}: model_type is {hf.get('model_type')!r}; expected 'phi4flash' (Phi-4-mini-flash)")
+    architectures = hf.get("architectures")
+    if architectures is not None and (not isinstance(architectures, list) or "Phi4FlashForCausalLM" not in architectures):
+        raise Phi4FlashError(f"{where}: architectures is {architectures!r}; expected a list with 'Phi4FlashForCausalLM'")
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "num_key_value_heads", "sliding_window"):
         if key not in hf:
