@@ -619,9 +619,10 @@ def main(argv=None):
     except Phi4FlashError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # while loading or converting
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # while loading or converting: Ctrl-C, or SIGTERM / SIGHUP (convert.Interrupted)
+        signum = getattr(e, "signum", None)
+        print(f"\ninterrupted{f' ({e})' if signum else ''}", file=sys.stderr)
+        return 128 + signum if signum else 130
 
 
 if __name__ == "__main__":

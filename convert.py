@@ -18,13 +18,17 @@ kernel and λ vectors are always float32: they are tiny and feed fp32 statistics
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 
 import numpy as np
 
@@ -328,52 +332,199 @@ def _config_json(cfg):
     return {**asdict(cfg), "sliding_window": list(cfg.sliding_window)}
 
 
-def convert(src, dst, dtype="bfloat16", force=False, show_progress=None):
+def size_text(n):
+    """Bytes as people read them: 7.7 GB, 812.3 MB, 4.1 kB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def planned_bytes(cfg, plan, dtype):
+    """The length of the converted model.safetensors: its header and every tensor as stored (bf16 or
+    float32). 7.7 GB for the real model in bf16, 15.4 GB in float32."""
+    header, layout = converted_header(cfg, plan, dtype)
+    return len(header) + sum(math.prod(shape) * (2 if bf16 else 4) for _, shape, bf16 in layout)
+
+
+def output_bytes(src, cfg, found, plan, dtype):
+    """The disk space a conversion takes: planned_bytes and the copied side files. When the source
+    shards are sparse files (the real-size dry run's), the tensor data is scaled by the share of them
+    that is on disk: their holes are zeros, and zero chunks become holes in the output too."""
+    header, _ = converted_header(cfg, plan, dtype)
+    data = planned_bytes(cfg, plan, dtype) - len(header)
+    shards = [os.stat(f) for f in {file for file, _, _ in found.values()}]
+    length, stored = sum(st.st_size for st in shards), sum(getattr(st, "st_blocks", 0) * 512 for st in shards)
+    if 0 < stored < length:
+        data = data * stored // length
+    side = sum(os.path.getsize(os.path.join(src, n)) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n)))
+    return len(header) + data + side
+
+
+# A conversion writes into a hidden sibling of DST, .NAME.partial-PID, renamed into place at the end.
+# Ctrl-C, SIGTERM and SIGHUP remove it; a process killed outright (SIGKILL, a power cut) cannot, so each
+# run also removes the partial folders of processes that are no longer alive.
+PARTIAL = re.compile(r"\.(?P<name>.+)\.partial-(?P<pid>\d+)(?:\.old)?")
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP during a conversion, raised as Ctrl-C raises KeyboardInterrupt, so the same
+    cleanup runs; `signum` gives the exit status 128 + signum."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def signals_interrupt():
+    """While converting, SIGTERM and SIGHUP raise Interrupted (a signal someone set to be ignored,
+    such as SIGHUP under nohup, stays ignored). Only the main thread can set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+
+    def interrupt(signum, frame):
+        raise Interrupted(signum)
+
+    for name in ("SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
+            previous[sig] = signal.signal(sig, interrupt)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        pass
+    return True
+
+
+def remove_stale_partials(folder, name=None):
+    """Remove the partial folders (of DST `name`, or of any DST) that dead processes left in `folder`;
+    -> the paths removed."""
+    if os.name != "posix" or not os.path.isdir(folder):  # os.kill(pid, 0) is a liveness test only on POSIX
+        return []
+    removed = []
+    for entry in os.listdir(folder):
+        m = PARTIAL.fullmatch(entry)
+        path = os.path.join(folder, entry)
+        if m and (name is None or m["name"] == name) and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])) \
+                and os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _inside(path, folder):
+    return os.path.commonpath([path, folder]) == folder
+
+
+def convert(src, dst, dtype="bfloat16", force=False, show_progress=None, what="DST", hint="", announce=None,
+            extra_files=None):
     """Validate SRC (a snapshot folder, or a repo id found in the local Hugging Face cache), then write
-    DST atomically (a temporary sibling folder renamed into place)."""
+    DST atomically (a temporary sibling folder renamed into place). Every failure is one Phi4FlashError
+    line and leaves nothing behind; an existing DST (with --force) is replaced only once the new one is
+    complete. `what` and `hint` word the errors about DST (resolve_model writes into its cache);
+    announce(dst, size) is called once the checks pass, before writing; extra_files {name: JSON value}
+    are written into DST with the conversion."""
     src, dst = os.path.abspath(snapshot_folder(src, "SRC")), os.path.abspath(dst)
+
+    def dst_error(text):
+        return Phi4FlashError(f"{what} {dst}: {text}" + (f"; {hint}" if hint else ""))
+
     if dtype not in ("bfloat16", "float32"):
         raise Phi4FlashError(f"--dtype {dtype}: expected bfloat16 or float32")
     if os.path.exists(dst) and not force:
-        raise Phi4FlashError(f"DST {dst}: already exists (use --force to replace it)")
+        raise dst_error("already exists (use --force to replace it)")
     if os.path.exists(dst) and not os.path.isdir(dst):
-        raise Phi4FlashError(f"DST {dst}: exists and is not a folder")
-    if dst == src:
-        raise Phi4FlashError(f"DST {dst}: is SRC itself")
+        raise dst_error("exists and is not a folder")
+    real_src, real_dst = os.path.realpath(src), os.path.realpath(dst)
+    if real_dst == real_src:
+        raise dst_error("is SRC itself")
+    if _inside(real_dst, real_src):  # refused: a snapshot folder (the hub's, too) holds the download only
+        raise dst_error(f"is inside SRC {src}; write the conversion outside the snapshot folder")
+    if _inside(real_src, real_dst):
+        raise dst_error(f"contains SRC {src}; replacing it would delete the snapshot")
     cfg, found, plan = validate(src)
+
     parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise dst_error(f"cannot create the folder {e.filename or parent} ({e.strerror})") from None
+    remove_stale_partials(parent, os.path.basename(dst))
+    need = output_bytes(src, cfg, found, plan, dtype)
+    free = shutil.disk_usage(parent).free
+    if need > free:
+        raise dst_error(f"needs {size_text(need)} free in {parent}, which has {size_text(free)}")
     tmp = os.path.join(parent, f".{os.path.basename(dst)}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     try:
-        total = sum((r1 - r0) * math.prod(found[t][1]["shape"][1:] or [1])
-                    * np.dtype(phi4flash.SAFETENSORS_DTYPES[found[t][1]["dtype"]]).itemsize for _, t, r0, r1, _ in plan)
-        show = total > (64 << 20) if show_progress is None else show_progress
-        if show:
-            from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
-            with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                          TransferSpeedColumn(), TimeRemainingColumn(), transient=False) as bar:
-                task = bar.add_task(f"converting {os.path.basename(src)}", total=total)
-                write_converted(os.path.join(tmp, "model.safetensors"), cfg, found, plan, dtype,
-                                lambda n: bar.advance(task, n))
-        else:
-            write_converted(os.path.join(tmp, "model.safetensors"), cfg, found, plan, dtype)
-        for name in TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(src, name)):
-                shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
-        phi4flash.load(tmp)  # read back: headers, names and shapes must be what load() expects
-        if os.path.exists(dst):
-            old = tmp + ".old"
-            os.rename(dst, old)
-            os.rename(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, dst)
+        os.mkdir(tmp)
+    except OSError as e:
+        raise dst_error(f"cannot write in {parent} ({e.strerror})") from None
+    try:
+        with signals_interrupt():
+            if announce:
+                announce(dst, need)
+            _write(src, tmp, cfg, found, plan, dtype, show_progress, extra_files or {})
+            if os.path.exists(dst):
+                old = tmp + ".old"
+                os.rename(dst, old)
+                try:
+                    os.rename(tmp, dst)
+                except BaseException:
+                    os.rename(old, dst)
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, dst)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise dst_error(f"the disk of {parent} is full ({e.strerror}); the conversion needs {size_text(need)}, "
+                            "nothing was kept") from None
+        if e.filename and not _inside(os.path.realpath(e.filename), os.path.realpath(tmp)):
+            raise Phi4FlashError(f"{e.filename}: cannot read it ({e.strerror})") from None  # a source file
+        raise dst_error(f"cannot write in {parent} ({e.strerror})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return cfg
+
+
+def _write(src, tmp, cfg, found, plan, dtype, show_progress, extra_files):
+    total = sum((r1 - r0) * math.prod(found[t][1]["shape"][1:] or [1])
+                * np.dtype(phi4flash.SAFETENSORS_DTYPES[found[t][1]["dtype"]]).itemsize for _, t, r0, r1, _ in plan)
+    show = total > (64 << 20) if show_progress is None else show_progress
+    if show:
+        from rich.console import Console
+        from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+        with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                      TransferSpeedColumn(), TimeRemainingColumn(), transient=False,
+                      console=Console(stderr=True)) as bar:
+            task = bar.add_task(f"converting {os.path.basename(src)}", total=total)
+            write_converted(os.path.join(tmp, "model.safetensors"), cfg, found, plan, dtype,
+                            lambda n: bar.advance(task, n))
+    else:
+        write_converted(os.path.join(tmp, "model.safetensors"), cfg, found, plan, dtype)
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
+    for name, value in extra_files.items():
+        with open(os.path.join(tmp, name), "w") as f:
+            json.dump(value, f, indent=1)
+    phi4flash.load(tmp)  # read back: headers, names and shapes must be what load() expects
 
 
 # ----------------------------------------------------------------------------------------------
@@ -467,9 +618,9 @@ def main(argv=None):
     except Phi4FlashError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGHUP (Interrupted)
+        print(f"interrupted{f' ({e})' if isinstance(e, Interrupted) else ''}: nothing was written", file=sys.stderr)
+        return 128 + e.signum if isinstance(e, Interrupted) else 130
     n = sum(math.prod(s) for s in phi4flash.tensor_shapes(cfg).values())
     print(f"wrote {os.path.join(args.dst, 'model.safetensors')}: {cfg.num_hidden_layers} layers, {n:,} parameters, {args.dtype}")
     return 0
