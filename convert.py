@@ -578,29 +578,110 @@ def is_converted(path):
     return meta.get("format") == phi4flash.FORMAT
 
 
+# The conversion cache. An entry is named after the content it was made from, never after times:
+#   CACHE/NAME-KEY/   a converted folder, plus SOURCE_FILE = {"source", "key", "dtype"}
+# (NAME is the first source's, for people; only KEY is looked up, so the same content in another
+# folder finds the entry too).
+# KEY hashes, for each file convert reads, what identifies its content:
+#   * in the Hugging Face cache, the blob a snapshot file links to: its name is the hash of its bytes;
+#   * elsewhere, a JSON or tokenizer file's bytes; a .safetensors file's size, header, and 4 KiB at the
+#     start, middle and end of every tensor's data (new weights change all three; reading them costs
+#     a few MB where hashing the whole real model would read 7.7 GB at every start);
+# and the dtype and the format version. "source" is the snapshot folder, or the repo's folder in the
+# hub cache: a conversion of new content from the same source replaces the old entry.
+SOURCE_FILE = "phi4flash-source.json"
+SAMPLE = 4096
+
+
+def _file_identity(path):
+    real = os.path.realpath(path)
+    if os.path.basename(os.path.dirname(real)) == "blobs":
+        return "blob " + os.path.basename(real)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if not path.endswith(".safetensors"):
+            h.update(f.read())
+            return "sha256 " + h.hexdigest()
+        size = os.fstat(f.fileno()).st_size
+        h.update(str(size).encode())
+        try:
+            header, _, start = read_safetensors_header(path)
+        except Phi4FlashError:  # convert will say what is wrong with it; the key only has to differ
+            header, start = {}, 0
+        f.seek(0)
+        h.update(f.read(start or SAMPLE))
+        for name in sorted(header):
+            begin, end = (start + o for o in header[name]["data_offsets"])
+            for at in sorted({begin, max(begin, (begin + end - SAMPLE) // 2), max(begin, end - SAMPLE)}):
+                f.seek(at)
+                h.update(f.read(min(SAMPLE, end - at)))
+    return f"size {size} sampled {h.hexdigest()}"
+
+
+def source_key(path, dtype):
+    """The cache key of converting snapshot folder `path` to `dtype` (see above)."""
+    h = hashlib.sha256(f"{dtype} {phi4flash.FORMAT_VERSION}\n".encode())
+    for name in sorted(os.listdir(path)):
+        file = os.path.join(path, name)
+        if (name.endswith((".safetensors", ".json")) or name in TOKENIZER_FILES) and os.path.isfile(file):
+            h.update(f"{name} {_file_identity(file)}\n".encode())
+    return h.hexdigest()
+
+
+def source_of(path):
+    """-> (the source an entry belongs to, the entry's readable name): a hub-cache snapshot belongs to
+    its repo, any other folder to itself."""
+    real = os.path.realpath(path)
+    repo, snapshots = os.path.split(os.path.dirname(real))
+    if snapshots == "snapshots" and os.path.basename(repo).startswith("models--"):
+        return repo, os.path.basename(repo).split("--")[-1]
+    return real, os.path.basename(real)
+
+
+def _entry_source(entry):
+    try:
+        with open(os.path.join(entry, SOURCE_FILE)) as f:
+            info = json.load(f)
+        return info if isinstance(info, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
 def resolve_model(path, dtype="bfloat16", show_progress=None):
     """Converted folder -> itself. Hugging Face snapshot, or a repo id in the local hub cache -> its
-    conversion, made once into the cache folder (keyed by the snapshot's path and weight files' sizes
-    and times)."""
+    conversion, made once into the cache folder and reused while the content is the same (see above).
+    Converting says where it writes, on stderr; a new conversion replaces the entry of the same
+    source's older content."""
     path = snapshot_folder(path)
     if not os.path.isdir(path):
         raise Phi4FlashError(f"MODEL {path}: not a folder (expected a converted folder, a Hugging Face snapshot "
                              f"or a repo id such as {HF_REPO_ID})")
     if is_converted(path):
         return path
-    key = hashlib.sha256(os.path.realpath(path).encode())
-    for name in sorted(os.listdir(path)):
-        if name.endswith(".safetensors") or name.endswith(".json"):
-            st = os.stat(os.path.join(path, name))
-            key.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    key.update(f"{dtype}:{phi4flash.FORMAT_VERSION}".encode())
-    name = os.path.basename(os.path.realpath(path))
-    parent, repo = os.path.split(os.path.dirname(os.path.realpath(path)))
-    if repo == "snapshots" and os.path.basename(parent).startswith("models--"):  # hub cache: name it after the repo
-        name = os.path.basename(parent).split("--")[-1]
-    dst = os.path.join(cache_root(), f"{name}-{key.hexdigest()[:12]}")
-    if not is_converted(dst):
-        convert(path, dst, dtype, force=os.path.exists(dst), show_progress=show_progress)
+    root = cache_root()
+    source, name = source_of(path)
+    key = source_key(path, dtype)
+    made = [os.path.join(root, e) for e in (sorted(os.listdir(root)) if os.path.isdir(root) else [])
+            if e.endswith(f"-{key[:16]}") and not e.startswith(".")]
+    for entry in made:  # the same content converted before, from this folder or another
+        if is_converted(entry):
+            return entry
+    dst = os.path.join(root, f"{name}-{key[:16]}")
+    remove_stale_partials(root)
+
+    def announce(dst, size):
+        print(f"note: converting {path} once into {dst} ({size_text(size)}; PHI4FLASH_CACHE sets the folder)",
+              file=sys.stderr, flush=True)
+
+    convert(path, dst, dtype, force=os.path.exists(dst), show_progress=show_progress, what="cache folder",
+            hint="set PHI4FLASH_CACHE to a folder with room that you can write", announce=announce,
+            extra_files={SOURCE_FILE: {"source": source, "key": key, "dtype": dtype}})
+    for entry in sorted(os.listdir(root)):  # the same source's older content: its entry is stale now
+        old = os.path.join(root, entry)
+        info = _entry_source(old) if old != dst and os.path.isdir(old) else None
+        if info and info.get("source") == source and info.get("dtype") == dtype and info.get("key") != key:
+            shutil.rmtree(old, ignore_errors=True)
+            print(f"note: removed {old}, the conversion of this source's earlier content", file=sys.stderr)
     return dst
 
 

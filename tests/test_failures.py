@@ -136,6 +136,21 @@ def test_a_disk_that_fills_up_while_converting(mount):
     assert (disk / "out" / "keep.txt").read_text() == "mine"
 
 
+def test_chat_converting_into_a_cache_folder_it_cannot_write(read_only, tmp_path):
+    before = tree(read_only)
+    for cache, words in ((read_only / "cache", [f"cannot create the folder {read_only / 'cache'}"]),
+                         (read_only, [f"cannot write in {read_only}"])):
+        line = one_error_line(chat(TINY, cache), f"error: cache folder {cache}{os.sep}tiny-phi4flash-", *words)
+        assert line.endswith("set PHI4FLASH_CACHE to a folder with room that you can write")
+    assert tree(read_only) == before
+
+
+def test_chat_converting_into_a_full_cache_folder(mount):
+    disk = mount("small", size="512k")
+    one_error_line(chat(TINY, disk), f"cache folder {disk}", "needs 846.4 kB free", "PHI4FLASH_CACHE")
+    assert tree(disk) == []
+
+
 # ----------------------------------------------------------------------------------------------
 # DST and SRC inside each other
 
@@ -224,3 +239,9 @@ def test_partial_folders_of_dead_processes_are_removed_by_the_next_run(tmp_path)
     assert r.returncode == 0, r.stderr
     assert sorted(partials(tmp_path)) == sorted([f".new.partial-{os.getpid()}", next(n for n in partials(tmp_path) if n.startswith(".other"))])
 
+    cache = tmp_path / "cache"  # the cache folder is ours: chat removes any dead process's partial folder there
+    cache.mkdir()
+    (cache / f".tiny-phi4flash-0123456789abcdef.partial-{dead_pid()}").mkdir()
+    r = chat(TINY, cache)
+    assert r.returncode == 0, r.stderr
+    assert partials(cache) == [] and len(os.listdir(cache)) == 1
