@@ -47,7 +47,7 @@ def render_prompt(model, messages, add_generation_prompt=True):
         return text + "<|assistant|>" if add_generation_prompt else text
     from jinja2.sandbox import ImmutableSandboxedEnvironment
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    special = {k: (v["content"] if isinstance(v, dict) else v) for k, v in config.items()
+    special = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in config.items()
                if k in ("bos_token", "eos_token", "pad_token", "unk_token") and v}
     return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **special)
 
@@ -572,14 +572,77 @@ def one_shot(s, text, console, err):
     return 130 if st.stop.startswith("interrupted") else 0
 
 
+SIDE_FILES = ("generation_config.json", "tokenizer_config.json")  # optional JSON objects next to the weights
+
+
 def open_model(path, device="cpu"):
-    """MODEL argument -> loaded model (converting a Hugging Face folder once, into the cache)."""
+    """MODEL argument -> loaded model (converting a Hugging Face folder once, into the cache), checked
+    for what chat needs: a tokenizer, and a chat template that renders. Any problem is one
+    Phi4FlashError line naming the file."""
     import convert
     if path is None:
+        if not os.path.isdir(TINY):
+            raise Phi4FlashError(f"no MODEL given, and the bundled tiny model is not at {TINY}; give a MODEL "
+                                 f"(for the real one: {REAL_MODEL_HINT})")
         print(f"note: no MODEL given, using the bundled tiny model: its weights are random, so its replies are "
               f"gibberish. For the real model: {REAL_MODEL_HINT}", file=sys.stderr)
         path = TINY
-    return phi4flash.load(convert.resolve_model(path), device=device)
+    folder = convert.resolve_model(path)
+    try:
+        model = phi4flash.load(folder, device=device)
+    except Phi4FlashError:
+        raise
+    except Exception as e:  # load() read a side file it could not use: find which, and say so in one line
+        raise side_file_error(folder, e) from None
+    for name in SIDE_FILES:
+        if not isinstance(model.files.get(name, {}), dict):
+            raise Phi4FlashError(f"{os.path.join(folder, name)}: expected a JSON object, got {type(model.files[name]).__name__}")
+    if model.tokenizer is None:
+        raise Phi4FlashError(f"{os.path.join(folder, 'tokenizer.json')}: missing; chat needs the tokenizer (convert the "
+                             "Hugging Face snapshot again, or copy its tokenizer.json there)")
+    try:  # the template is the checkpoint's own code: try it once now, not in the middle of the first turn
+        render_prompt(model, [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                              {"role": "assistant", "content": "a"}, {"role": "user", "content": "u"}])
+    except Exception as e:
+        where = f"line {e.lineno}: " if getattr(e, "lineno", None) else ""
+        raise Phi4FlashError(f"{os.path.join(folder, 'tokenizer_config.json')}: its chat_template does not render "
+                             f"({where}{type(e).__name__}: {_first_line(e)})") from None
+    return model
+
+
+def _first_line(e):
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def side_file_error(folder, error):
+    """The one-line error for a converted folder that phi4flash.load() failed on with `error`."""
+    for name in SIDE_FILES:
+        file = os.path.join(folder, name)
+        if not os.path.exists(file):
+            continue
+        try:
+            with open(file, encoding="utf-8") as f:
+                data = json.load(f)
+        except OSError as e:
+            return Phi4FlashError(f"{file}: cannot read it ({e.strerror})")
+        except ValueError as e:
+            return Phi4FlashError(f"{file}: not valid JSON ({e})")
+        if not isinstance(data, dict):
+            return Phi4FlashError(f"{file}: expected a JSON object, got {type(data).__name__}")
+        eos = data.get("eos_token_id")
+        if name == "generation_config.json" and not (eos is None or isinstance(eos, int) or (
+                isinstance(eos, list) and all(isinstance(i, int) for i in eos))):
+            return Phi4FlashError(f"{file}: eos_token_id is {eos!r}; expected a token id or a list of them")
+    file = os.path.join(folder, "tokenizer.json")
+    if os.path.exists(file):
+        from tokenizers import Tokenizer
+        try:
+            Tokenizer.from_file(file)
+        except Exception as e:
+            return Phi4FlashError(f"{file}: the tokenizers library cannot read it ({_first_line(e)})")
+    if isinstance(error, OSError) and error.filename:
+        return Phi4FlashError(f"{error.filename}: cannot read it ({error.strerror})")
+    return Phi4FlashError(f"{folder}: cannot load it ({type(error).__name__}: {_first_line(error)})")
 
 
 def main(argv=None):

@@ -245,3 +245,42 @@ def test_partial_folders_of_dead_processes_are_removed_by_the_next_run(tmp_path)
     r = chat(TINY, cache)
     assert r.returncode == 0, r.stderr
     assert partials(cache) == [] and len(os.listdir(cache)) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# A converted folder with a broken or missing side file
+
+@pytest.fixture
+def model_copy(converted, tmp_path):
+    path = tmp_path / "model"
+    shutil.copytree(converted, path)
+    return path
+
+
+@pytest.mark.parametrize("name, text, words", [
+    ("generation_config.json", "{oops", "not valid JSON"),
+    ("generation_config.json", "[1, 2]", "expected a JSON object, got list"),
+    ("generation_config.json", '{"eos_token_id": "x"}', "eos_token_id is 'x'; expected a token id"),
+    ("tokenizer_config.json", "", "not valid JSON"),
+    ("tokenizer_config.json", "[]", "expected a JSON object, got list"),
+    ("tokenizer_config.json", '{"chat_template": "{% if %}"}', "its chat_template does not render"),
+    ("tokenizer_config.json", '{"chat_template": "{{ messages[9].content }}"}', "its chat_template does not render"),
+    ("tokenizer.json", "{oops", "the tokenizers library cannot read it"),
+    ("tokenizer.json", "{}", "the tokenizers library cannot read it"),
+    ("tokenizer.json", None, "missing; chat needs the tokenizer"),
+])
+def test_chat_names_a_broken_side_file(model_copy, tmp_path, name, text, words):
+    if text is None:
+        os.remove(model_copy / name)
+    else:
+        (model_copy / name).write_text(text)
+    before = tree(tmp_path)
+    one_error_line(chat(model_copy, tmp_path / "cache"), f"error: {model_copy / name}: {words}")
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("name", ["generation_config.json", "tokenizer_config.json"])
+def test_chat_runs_without_an_optional_side_file(model_copy, tmp_path, name):
+    os.remove(model_copy / name)
+    r = chat(model_copy, tmp_path / "cache")
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
