@@ -305,7 +305,14 @@ def chat_turn(s, user_text, view, ctrl_c):
         if st.reused:
             where = (f"only {context - st.reused} of the {context}-token context are left; "
                      "/clear starts a new conversation")
-        else:
+        else:  # blame what is too long: the conversation so far (a /load, a long system text), or the message
+            earlier = conversation_tokens(model, s.conversation())
+            if earlier >= context - 1:
+                what = (f"the conversation so far ({plural(len(s.messages), 'message')}"
+                        f"{' and the system text' if s.system else ''})" if s.messages else "the system text")
+                raise ContextFull(f"context full: {what} is {earlier} tokens by itself, the context holds {context}; "
+                                  + ("it cannot be continued, /clear starts a new conversation" if s.messages
+                                     else "shorten the system text (/system TEXT)"))
             where = (f"the context holds {context}; shorten the message" + (" or the system text" if s.system else "")
                      + (", or /clear the conversation" if s.messages else ""))
         raise ContextFull(f"context full: this turn is {len(new_ids)} tokens (plus at least one for the reply), {where}")
@@ -367,6 +374,15 @@ def chat_turn(s, user_text, view, ctrl_c):
     return st
 
 
+def conversation_tokens(model, messages):
+    """How many tokens `messages` take, rendered as the template writes them (0 for none)."""
+    return len(model.encode(render_prompt(model, messages, add_generation_prompt=False))) if messages else 0
+
+
+def plural(n, word):
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def stats_line(st):
     prompt = f"{st.prompt_tokens} prompt tokens"
     if st.reused:
@@ -376,6 +392,7 @@ def stats_line(st):
     if st.stop == "interrupted in prefill":
         return f"[{prompt}: interrupted while reading the prompt; the message was dropped]"
     parts = [prompt, f"prefill {st.prompt_tokens / st.ttft_s:.0f} tok/s" if st.ttft_s > 0 else "",
+             "" if not st.generated else  # no first token: interrupted before it
              f"first token {st.ttft_s * 1000:.0f} ms" if st.ttft_s < 1 else f"first token {st.ttft_s:.2f} s",
              f"{st.generated} generated"]
     if st.generated > 1 and st.decode_s > 0:  # the first token comes from the prefill, not a decode step
@@ -395,11 +412,25 @@ HELP = """\
 /system [TEXT]         show or set the system text (the next turn re-reads the conversation)
 /set [NAME VALUE]      show the settings, or set temp | top_p | top_k | max_tokens | seed | think (on/off)
 /stats                 the last turn's numbers and the context in use
-/save FILE             the conversation as JSON
+/save FILE             the conversation as JSON (an existing FILE is kept: /save! FILE replaces it)
 /load FILE             a saved conversation (the next turn reads it once)
 /exit, /bye, Ctrl-D    quit
 Ctrl-C stops a reply (kept as far as it got); twice at the prompt quits.
 \"\"\" opens and closes a multi-line message; pasted lines are one message."""
+
+
+def save_conversation(path, system, messages):
+    """Write the /save JSON to a temporary file next to `path`, then rename it into place: a failed write
+    leaves no half-written file, and the old file (with /save!) is replaced only by a complete one."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.partial-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"system": system, "messages": messages}, f, ensure_ascii=False, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def load_conversation(path):
@@ -462,14 +493,16 @@ def command(s, line, console):
             f"context tokens")
         say(f"last turn: {stats_line(s.last)}" if s.last else "no turn yet")
         say(settings_line(s.settings))
-    elif name in ("/save", "/load"):
+    elif name in ("/save", "/save!", "/load"):
         if not arg:
             say(f"{name} needs a FILE", style="red")
-        elif name == "/save":
+        elif name.startswith("/save"):
+            if name == "/save" and os.path.lexists(arg):
+                say(f"/save: {arg} already exists (kept); /save! {arg} replaces it", style="red")
+                return False
             try:
-                with open(arg, "w", encoding="utf-8") as f:
-                    json.dump({"system": s.system, "messages": s.messages}, f, ensure_ascii=False, indent=1)
-                say(f"saved {len(s.messages)} messages to {arg}")
+                save_conversation(arg, s.system, s.messages)
+                say(f"saved {plural(len(s.messages), 'message')} to {arg}")
             except OSError as e:
                 say(f"/save: cannot write {arg} ({e.strerror})", style="red")
         else:
@@ -480,7 +513,13 @@ def command(s, line, console):
                 return False
             s.turns, s.last = sum(m["role"] == "user" for m in s.messages), None
             s.reset()
-            say(f"loaded {len(s.messages)} messages; the next turn reads them once")
+            context, used = s.model.config.context_length, conversation_tokens(s.model, s.conversation())
+            if used >= context - 1:
+                say(f"loaded {plural(len(s.messages), 'message')}: {used} tokens, more than the {context}-token context "
+                    "holds, so it cannot be continued; /clear starts a new conversation", style="red")
+            else:
+                say(f"loaded {plural(len(s.messages), 'message')} ({used} of the {context} context tokens); "
+                    "the next turn reads them once")
     else:
         say(f"unknown command {name}; /help lists the commands", style="red")
     return False
