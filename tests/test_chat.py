@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pexpect
@@ -353,6 +354,14 @@ def spawn(cache, *args):
     return child
 
 
+def interrupt_at_prompt(child):
+    """Ctrl-C at the prompt, as a person presses it: after the prompt is up. A SIGINT that lands between
+    readline printing the prompt and starting to wait for a key is only noticed at the next key (a race in
+    any readline program), so a loaded machine could lose a Ctrl-C sent the moment the prompt appears."""
+    time.sleep(0.3)
+    child.sendintr()
+
+
 def turn_stats(child):
     child.expect(STATS)
     prompt, reused, generated = child.match.groups()
@@ -398,9 +407,10 @@ def test_terminal_session_commands_and_ctrl_c(cache_dir, model):
     child.expect(">>> ")
     child.sendline("")  # empty input does nothing
     child.expect(">>> ")
-    child.sendintr()
+    interrupt_at_prompt(child)
     child.expect(r"Ctrl-C again, Ctrl-D or /bye quits")
-    child.sendintr()
+    child.expect(">>> ")
+    interrupt_at_prompt(child)
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
