@@ -12,7 +12,6 @@ only its own new tokens; see `chat_turn`.
 from __future__ import annotations
 
 import argparse
-import codecs
 import contextlib
 import json
 import math
@@ -28,7 +27,7 @@ from phi4flash import Phi4FlashError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = os.path.join(HERE, "tests", "fixtures", "tiny-phi4flash")
-REAL_MODEL_HINT = ("huggingface-cli download microsoft/Phi-4-mini-flash-reasoning "
+REAL_MODEL_HINT = ("hf download microsoft/Phi-4-mini-flash-reasoning "
                    "&& python chat.py microsoft/Phi-4-mini-flash-reasoning")
 CHUNK = 512  # prompt tokens per extend() call: Ctrl-C and the progress bar get a say between chunks
 
@@ -48,7 +47,7 @@ def render_prompt(model, messages, add_generation_prompt=True):
         return text + "<|assistant|>" if add_generation_prompt else text
     from jinja2.sandbox import ImmutableSandboxedEnvironment
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    special = {k: (v["content"] if isinstance(v, dict) else v) for k, v in config.items()
+    special = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in config.items()
                if k in ("bos_token", "eos_token", "pad_token", "unk_token") and v}
     return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **special)
 
@@ -56,57 +55,33 @@ def render_prompt(model, messages, add_generation_prompt=True):
 # ----------------------------------------------------------------------------------------------
 # Streaming text: byte-level tokens can end in the middle of a UTF-8 character
 
-_BYTE_ALPHABET = None
-
-
-def _byte_alphabet():
-    """The byte-level BPE alphabet (GPT-2's): printable character -> the byte it stands for."""
-    global _BYTE_ALPHABET
-    if _BYTE_ALPHABET is None:
-        printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-        chars, n = {}, 0
-        for b in range(256):
-            if b in printable:
-                chars[chr(b)] = b
-            else:
-                chars[chr(256 + n)] = b
-                n += 1
-        _BYTE_ALPHABET = chars
-    return _BYTE_ALPHABET
-
-
 class StreamDecoder:
     """Turns token ids into text as they arrive, holding back an incomplete UTF-8 character, so the
-    pieces concatenate to exactly tokenizer.decode(all ids)."""
+    pieces concatenate to exactly tokenizer.decode(all ids). tokenizers' DecodeStream does the work:
+    it returns None while the text so far ends in an incomplete character."""
 
     def __init__(self, tokenizer):
-        self.tok = tokenizer
-        self.byte_level = json.loads(tokenizer.to_str()).get("decoder", {}).get("type") == "ByteLevel"
-        self.special = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
-        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-        self.ids, self.shown = [], ""
+        from tokenizers.decoders import DecodeStream
+        self.tok, self.stream = tokenizer, DecodeStream(skip_special_tokens=False)
+        self.ids, self.shown, self.held = [], 0, False  # shown: characters returned; held: a token since
 
     def push(self, token):
         """-> the new text this token completes ('' while a character is still incomplete)."""
-        if self.byte_level:
-            piece = self.tok.id_to_token(token)
-            if piece in self.special:  # added tokens decode as their own text
-                return self.utf8.decode(b"", final=True) + piece
-            alphabet = _byte_alphabet()
-            return self.utf8.decode(bytes(alphabet[c] for c in piece))
-        self.ids.append(token)  # other decoders: decode everything, show what is new and complete
-        text = self.tok.decode(self.ids, skip_special_tokens=False)
-        if text.endswith("\ufffd"):
-            return ""
-        new, self.shown = text[len(self.shown):], text
-        return new
+        self.ids.append(token)
+        piece = self.stream.step(self.tok, token)
+        self.held = piece is None
+        self.shown += len(piece or "")
+        return piece or ""
 
     def flush(self):
-        if self.byte_level:
-            return self.utf8.decode(b"", final=True)
+        """-> what is still held at the end of the reply: bytes that never completed a character, shown
+        as U+FFFD exactly as tokenizer.decode shows them (one decode of the reply, only in that case)."""
+        if not self.held:
+            return ""
+        self.held = False
         text = self.tok.decode(self.ids, skip_special_tokens=False)
-        new, self.shown = text[len(self.shown):], text
-        return new
+        piece, self.shown = text[self.shown:], len(text)
+        return piece
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,7 +305,14 @@ def chat_turn(s, user_text, view, ctrl_c):
         if st.reused:
             where = (f"only {context - st.reused} of the {context}-token context are left; "
                      "/clear starts a new conversation")
-        else:
+        else:  # blame what is too long: the conversation so far (a /load, a long system text), or the message
+            earlier = conversation_tokens(model, s.conversation())
+            if earlier >= context - 1:
+                what = (f"the conversation so far ({plural(len(s.messages), 'message')}"
+                        f"{' and the system text' if s.system else ''})" if s.messages else "the system text")
+                raise ContextFull(f"context full: {what} is {earlier} tokens by itself, the context holds {context}; "
+                                  + ("it cannot be continued, /clear starts a new conversation" if s.messages
+                                     else "shorten the system text (/system TEXT)"))
             where = (f"the context holds {context}; shorten the message" + (" or the system text" if s.system else "")
                      + (", or /clear the conversation" if s.messages else ""))
         raise ContextFull(f"context full: this turn is {len(new_ids)} tokens (plus at least one for the reply), {where}")
@@ -392,6 +374,15 @@ def chat_turn(s, user_text, view, ctrl_c):
     return st
 
 
+def conversation_tokens(model, messages):
+    """How many tokens `messages` take, rendered as the template writes them (0 for none)."""
+    return len(model.encode(render_prompt(model, messages, add_generation_prompt=False))) if messages else 0
+
+
+def plural(n, word):
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def stats_line(st):
     prompt = f"{st.prompt_tokens} prompt tokens"
     if st.reused:
@@ -401,6 +392,7 @@ def stats_line(st):
     if st.stop == "interrupted in prefill":
         return f"[{prompt}: interrupted while reading the prompt; the message was dropped]"
     parts = [prompt, f"prefill {st.prompt_tokens / st.ttft_s:.0f} tok/s" if st.ttft_s > 0 else "",
+             "" if not st.generated else  # no first token: interrupted before it
              f"first token {st.ttft_s * 1000:.0f} ms" if st.ttft_s < 1 else f"first token {st.ttft_s:.2f} s",
              f"{st.generated} generated"]
     if st.generated > 1 and st.decode_s > 0:  # the first token comes from the prefill, not a decode step
@@ -420,11 +412,25 @@ HELP = """\
 /system [TEXT]         show or set the system text (the next turn re-reads the conversation)
 /set [NAME VALUE]      show the settings, or set temp | top_p | top_k | max_tokens | seed | think (on/off)
 /stats                 the last turn's numbers and the context in use
-/save FILE             the conversation as JSON
+/save FILE             the conversation as JSON (an existing FILE is kept: /save! FILE replaces it)
 /load FILE             a saved conversation (the next turn reads it once)
 /exit, /bye, Ctrl-D    quit
 Ctrl-C stops a reply (kept as far as it got); twice at the prompt quits.
 \"\"\" opens and closes a multi-line message; pasted lines are one message."""
+
+
+def save_conversation(path, system, messages):
+    """Write the /save JSON to a temporary file next to `path`, then rename it into place: a failed write
+    leaves no half-written file, and the old file (with /save!) is replaced only by a complete one."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.partial-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"system": system, "messages": messages}, f, ensure_ascii=False, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def load_conversation(path):
@@ -487,14 +493,16 @@ def command(s, line, console):
             f"context tokens")
         say(f"last turn: {stats_line(s.last)}" if s.last else "no turn yet")
         say(settings_line(s.settings))
-    elif name in ("/save", "/load"):
+    elif name in ("/save", "/save!", "/load"):
         if not arg:
             say(f"{name} needs a FILE", style="red")
-        elif name == "/save":
+        elif name.startswith("/save"):
+            if name == "/save" and os.path.lexists(arg):
+                say(f"/save: {arg} already exists (kept); /save! {arg} replaces it", style="red")
+                return False
             try:
-                with open(arg, "w", encoding="utf-8") as f:
-                    json.dump({"system": s.system, "messages": s.messages}, f, ensure_ascii=False, indent=1)
-                say(f"saved {len(s.messages)} messages to {arg}")
+                save_conversation(arg, s.system, s.messages)
+                say(f"saved {plural(len(s.messages), 'message')} to {arg}")
             except OSError as e:
                 say(f"/save: cannot write {arg} ({e.strerror})", style="red")
         else:
@@ -505,7 +513,13 @@ def command(s, line, console):
                 return False
             s.turns, s.last = sum(m["role"] == "user" for m in s.messages), None
             s.reset()
-            say(f"loaded {len(s.messages)} messages; the next turn reads them once")
+            context, used = s.model.config.context_length, conversation_tokens(s.model, s.conversation())
+            if used >= context - 1:
+                say(f"loaded {plural(len(s.messages), 'message')}: {used} tokens, more than the {context}-token context "
+                    "holds, so it cannot be continued; /clear starts a new conversation", style="red")
+            else:
+                say(f"loaded {plural(len(s.messages), 'message')} ({used} of the {context} context tokens); "
+                    "the next turn reads them once")
     else:
         say(f"unknown command {name}; /help lists the commands", style="red")
     return False
@@ -598,13 +612,34 @@ def one_shot(s, text, console, err):
 
 
 def open_model(path, device="cpu"):
-    """MODEL argument -> loaded model (converting a Hugging Face folder once, into the cache)."""
+    """MODEL argument -> loaded model (converting a Hugging Face folder once, into the cache), checked
+    for what chat needs: a tokenizer, and a chat template that renders. Any problem is one
+    Phi4FlashError line naming the file."""
     import convert
     if path is None:
+        if not os.path.isdir(TINY):
+            raise Phi4FlashError(f"no MODEL given, and the bundled tiny model is not at {TINY}; give a MODEL "
+                                 f"(for the real one: {REAL_MODEL_HINT})")
         print(f"note: no MODEL given, using the bundled tiny model: its weights are random, so its replies are "
               f"gibberish. For the real model: {REAL_MODEL_HINT}", file=sys.stderr)
         path = TINY
-    return phi4flash.load(convert.resolve_model(path), device=device)
+    folder = convert.resolve_model(path)
+    model = phi4flash.load(folder, device=device)  # a damaged side file is load()'s one-line Phi4FlashError
+    if model.tokenizer is None:
+        raise Phi4FlashError(f"{os.path.join(folder, 'tokenizer.json')}: missing; chat needs the tokenizer (convert the "
+                             "Hugging Face snapshot again, or copy its tokenizer.json there)")
+    try:  # the template is the checkpoint's own code: try it once now, not in the middle of the first turn
+        render_prompt(model, [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                              {"role": "assistant", "content": "a"}, {"role": "user", "content": "u"}])
+    except Exception as e:
+        where = f"line {e.lineno}: " if getattr(e, "lineno", None) else ""
+        raise Phi4FlashError(f"{os.path.join(folder, 'tokenizer_config.json')}: its chat_template does not render "
+                             f"({where}{type(e).__name__}: {_first_line(e)})") from None
+    return model
+
+
+def _first_line(e):
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def main(argv=None):
@@ -644,9 +679,10 @@ def main(argv=None):
     except Phi4FlashError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # while loading or converting
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # while loading or converting: Ctrl-C, or SIGTERM / SIGHUP (convert.Interrupted)
+        signum = getattr(e, "signum", None)
+        print(f"\ninterrupted{f' ({e})' if signum else ''}", file=sys.stderr)
+        return 128 + signum if signum else 130
 
 
 if __name__ == "__main__":

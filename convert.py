@@ -4,8 +4,8 @@
 
 SRC is a snapshot folder (config.json, model.safetensors or model-0000K-of-0000N.safetensors +
 model.safetensors.index.json, tokenizer files, generation_config.json), or a repo id such as
-microsoft/Phi-4-mini-flash-reasoning that `huggingface-cli download` has put in the local Hugging Face
-cache (nothing is downloaded here). Everything is checked before a byte is written; tensors are then
+microsoft/Phi-4-mini-flash-reasoning that `hf download` has put in the local Hugging Face cache
+(nothing is downloaded here). Everything is checked before a byte is written; tensors are then
 streamed a few MB at a time into DST/model.safetensors under the names phi4flash.tensor_shapes()
 lists, and DST appears only when the whole conversion succeeded.
 
@@ -18,13 +18,17 @@ kernel and λ vectors are always float32: they are tiny and feed fp32 statistics
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 
 import numpy as np
 
@@ -41,9 +45,13 @@ CHUNK_BYTES = 32 << 20  # source bytes read per step: peak memory is a few of th
 
 def config_from_hf(hf, where="config.json"):
     """Read a Hugging Face Phi4Flash config dict; one-line Phi4FlashError on anything we cannot run."""
-    if hf.get("model_type") != "phi4flash" and "Phi4FlashForCausalLM" not in (hf.get("architectures") or []):
-        raise Phi4FlashError(f"{where}: model_type is {hf.get('model_type')!r} and architectures is "
-                             f"{hf.get('architectures')!r}; expected Phi-4-mini-flash (model_type 'phi4flash')")
+    # The rule: model_type must be "phi4flash" (what transformers dispatches on), and architectures, when
+    # the config has it, must list Phi4FlashForCausalLM. The real config has both.
+    if hf.get("model_type") != "phi4flash":
+        raise Phi4FlashError(f"{where}: model_type is {hf.get('model_type')!r}; expected 'phi4flash' (Phi-4-mini-flash)")
+    architectures = hf.get("architectures")
+    if architectures is not None and (not isinstance(architectures, list) or "Phi4FlashForCausalLM" not in architectures):
+        raise Phi4FlashError(f"{where}: architectures is {architectures!r}; expected a list with 'Phi4FlashForCausalLM'")
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "num_key_value_heads", "sliding_window"):
         if key not in hf:
@@ -324,97 +332,228 @@ def _config_json(cfg):
     return {**asdict(cfg), "sliding_window": list(cfg.sliding_window)}
 
 
-def convert(src, dst, dtype="bfloat16", force=False, show_progress=None):
+def size_text(n):
+    """Bytes as people read them: 7.7 GB, 812.3 MB, 4.1 kB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def planned_bytes(cfg, plan, dtype):
+    """The length of the converted model.safetensors: its header and every tensor as stored (bf16 or
+    float32). 7.7 GB for the real model in bf16, 15.4 GB in float32."""
+    header, layout = converted_header(cfg, plan, dtype)
+    return len(header) + sum(math.prod(shape) * (2 if bf16 else 4) for _, shape, bf16 in layout)
+
+
+def output_bytes(src, cfg, found, plan, dtype):
+    """The disk space a conversion takes: planned_bytes and the copied side files. When the source
+    shards are sparse files (the real-size dry run's), the tensor data is scaled by the share of them
+    that is on disk: their holes are zeros, and zero chunks become holes in the output too."""
+    header, _ = converted_header(cfg, plan, dtype)
+    data = planned_bytes(cfg, plan, dtype) - len(header)
+    shards = [os.stat(f) for f in {file for file, _, _ in found.values()}]
+    length, stored = sum(st.st_size for st in shards), sum(getattr(st, "st_blocks", 0) * 512 for st in shards)
+    if 0 < stored < length:
+        data = data * stored // length
+    side = sum(os.path.getsize(os.path.join(src, n)) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n)))
+    return len(header) + data + side
+
+
+# A conversion writes into a hidden sibling of DST, .NAME.partial-PID, renamed into place at the end.
+# Ctrl-C, SIGTERM and SIGHUP remove it; a process killed outright (SIGKILL, a power cut) cannot, so each
+# run also removes the partial folders of processes that are no longer alive.
+PARTIAL = re.compile(r"\.(?P<name>.+)\.partial-(?P<pid>\d+)(?:\.old)?")
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP during a conversion, raised as Ctrl-C raises KeyboardInterrupt, so the same
+    cleanup runs; `signum` gives the exit status 128 + signum."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def signals_interrupt():
+    """While converting, SIGTERM and SIGHUP raise Interrupted (a signal someone set to be ignored,
+    such as SIGHUP under nohup, stays ignored). Only the main thread can set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+
+    def interrupt(signum, frame):
+        raise Interrupted(signum)
+
+    for name in ("SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
+            previous[sig] = signal.signal(sig, interrupt)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        pass
+    return True
+
+
+def remove_stale_partials(folder, name=None):
+    """Remove the partial folders (of DST `name`, or of any DST) that dead processes left in `folder`;
+    -> the paths removed."""
+    if os.name != "posix" or not os.path.isdir(folder):  # os.kill(pid, 0) is a liveness test only on POSIX
+        return []
+    removed = []
+    for entry in os.listdir(folder):
+        m = PARTIAL.fullmatch(entry)
+        path = os.path.join(folder, entry)
+        if m and (name is None or m["name"] == name) and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])) \
+                and os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _inside(path, folder):
+    return os.path.commonpath([path, folder]) == folder
+
+
+def convert(src, dst, dtype="bfloat16", force=False, show_progress=None, what="DST", hint="", announce=None,
+            extra_files=None):
     """Validate SRC (a snapshot folder, or a repo id found in the local Hugging Face cache), then write
-    DST atomically (a temporary sibling folder renamed into place)."""
+    DST atomically (a temporary sibling folder renamed into place). Every failure is one Phi4FlashError
+    line and leaves nothing behind; an existing DST (with --force) is replaced only once the new one is
+    complete. `what` and `hint` word the errors about DST (resolve_model writes into its cache);
+    announce(dst, size) is called once the checks pass, before writing; extra_files {name: JSON value}
+    are written into DST with the conversion."""
     src, dst = os.path.abspath(snapshot_folder(src, "SRC")), os.path.abspath(dst)
+
+    def dst_error(text):
+        return Phi4FlashError(f"{what} {dst}: {text}" + (f"; {hint}" if hint else ""))
+
     if dtype not in ("bfloat16", "float32"):
         raise Phi4FlashError(f"--dtype {dtype}: expected bfloat16 or float32")
     if os.path.exists(dst) and not force:
-        raise Phi4FlashError(f"DST {dst}: already exists (use --force to replace it)")
+        raise dst_error("already exists (use --force to replace it)")
     if os.path.exists(dst) and not os.path.isdir(dst):
-        raise Phi4FlashError(f"DST {dst}: exists and is not a folder")
-    if dst == src:
-        raise Phi4FlashError(f"DST {dst}: is SRC itself")
+        raise dst_error("exists and is not a folder")
+    real_src, real_dst = os.path.realpath(src), os.path.realpath(dst)
+    if real_dst == real_src:
+        raise dst_error("is SRC itself")
+    if _inside(real_dst, real_src):  # refused: a snapshot folder (the hub's, too) holds the download only
+        raise dst_error(f"is inside SRC {src}; write the conversion outside the snapshot folder")
+    if _inside(real_src, real_dst):
+        raise dst_error(f"contains SRC {src}; replacing it would delete the snapshot")
     cfg, found, plan = validate(src)
+
     parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise dst_error(f"cannot create the folder {e.filename or parent} ({e.strerror})") from None
+    remove_stale_partials(parent, os.path.basename(dst))
+    need = output_bytes(src, cfg, found, plan, dtype)
+    free = shutil.disk_usage(parent).free
+    if need > free:
+        raise dst_error(f"needs {size_text(need)} free in {parent}, which has {size_text(free)}")
     tmp = os.path.join(parent, f".{os.path.basename(dst)}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     try:
-        total = sum((r1 - r0) * math.prod(found[t][1]["shape"][1:] or [1])
-                    * np.dtype(phi4flash.SAFETENSORS_DTYPES[found[t][1]["dtype"]]).itemsize for _, t, r0, r1, _ in plan)
-        show = total > (64 << 20) if show_progress is None else show_progress
-        if show:
-            from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
-            with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                          TransferSpeedColumn(), TimeRemainingColumn(), transient=False) as bar:
-                task = bar.add_task(f"converting {os.path.basename(src)}", total=total)
-                write_converted(os.path.join(tmp, "model.safetensors"), cfg, found, plan, dtype,
-                                lambda n: bar.advance(task, n))
-        else:
-            write_converted(os.path.join(tmp, "model.safetensors"), cfg, found, plan, dtype)
-        for name in TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(src, name)):
-                shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
-        phi4flash.load(tmp)  # read back: headers, names and shapes must be what load() expects
-        if os.path.exists(dst):
-            old = tmp + ".old"
-            os.rename(dst, old)
-            os.rename(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, dst)
+        os.mkdir(tmp)
+    except OSError as e:
+        raise dst_error(f"cannot write in {parent} ({e.strerror})") from None
+    try:
+        with signals_interrupt():
+            if announce:
+                announce(dst, need)
+            _write(src, tmp, cfg, found, plan, dtype, show_progress, extra_files or {})
+            if os.path.exists(dst):
+                old = tmp + ".old"
+                os.rename(dst, old)
+                try:
+                    os.rename(tmp, dst)
+                except BaseException:
+                    os.rename(old, dst)
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, dst)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise dst_error(f"the disk of {parent} is full ({e.strerror}); the conversion needs {size_text(need)}, "
+                            "nothing was kept") from None
+        if e.filename and not _inside(os.path.realpath(e.filename), os.path.realpath(tmp)):
+            raise Phi4FlashError(f"{e.filename}: cannot read it ({e.strerror})") from None  # a source file
+        raise dst_error(f"cannot write in {parent} ({e.strerror})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return cfg
 
 
+def _write(src, tmp, cfg, found, plan, dtype, show_progress, extra_files):
+    total = sum((r1 - r0) * math.prod(found[t][1]["shape"][1:] or [1])
+                * np.dtype(phi4flash.SAFETENSORS_DTYPES[found[t][1]["dtype"]]).itemsize for _, t, r0, r1, _ in plan)
+    show = total > (64 << 20) if show_progress is None else show_progress
+    if show:
+        from rich.console import Console
+        from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+        with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                      TransferSpeedColumn(), TimeRemainingColumn(), transient=False,
+                      console=Console(stderr=True)) as bar:
+            task = bar.add_task(f"converting {os.path.basename(src)}", total=total)
+            write_converted(os.path.join(tmp, "model.safetensors"), cfg, found, plan, dtype,
+                            lambda n: bar.advance(task, n))
+    else:
+        write_converted(os.path.join(tmp, "model.safetensors"), cfg, found, plan, dtype)
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
+    for name, value in extra_files.items():
+        with open(os.path.join(tmp, name), "w") as f:
+            json.dump(value, f, indent=1)
+    phi4flash.load(tmp)  # read back: headers, names and shapes must be what load() expects
+
+
 # ----------------------------------------------------------------------------------------------
-# A repo id ("microsoft/Phi-4-mini-flash-reasoning"), found in the local Hugging Face cache. Nothing is
-# ever downloaded: we only read the folders `huggingface-cli download REPO_ID` leaves behind,
-#   HUB/models--microsoft--Phi-4-mini-flash-reasoning/refs/main            the revision "main" points to
-#   HUB/models--microsoft--Phi-4-mini-flash-reasoning/snapshots/REVISION/  its files (links into blobs/)
+# A repo id ("microsoft/Phi-4-mini-flash-reasoning"), found in the local Hugging Face cache that
+# `hf download REPO_ID` fills. huggingface_hub itself finds it (its cache folder, refs/main, the
+# snapshot that names), with local_files_only=True: nothing is downloaded, no connection is made.
 
 HF_REPO_ID = "microsoft/Phi-4-mini-flash-reasoning"
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name: anything else is taken as a path
 
 
-def hf_hub_cache():
-    """The hub cache folder, found as huggingface_hub finds it: $HF_HUB_CACHE (or the older
-    $HUGGINGFACE_HUB_CACHE), else $HF_HOME/hub, else $XDG_CACHE_HOME/huggingface/hub, else
-    ~/.cache/huggingface/hub."""
-    hub = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
-    if hub:
-        return os.path.expanduser(hub)
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
-    return os.path.join(os.path.expanduser(home), "hub")
+def download_command(repo_id):
+    """The command that puts repo_id into the local Hugging Face cache (the `hf` CLI of huggingface_hub
+    0.34 and later; older hubs called it `huggingface-cli download`)."""
+    return f"hf download {repo_id}"
 
 
 def find_snapshot(repo_id, what="MODEL"):
-    """owner/name -> the snapshot folder that refs/main names (or the only snapshot, if there is no
-    ref); a one-line Phi4FlashError that says how to download it when it is not there."""
-    hub = hf_hub_cache()
-    repo = os.path.join(hub, "models--" + repo_id.replace("/", "--"))
-    snapshots, ref = os.path.join(repo, "snapshots"), os.path.join(repo, "refs", "main")
-    download = f"huggingface-cli download {repo_id}"
-    if os.path.isfile(ref):
-        with open(ref) as f:
-            revision = f.read().strip()
-        if os.path.isdir(os.path.join(snapshots, revision)):
-            return os.path.join(snapshots, revision)
-        raise Phi4FlashError(f"{what} {repo_id}: {ref} names revision {revision!r}, which has no folder in "
-                             f"{snapshots}; download it again with: {download}")
-    revisions = sorted(os.listdir(snapshots)) if os.path.isdir(snapshots) else []
-    if len(revisions) == 1:
-        return os.path.join(snapshots, revisions[0])
-    if revisions:
-        raise Phi4FlashError(f"{what} {repo_id}: {len(revisions)} snapshots in {snapshots} and no refs/main to "
-                             f"choose one; pass the snapshot folder itself")
-    raise Phi4FlashError(f"{what} {repo_id}: not a folder, and not in the local Hugging Face cache ({hub}); "
-                         f"download it with: {download}")
+    """owner/name -> the snapshot folder of revision main in the local Hugging Face cache; a one-line
+    Phi4FlashError that says how to download it when it is not there."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.utils import HFValidationError, LocalEntryNotFoundError
+    try:
+        return snapshot_download(repo_id, local_files_only=True)
+    except HFValidationError:
+        raise Phi4FlashError(f"{what} {repo_id}: not a folder, and not a Hugging Face repo id") from None
+    except LocalEntryNotFoundError:
+        raise Phi4FlashError(f"{what} {repo_id}: not a folder, and not in the local Hugging Face cache "
+                             f"({constants.HF_HUB_CACHE}); download it with: {download_command(repo_id)}") from None
 
 
 def snapshot_folder(arg, what="MODEL"):
@@ -439,29 +578,110 @@ def is_converted(path):
     return meta.get("format") == phi4flash.FORMAT
 
 
+# The conversion cache. An entry is named after the content it was made from, never after times:
+#   CACHE/NAME-KEY/   a converted folder, plus SOURCE_FILE = {"source", "key", "dtype"}
+# (NAME is the first source's, for people; only KEY is looked up, so the same content in another
+# folder finds the entry too).
+# KEY hashes, for each file convert reads, what identifies its content:
+#   * in the Hugging Face cache, the blob a snapshot file links to: its name is the hash of its bytes;
+#   * elsewhere, a JSON or tokenizer file's bytes; a .safetensors file's size, header, and 4 KiB at the
+#     start, middle and end of every tensor's data (new weights change all three; reading them costs
+#     a few MB where hashing the whole real model would read 7.7 GB at every start);
+# and the dtype and the format version. "source" is the snapshot folder, or the repo's folder in the
+# hub cache: a conversion of new content from the same source replaces the old entry.
+SOURCE_FILE = "phi4flash-source.json"
+SAMPLE = 4096
+
+
+def _file_identity(path):
+    real = os.path.realpath(path)
+    if os.path.basename(os.path.dirname(real)) == "blobs":
+        return "blob " + os.path.basename(real)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if not path.endswith(".safetensors"):
+            h.update(f.read())
+            return "sha256 " + h.hexdigest()
+        size = os.fstat(f.fileno()).st_size
+        h.update(str(size).encode())
+        try:
+            header, _, start = read_safetensors_header(path)
+        except Phi4FlashError:  # convert will say what is wrong with it; the key only has to differ
+            header, start = {}, 0
+        f.seek(0)
+        h.update(f.read(start or SAMPLE))
+        for name in sorted(header):
+            begin, end = (start + o for o in header[name]["data_offsets"])
+            for at in sorted({begin, max(begin, (begin + end - SAMPLE) // 2), max(begin, end - SAMPLE)}):
+                f.seek(at)
+                h.update(f.read(min(SAMPLE, end - at)))
+    return f"size {size} sampled {h.hexdigest()}"
+
+
+def source_key(path, dtype):
+    """The cache key of converting snapshot folder `path` to `dtype` (see above)."""
+    h = hashlib.sha256(f"{dtype} {phi4flash.FORMAT_VERSION}\n".encode())
+    for name in sorted(os.listdir(path)):
+        file = os.path.join(path, name)
+        if (name.endswith((".safetensors", ".json")) or name in TOKENIZER_FILES) and os.path.isfile(file):
+            h.update(f"{name} {_file_identity(file)}\n".encode())
+    return h.hexdigest()
+
+
+def source_of(path):
+    """-> (the source an entry belongs to, the entry's readable name): a hub-cache snapshot belongs to
+    its repo, any other folder to itself."""
+    real = os.path.realpath(path)
+    repo, snapshots = os.path.split(os.path.dirname(real))
+    if snapshots == "snapshots" and os.path.basename(repo).startswith("models--"):
+        return repo, os.path.basename(repo).split("--")[-1]
+    return real, os.path.basename(real)
+
+
+def _entry_source(entry):
+    try:
+        with open(os.path.join(entry, SOURCE_FILE)) as f:
+            info = json.load(f)
+        return info if isinstance(info, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
 def resolve_model(path, dtype="bfloat16", show_progress=None):
     """Converted folder -> itself. Hugging Face snapshot, or a repo id in the local hub cache -> its
-    conversion, made once into the cache folder (keyed by the snapshot's path and weight files' sizes
-    and times)."""
+    conversion, made once into the cache folder and reused while the content is the same (see above).
+    Converting says where it writes, on stderr; a new conversion replaces the entry of the same
+    source's older content."""
     path = snapshot_folder(path)
     if not os.path.isdir(path):
         raise Phi4FlashError(f"MODEL {path}: not a folder (expected a converted folder, a Hugging Face snapshot "
                              f"or a repo id such as {HF_REPO_ID})")
     if is_converted(path):
         return path
-    key = hashlib.sha256(os.path.realpath(path).encode())
-    for name in sorted(os.listdir(path)):
-        if name.endswith(".safetensors") or name.endswith(".json"):
-            st = os.stat(os.path.join(path, name))
-            key.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    key.update(f"{dtype}:{phi4flash.FORMAT_VERSION}".encode())
-    name = os.path.basename(os.path.realpath(path))
-    parent, repo = os.path.split(os.path.dirname(os.path.realpath(path)))
-    if repo == "snapshots" and os.path.basename(parent).startswith("models--"):  # hub cache: name it after the repo
-        name = os.path.basename(parent).split("--")[-1]
-    dst = os.path.join(cache_root(), f"{name}-{key.hexdigest()[:12]}")
-    if not is_converted(dst):
-        convert(path, dst, dtype, force=os.path.exists(dst), show_progress=show_progress)
+    root = cache_root()
+    source, name = source_of(path)
+    key = source_key(path, dtype)
+    made = [os.path.join(root, e) for e in (sorted(os.listdir(root)) if os.path.isdir(root) else [])
+            if e.endswith(f"-{key[:16]}") and not e.startswith(".")]
+    for entry in made:  # the same content converted before, from this folder or another
+        if is_converted(entry):
+            return entry
+    dst = os.path.join(root, f"{name}-{key[:16]}")
+    remove_stale_partials(root)
+
+    def announce(dst, size):
+        print(f"note: converting {path} once into {dst} ({size_text(size)}; PHI4FLASH_CACHE sets the folder)",
+              file=sys.stderr, flush=True)
+
+    convert(path, dst, dtype, force=os.path.exists(dst), show_progress=show_progress, what="cache folder",
+            hint="set PHI4FLASH_CACHE to a folder with room that you can write", announce=announce,
+            extra_files={SOURCE_FILE: {"source": source, "key": key, "dtype": dtype}})
+    for entry in sorted(os.listdir(root)):  # the same source's older content: its entry is stale now
+        old = os.path.join(root, entry)
+        info = _entry_source(old) if old != dst and os.path.isdir(old) else None
+        if info and info.get("source") == source and info.get("dtype") == dtype and info.get("key") != key:
+            shutil.rmtree(old, ignore_errors=True)
+            print(f"note: removed {old}, the conversion of this source's earlier content", file=sys.stderr)
     return dst
 
 
@@ -479,9 +699,9 @@ def main(argv=None):
     except Phi4FlashError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGHUP (Interrupted)
+        print(f"interrupted{f' ({e})' if isinstance(e, Interrupted) else ''}: nothing was written", file=sys.stderr)
+        return 128 + e.signum if isinstance(e, Interrupted) else 130
     n = sum(math.prod(s) for s in phi4flash.tensor_shapes(cfg).values())
     print(f"wrote {os.path.join(args.dst, 'model.safetensors')}: {cfg.num_hidden_layers} layers, {n:,} parameters, {args.dtype}")
     return 0

@@ -7,7 +7,7 @@ Read top to bottom; the sections come in the paper's order:
   4. SwiGLU MLP                      9. sampling, and the Model: forward / new_cache / prefill / step / generate
   5. Mamba-1                        10. bf16 weights on a CPU (how `linear` multiplies bf16 bits fast)
 Appendix A: the GPU (CuPy + kernels.cu): the same layer loop on kernels, entered from Model.run only.
-Appendix B: console scripts and the command line (`python phi4flash.py trace ...`).
+Appendix B: the command line (`python phi4flash.py trace ...`).
 Every array op of sections 1-9 goes through `xp` (NumPy here, CuPy on a GPU).
 
 Glossary (code name: meaning, size in the real 3.85B model)
@@ -254,7 +254,10 @@ def load(path, device="cpu"):
     folder = os.path.dirname(file)
     if not os.path.isfile(file):
         raise Phi4FlashError(f"{path}: no converted model here (expected {file}); convert a Hugging Face folder with convert.py")
-    cfg, tensors = read_converted(file)
+    try:
+        cfg, tensors = read_converted(file)
+    except OSError as e:
+        raise Phi4FlashError(f"{file}: cannot read it ({e.strerror or e})") from None
 
     def group(prefix):  # {"layers.3.attn.Wq": a} -> {"Wq": a} for prefix "layers.3.attn."
         return {k[len(prefix):]: (v if k[len(prefix):] in LINEAR_WEIGHTS else f32(v).copy())
@@ -281,17 +284,22 @@ def read_side_files(model, folder):
             try:
                 with open(path, encoding="utf-8") as f:
                     model.files[name] = json.load(f)
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise Phi4FlashError(f"{path}: unreadable ({getattr(e, 'strerror', None) or e}); restore it from the "
-                                     "original checkpoint or convert it again") from None
+            except OSError as e:
+                raise Phi4FlashError(f"{path}: cannot read it ({e.strerror or e})") from None
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise Phi4FlashError(f"{path}: not valid JSON ({e}); restore it from the original checkpoint "
+                                     "or convert it again") from None
             if not isinstance(model.files[name], dict):
-                raise Phi4FlashError(f"{path}: expected a JSON object, found {type(model.files[name]).__name__}")
+                raise Phi4FlashError(f"{path}: expected a JSON object, got {type(model.files[name]).__name__}")
+    eos = model.files.get("generation_config.json", {}).get("eos_token_id")
+    if not (eos is None or type(eos) is int or isinstance(eos, list) and all(type(i) is int for i in eos)):
+        raise Phi4FlashError(f"{os.path.join(folder, 'generation_config.json')}: eos_token_id is {eos!r}; "
+                             "expected a token id or a list of them")
     if os.path.exists(os.path.join(folder, "tokenizer.json")):
         attach_tokenizer(model, os.path.join(folder, "tokenizer.json"))
     else:
         model.token_mask = np.ones(model.config.vocab_size, bool)
-        model.stop_ids = tuple(s for s in _as_list(model.files.get("generation_config.json", {}).get("eos_token_id"))
-                               if isinstance(s, int))
+        model.stop_ids = tuple(_as_list(model.files.get("generation_config.json", {}).get("eos_token_id")))
 
 
 def _as_list(x):
@@ -305,14 +313,14 @@ def attach_tokenizer(model, tokenizer_json):
     try:
         tok = Tokenizer.from_file(tokenizer_json)
     except Exception as e:  # the library's own error types: a bad file, or a format it does not know
-        raise Phi4FlashError(f"{tokenizer_json}: not a tokenizer the tokenizers library can read "
-                             f"({(str(e) or type(e).__name__).splitlines()[0][:200]})") from None
+        raise Phi4FlashError(f"{tokenizer_json}: the tokenizers library cannot read it "
+                             f"({(str(e).strip() or type(e).__name__).splitlines()[0][:200]})") from None
     model.tokenizer = tok
     mask = np.zeros(model.config.vocab_size, bool)
     ids = np.fromiter(tok.get_vocab(with_added_tokens=True).values(), dtype=np.int64)
     mask[ids[ids < model.config.vocab_size]] = True
     model.token_mask = mask
-    stops = [s for s in _as_list(model.files.get("generation_config.json", {}).get("eos_token_id")) if isinstance(s, int)]
+    stops = _as_list(model.files.get("generation_config.json", {}).get("eos_token_id"))
     stops += [tok.token_to_id(s) for s in ("<|end|>", "<|endoftext|>") if tok.token_to_id(s) is not None]
     model.stop_ids = tuple(dict.fromkeys(int(s) for s in stops))
 
@@ -1698,28 +1706,7 @@ def _capture(model, cache, step, key):
 
 
 # ----------------------------------------------------------------------------------------------
-# Appendix B. Console scripts. chat.py and convert.py stay in the repository next to this file (so no generic
-# `chat`/`convert` module is installed); `pip install -e .` makes phi4flash-chat/-convert run them.
-
-def _sibling(name):
-    here = os.path.dirname(os.path.abspath(__file__))
-    if not os.path.isfile(os.path.join(here, name + ".py")):
-        raise SystemExit(f"error: {name}.py is not next to {__file__}; install from a clone with: pip install -e .")
-    sys.path.insert(0, here)
-    import importlib
-    return importlib.import_module(name)
-
-
-def chat_main():
-    sys.exit(_sibling("chat").main())
-
-
-def convert_main():
-    sys.exit(_sibling("convert").main())
-
-
-# ----------------------------------------------------------------------------------------------
-# Appendix B, continued. The command line: trace one forward, save it, and compare it with a reference dump
+# Appendix B. The command line: trace one forward, save it, and compare it with a reference dump
 #
 #   python phi4flash.py trace MODEL --ids 5,68,417 [--save dump.npz] [--compare ref.npz --atol 1e-4]
 #
@@ -1907,20 +1894,29 @@ def save_npz(path, arrays):
             os.remove(tmp)
 
 
+def _convert_module():
+    """convert.py, which sits next to this file in a clone (it finds and converts Hugging Face folders)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if not os.path.isfile(os.path.join(here, "convert.py")):
+        raise Phi4FlashError(f"MODEL: convert.py is not next to {__file__}; run the trace from a clone of phi4flash")
+    sys.path.insert(0, here)
+    import convert
+    return convert
+
+
 def trace_command(args):
     from rich.console import Console
     console = Console()
-    ref = _load_npz(args.compare) if args.compare else None          # a bad file fails before the model runs
-    model = load(_sibling("convert").resolve_model(args.model))
+    ref = _load_npz(args.compare) if args.compare else None          # bad arguments fail before the model loads
+    ids = _parse_ids(args.ids) if args.prompt is None else None
+    attn_probs = _parse_attn_probs(args.attn_probs) if args.attn_probs else None
+    model = load(_convert_module().resolve_model(args.model))
     if args.prompt is not None:
         if model.tokenizer is None:
             raise Phi4FlashError(f"MODEL {args.model}: no tokenizer.json, so --prompt cannot be encoded; pass --ids")
         ids = model.encode(args.prompt)
         if not ids:
             raise Phi4FlashError("--prompt: the text encodes to no tokens")
-    else:
-        ids = _parse_ids(args.ids)
-    attn_probs = _parse_attn_probs(args.attn_probs) if args.attn_probs else None
     trace = {}
     model.forward(ids, trace=trace, attn_probs=attn_probs)
     trace["input_ids"] = check_ids(model, ids)

@@ -1,6 +1,6 @@
 """Synthetic Phi-4-mini-flash snapshots with the real layout, for the tests and notes/bench_real_size.py.
 
-A snapshot here is what `huggingface-cli download` leaves: config.json, two bf16 shards plus
+A snapshot here is what `hf download` leaves: config.json, two bf16 shards plus
 model.safetensors.index.json, tokenizer files and generation_config.json. Its tensor table comes from
 convert.hf_tensor_shapes(config), so with REAL_CONFIG it is the real 434-tensor table. The data is either
 

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pexpect
@@ -46,6 +47,9 @@ def test_stream_decoder_holds_a_character_until_its_last_byte(model):
     assert [dec.push(t) for t in ids] == ["", "", "", "🙂", "!"]
     dec = chat.StreamDecoder(tok)  # a special token right after an incomplete character flushes it first
     assert dec.push(ids[0]) == "" and dec.push(tok.token_to_id("<|end|>")) == "\ufffd<|end|>"
+    dec = chat.StreamDecoder(tok)  # a reply that ends inside a character: flush() shows what decode() shows
+    assert [dec.push(t) for t in ids[:2]] == ["", ""] and dec.flush() == tok.decode(ids[:2]) == "\ufffd"
+    assert dec.flush() == ""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,7 +309,7 @@ def test_one_shot_chat_prints_the_greedy_generation(tmp_path, model):
     once into the cache) prints exactly the decoded greedy generate() output."""
     r = chat_run("--prompt", "Simplify 2+2", "--temp", "0", "-n", "20", cache=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "random" in r.stderr and "huggingface-cli download" in r.stderr
+    assert "random" in r.stderr and "hf download microsoft/Phi-4-mini-flash-reasoning" in r.stderr
     prompt = chat.render_prompt(model, [{"role": "user", "content": "Simplify 2+2"}])
     tokens = list(model.generate(model.encode(prompt), 20, temperature=0.0))
     if tokens[-1] in model.stop_ids:
@@ -348,6 +352,14 @@ def spawn(cache, *args):
     child.expect("/help for commands")
     child.expect(">>> ")
     return child
+
+
+def interrupt_at_prompt(child):
+    """Ctrl-C at the prompt, as a person presses it: after the prompt is up. A SIGINT that lands between
+    readline printing the prompt and starting to wait for a key is only noticed at the next key (a race in
+    any readline program), so a loaded machine could lose a Ctrl-C sent the moment the prompt appears."""
+    time.sleep(0.3)
+    child.sendintr()
 
 
 def turn_stats(child):
@@ -395,9 +407,10 @@ def test_terminal_session_commands_and_ctrl_c(cache_dir, model):
     child.expect(">>> ")
     child.sendline("")  # empty input does nothing
     child.expect(">>> ")
-    child.sendintr()
+    interrupt_at_prompt(child)
     child.expect(r"Ctrl-C again, Ctrl-D or /bye quits")
-    child.sendintr()
+    child.expect(">>> ")
+    interrupt_at_prompt(child)
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
@@ -407,7 +420,7 @@ def test_terminal_multiline_reuse_save_load_and_context(cache_dir, model, tmp_pa
     system = "Answer " * 4100
     child = spawn(cache_dir, "--temp", "0", "-n", "8", "--system", system)
     child.sendline("hello")
-    child.expect(r"context full: this turn is \d+ tokens .* shorten the message or the system text")
+    child.expect(r"context full: the system text is \d+ tokens by itself, the context holds 4096; shorten the system text")
     child.expect(">>> ")
     child.sendline("/system Be brief.")
     child.expect("system text set")
@@ -432,7 +445,7 @@ def test_terminal_multiline_reuse_save_load_and_context(cache_dir, model, tmp_pa
     child.sendline("/clear")
     child.expect("new conversation")
     child.sendline(f"/load {path}")
-    child.expect("loaded 6 messages; the next turn reads them once")
+    child.expect(r"loaded 6 messages \(\d+ of the 4096 context tokens\); the next turn reads them once")
     child.expect(">>> ")
     child.sendline("again")
     messages = [{"role": "system", "content": "Be brief."}] + saved["messages"] + [{"role": "user", "content": "again"}]
@@ -441,3 +454,53 @@ def test_terminal_multiline_reuse_save_load_and_context(cache_dir, model, tmp_pa
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_stats_line_shows_no_first_token_when_none_came():
+    st = chat.TurnStats(prompt_tokens=56, ttft_s=0.283, generated=0, stop="interrupted")
+    line = chat.stats_line(st)
+    assert "first token" not in line and "0 generated" in line and "prefill 198 tok/s" in line
+    assert "first token 283 ms" in chat.stats_line(dataclasses.replace(st, generated=1))
+
+
+def test_terminal_save_keeps_an_existing_file_and_a_too_long_conversation_is_named(cache_dir, model, tmp_path):
+    """/save never overwrites silently (/save! does, through a temporary file); "1 message", not "1 messages";
+    a loaded conversation longer than the context is named as what is too long, not the new message."""
+    path, other = tmp_path / "conversation.json", tmp_path / "other.json"
+    path.write_text("precious")
+    long = tmp_path / "long.json"
+    long.write_text(json.dumps({"system": "", "messages": [{"role": "user", "content": "word " * 5000}]}))
+    child = spawn(cache_dir, "--temp", "0", "-n", "4")
+    child.sendline("hi")
+    turn_stats(child)
+    child.sendline(f"/save {path}")
+    child.expect(f"/save: {re.escape(str(path))} already exists \\(kept\\); /save! {re.escape(str(path))} replaces it")
+    child.expect(">>> ")
+    assert path.read_text() == "precious"
+    child.sendline(f"/save {tmp_path / 'no' / 'such' / 'folder.json'}")
+    child.expect(r"/save: cannot write .*folder\.json \(No such file or directory\)")
+    child.sendline(f"/save! {path}")
+    child.expect(f"saved 2 messages to {re.escape(str(path))}")
+    child.expect(">>> ")
+    assert json.loads(path.read_text())["messages"][0] == {"role": "user", "content": "hi"}
+    one = {"system": "", "messages": [{"role": "user", "content": "hello"}]}
+    other.write_text(json.dumps(one))
+    child.sendline(f"/load {other}")
+    child.expect(r"loaded 1 message \(\d+ of the 4096 context tokens\)")
+    child.expect(">>> ")
+    child.sendline(f"/save {tmp_path / 'one.json'}")
+    child.expect("saved 1 message to")
+    child.sendline(f"/load {long}")
+    n = chat.conversation_tokens(model, json.loads(long.read_text())["messages"])
+    child.expect(f"loaded 1 message: {n} tokens, more than the 4096-token context holds, so it cannot be continued; "
+                 "/clear starts a new conversation")
+    child.expect(">>> ")
+    child.sendline("ok")
+    child.expect(f"context full: the conversation so far \\(1 message\\) is {n} tokens by itself, the context holds "
+                 "4096; it cannot be continued, /clear starts a new conversation")
+    child.expect(">>> ")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    assert sorted(os.listdir(tmp_path)) == ["conversation.json", "long.json", "one.json", "other.json"]  # no partial file

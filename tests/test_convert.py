@@ -1,6 +1,7 @@
 """convert.py: layouts it accepts, what it writes, and one clear line for every bad input."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -88,6 +89,18 @@ def test_f32_and_f16_source_tensors(tmp_path, model):
     assert np.abs(phi4flash.load(tmp_path / "out").forward(ids) - model.forward(ids)).max() < 1e-5
 
 
+def test_the_model_type_rule():
+    """model_type must be 'phi4flash'; architectures, when present, must list Phi4FlashForCausalLM."""
+    real = json.load(open(os.path.join(TINY, "config.json")))
+    assert convert.config_from_hf(real).num_hidden_layers == 8
+    assert convert.config_from_hf({k: v for k, v in real.items() if k != "architectures"}).num_hidden_layers == 8
+    for change, words in [({"model_type": "phi3"}, "model_type is 'phi3'"), ({"model_type": None}, "model_type is None"),
+                          ({"architectures": ["Phi3ForCausalLM"]}, "architectures is ['Phi3ForCausalLM']"),
+                          ({"architectures": "Phi4FlashForCausalLM"}, "expected a list")]:
+        with pytest.raises(phi4flash.Phi4FlashError, match=re.escape(words)):
+            convert.config_from_hf({**real, **change})
+
+
 def test_f32_weights_are_rounded_to_nearest_even():
     x = np.array([1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, 1.0 + 2 ** -8 + 2 ** -20, -3.0], np.float32)
     got = phi4flash.bf16_to_f32(convert.f32_to_bf16(x))
@@ -140,11 +153,15 @@ def breaks(tmp_path, how):
     if how == "truncated":
         os.truncate(st, os.path.getsize(st) - 1000)
         return src, dst, ["model.safetensors", "truncated"]
-    if how == "wrong model_type":
+    if how in ("wrong model_type", "model_type phi3, Phi4Flash architecture", "Phi3 architecture"):
         copy = json.load(open(os.path.join(src, "config.json")))
-        copy.update(model_type="phi3", architectures=["Phi3ForCausalLM"])
+        copy.update({"wrong model_type": dict(model_type="phi3", architectures=["Phi3ForCausalLM"]),
+                     "model_type phi3, Phi4Flash architecture": dict(model_type="phi3"),
+                     "Phi3 architecture": dict(architectures=["Phi3ForCausalLM"])}[how])
         json.dump(copy, open(os.path.join(src, "config.json"), "w"))
-        return src, dst, ["config.json", "phi3", "phi4flash"]
+        if how == "Phi3 architecture":
+            return src, dst, ["config.json", "architectures is ['Phi3ForCausalLM']", "Phi4FlashForCausalLM"]
+        return src, dst, ["config.json", "model_type is 'phi3'", "expected 'phi4flash'"]
     tensors = read_hf(st)
     if how == "missing tensor":
         del tensors["model.layers.4.attn.A_log"]
@@ -170,7 +187,8 @@ def breaks(tmp_path, how):
     return src, dst, words
 
 
-CASES = ["missing shard", "truncated", "wrong model_type", "missing tensor", "extra tensor", "wrong shape",
+CASES = ["missing shard", "truncated", "wrong model_type", "model_type phi3, Phi4Flash architecture", "Phi3 architecture",
+         "missing tensor", "extra tensor", "wrong shape",
          "DST exists", "SRC not a folder", "bad dtype"]
 
 

@@ -20,11 +20,12 @@ def copy_converted(converted, dst):
 
 
 @pytest.mark.parametrize("name,content,words", [
-    ("generation_config.json", "{not json", "unreadable"),
-    ("tokenizer_config.json", "[1, 2]", "expected a JSON object, found list"),
-    ("tokenizer.json", '{"version": "1.0", "model": 17}', "not a tokenizer the tokenizers library can read"),
-    ("tokenizer.json", b"\xff\xfe\x00garbage", "not a tokenizer the tokenizers library can read"),
-    ("generation_config.json", b"\xff\xfe{}", "unreadable"),
+    ("generation_config.json", "{not json", "not valid JSON"),
+    ("tokenizer_config.json", "[1, 2]", "expected a JSON object, got list"),
+    ("tokenizer.json", '{"version": "1.0", "model": 17}', "the tokenizers library cannot read it"),
+    ("tokenizer.json", b"\xff\xfe\x00garbage", "the tokenizers library cannot read it"),
+    ("generation_config.json", b"\xff\xfe{}", "not valid JSON"),
+    ("generation_config.json", '{"eos_token_id": "3"}', "eos_token_id is '3'; expected a token id or a list of them"),
 ])
 def test_a_damaged_side_file_is_one_line_naming_it(converted, tmp_path, name, content, words):
     folder = copy_converted(converted, tmp_path / "m")

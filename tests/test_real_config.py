@@ -24,6 +24,13 @@ def test_schedule(cfg):
     assert (cfg.head_dim, cfg.d_inner, cfg.mamba_dt_rank, cfg.context_length) == (64, 5120, 160, 65536)
 
 
+def test_the_space_a_conversion_needs(cfg):
+    """convert checks free space before writing, with this number from the plan: what README says."""
+    plan = convert.conversion_plan(cfg)
+    assert convert.size_text(convert.planned_bytes(cfg, plan, "bfloat16")) == "7.7 GB"
+    assert convert.size_text(convert.planned_bytes(cfg, plan, "float32")) == "15.4 GB"
+
+
 def test_hf_tensor_table_counts(cfg):
     shapes = convert.hf_tensor_shapes(cfg)
     assert len(shapes) == 434

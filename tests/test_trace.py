@@ -231,7 +231,8 @@ def test_cli_traces_a_snapshot_and_saves_the_dump(model, ref, tmp_path):
     ids = ref["p1_input_ids"]
     dump = tmp_path / "dump.npz"
     r = run_cli(TINY, "--ids", ",".join(map(str, ids)), "--save", dump, "--attn-probs", "3,1", cache=tmp_path / "cache")
-    assert r.returncode == 0 and r.stderr == "", r.stderr
+    cache = tmp_path / "cache"
+    assert r.returncode == 0 and r.stderr.startswith(f"note: converting {TINY} once into {cache}") and r.stderr.count("\n") == 1, r.stderr
     rows = [line.split("│")[1].strip() for line in r.stdout.splitlines() if line.startswith("│")]
     assert rows == ["embed", *map(str, range(8)), "norm", "head"]
     saved = np.load(dump)
@@ -277,7 +278,8 @@ def test_cli_compare_pinpoints_a_planted_bug(converted, ref, tmp_path):
 def test_cli_bad_input_is_one_line_without_a_traceback(tmp_path):
     r = run_cli(TINY, "--ids", "5,x,7", cache=tmp_path / "cache")
     assert r.returncode == 2 and r.stdout == ""
-    assert r.stderr == "error: --ids '5,x,7': expected comma-separated token ids, like 5,68,417\n"
+    assert r.stderr == "error: --ids '5,x,7': expected comma-separated token ids, like 5,68,417\n"  # before any conversion
+    assert not (tmp_path / "cache").exists()
 
 
 @pytest.mark.parametrize("args,message", [
