@@ -43,6 +43,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections import namedtuple
 
 import numpy as np
@@ -202,6 +203,7 @@ def build(source=None, sanitize=False):
     final = os.path.join(root, f"{os.path.splitext(name)[0]}-{'asan' if sanitize else 'O2'}-{key}")
     lib = os.path.join(final, "kernels.so")
     if os.path.exists(lib):
+        os.utime(final)                                        # recently used: kept by _prune
         return lib
     work = tempfile.mkdtemp(dir=root, prefix="tmp-")
     with open(os.path.join(work, name), "w") as f:             # by content: any path of the same text shares a build
@@ -225,7 +227,20 @@ def build(source=None, sanitize=False):
         os.rename(work, final)
     except OSError:                                            # another process built it meanwhile
         shutil.rmtree(work, ignore_errors=True)
+    _prune(root)
     return lib
+
+
+def _prune(root, keep=32, stale_tmp_s=3600):
+    """Drop all but the `keep` most recently used builds (each edit of a source makes a new one),
+    and work folders of builds that died."""
+    entries = [os.path.join(root, d) for d in os.listdir(root)]
+    now = time.time()
+    builds = sorted((e for e in entries if not os.path.basename(e).startswith("tmp-")), key=os.path.getmtime)
+    old = builds[:-keep] + [e for e in entries if os.path.basename(e).startswith("tmp-")
+                            and now - os.path.getmtime(e) > stale_tmp_s]
+    for e in old:
+        shutil.rmtree(e, ignore_errors=True)
 
 
 def shared_ranges(lib):

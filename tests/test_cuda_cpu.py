@@ -38,9 +38,13 @@ SELFTEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_cpu", 
 WRITTEN = ("float*", "long long*")
 # Kernel vs twin, relative to max(1, |twin|). The twins follow the kernels' tiling, online-softmax
 # and reduction order, so what differs is the order inside a dot product (BLAS or einsum in the
-# twin, a sequential loop in the kernel) and glibc's expf/tanhf against NumPy's: a few float32 ulps
-# per step, which the scan's recurrence and the attention's normalisation can grow to ~1e-6.
-TOL = 1e-5
+# twin, a sequential loop in the kernel) and glibc's expf/tanhf against NumPy's: a few float32 ulps.
+# Measured worst over every case here: 5.5e-7 (attention_prefill), 3.4e-7 (decode split), 2.1e-7
+# (gemv), 1.9e-7 (scan), 1e-7 (conv); kv_write is exact.
+TWIN_TOL = 2e-6
+# Against the model's own functions (attend, selective_scan_sequential, ...): test_kernels.py's bar
+# for the twins. Measured worst: 5.3e-7 on the small cases, 1.6e-6 for the real-shape prefill.
+MODEL_TOL = 1e-5
 
 
 @pytest.fixture(scope="session")
@@ -250,9 +254,10 @@ def test_the_compiler_sees_the_parameter_types_the_parser_reads(real):
     assert sorted(real.kernels) == sorted(SIGNATURES)
     for name, params in SIGNATURES.items():
         assert [t for t, _ in real.kernels[name].params] == [t for t, _ in params]
-    assert real.bounds == {"conv1d_silu_prefill": 1024, "conv1d_silu_step": 1024, "scan_prefill": 1024,
-                           "scan_step": 1024, "attention_prefill": 256, "attention_decode_split": 128,
-                           "attention_decode_reduce": 128, "kv_write": 1024, "gemv_bf16": 256}
+    declared = {"attention_prefill": pf.PREFILL_THREADS, "attention_decode_split": pf.DECODE_THREADS,
+                "attention_decode_reduce": pf.DECODE_THREADS, "gemv_bf16": pf.GEMV_WARPS * 32}
+    for name, kernel in real.kernels.items():                           # no __launch_bounds__: CUDA's 1024
+        assert real.bounds[name] == (declared[name] if kernel.bound else 1024), name
 
 
 def test_kernels_cu_builds_without_warnings(real):
@@ -436,10 +441,9 @@ def test_kernel_equals_its_twin(real, monkeypatch, kernel, case):
     compare, checks = run_case(real, monkeypatch, kernel, case)
     assert kernel in compare.errors, f"the case never launched {kernel}"
     for name, err in compare.errors.items():
-        assert err <= TOL, (name, err)
-    host_tol = 1e-4 if case.startswith("mamba") else TOL                # test_kernels.py's bars for the twins
+        assert err <= TWIN_TOL, (name, err)
     for what, got, want in checks:                                      # the host result, from real kernels
-        assert relative_error(np.asarray(want), got) <= host_tol, what
+        assert relative_error(np.asarray(want), got) <= MODEL_TOL, what
 
 
 # ------------------------------------------------------------------------------------------------
@@ -454,7 +458,7 @@ def test_real_shape_attention_prefill_2048_tokens_window_512(real, monkeypatch):
     monkeypatch.setattr(pf, "_launch", launches)
     got = pf.cuda_attend(q, k, v, qpos, kpos, 512, np.float32(0.3), 0.6, subln)
     assert launches.counts == {"attention_prefill": 1}
-    assert relative_error(want, got) <= TOL
+    assert relative_error(want, got) <= MODEL_TOL
 
 
 def test_real_shape_decode_over_65536_keys(real, monkeypatch):
@@ -469,7 +473,7 @@ def test_real_shape_decode_over_65536_keys(real, monkeypatch):
     monkeypatch.setattr(pf, "_launch", launches)
     got = pf.cuda_attend(q, k, v, np.array([S - 1]), np.arange(S), None, np.float32(0.3), 0.6, subln)
     assert launches.counts == {"attention_decode_split": 1, "attention_decode_reduce": 1}
-    assert relative_error(want, got) <= TOL
+    assert relative_error(want, got) <= MODEL_TOL
 
 
 def test_real_shape_decode_through_a_wrapped_512_ring(real, monkeypatch):
@@ -482,7 +486,7 @@ def test_real_shape_decode_through_a_wrapped_512_ring(real, monkeypatch):
     monkeypatch.setattr(pf, "_launch", compare)
     got = pf.cuda_attend(q, ring_k, ring_v, qpos, ring_pos, 512, np.float32(0.3), 0.6, subln)
     assert set(compare.errors) == {"attention_decode_split", "attention_decode_reduce"}
-    assert max(compare.errors.values()) <= TOL and relative_error(want, got) <= TOL
+    assert max(compare.errors.values()) <= TWIN_TOL and relative_error(want, got) <= MODEL_TOL
 
 
 @pytest.mark.parametrize("T", [1, 3])
@@ -492,9 +496,9 @@ def test_real_shape_scan(real, monkeypatch, T):
     monkeypatch.setattr(pf, "_launch", compare)
     checks = scan_checks(T, E=5120, N=16)
     assert list(compare.errors) == ["scan_step" if T == 1 else "scan_prefill"]
-    assert max(compare.errors.values()) <= TOL
+    assert max(compare.errors.values()) <= TWIN_TOL
     for what, got, want in checks:
-        assert relative_error(want, got) <= 1e-4, what
+        assert relative_error(want, got) <= MODEL_TOL, what
 
 
 @pytest.mark.parametrize("rows,out,inp", [(1, 2560, 10240), (8, 2560, 10240), (3, 10240, 2560)])
@@ -503,8 +507,8 @@ def test_real_shape_gemv(real, monkeypatch, rows, out, inp):
     compare = TwinVsKernel(real)
     monkeypatch.setattr(pf, "_launch", compare)
     (what, got, want), = gemv_checks(rows, out, inp)
-    assert list(compare.errors) == ["gemv_bf16"] and compare.errors["gemv_bf16"] <= TOL
-    assert relative_error(want, got) <= TOL
+    assert list(compare.errors) == ["gemv_bf16"] and compare.errors["gemv_bf16"] <= TWIN_TOL
+    assert relative_error(want, got) <= MODEL_TOL
 
 
 # ------------------------------------------------------------------------------------------------
@@ -595,7 +599,7 @@ def test_a_mutated_kernels_cu_fails_the_comparison(real, monkeypatch, tmp_path, 
             compare, checks = run_case(mutant, monkeypatch, kernel, case)
         except cuda_cpu.KernelError:
             continue                                                    # the harness itself refused it
-        assert compare.errors[kernel] > TOL, (kernel, case, compare.errors)
+        assert compare.errors[kernel] > 0.1, (kernel, case, compare.errors)      # measured: 0.6 to 1.4
 
 
 # ------------------------------------------------------------------------------------------------
