@@ -22,8 +22,9 @@ whose mask or width is wrong) raise KernelError naming the kernel, the block and
 
 Options of a launch: order_seed shuffles the block order and the thread order between barriers (a
 race-free kernel gives bitwise the same result for every order); poison is the byte written over
-all shared memory before each block (a kernel that reads shared memory it never wrote gives
-different results for different bytes).
+the kernel's __shared__ variables before each block (a kernel that reads shared memory it never
+wrote gives different results for different bytes). Denormals are flushed (FTZ/DAZ), as CuPy's
+NVRTC -ftz=true does; uninitialised locals get a pattern (-ftrivial-auto-var-init=pattern).
 
 The sanitized build (-fsanitize=address,undefined) cannot be loaded into a Python that was not
 started with libasan preloaded, so run_sanitized runs the launches in a child Python with
@@ -57,9 +58,12 @@ RUNTIME = os.path.join(SUPPORT, "runtime.cpp")
 
 POINTERS = {"const float*": np.float32, "float*": np.float32, "const long long*": np.int64, "long long*": np.int64,
             "const unsigned short*": np.uint16}
-SCALARS = {"int": (np.int32, ctypes.c_int32), "long long": (np.int64, ctypes.c_int64), "float": (np.float32, ctypes.c_float)}
+SCALARS = {"int": np.int32, "long long": np.int64, "float": np.float32}
 STRIDED = {"kv_head_stride": ("k", "v")}   # a scalar parameter giving the head stride of these pointers
 
+# -fno-strict-aliasing: kernels.cu reads bf16 bits as uint4 and floats as float4, which CUDA allows
+# and C++'s aliasing rules do not. No -march: without FMA instructions nothing is contracted, so
+# every build (and every machine) rounds the same way. -Wno-unknown-pragmas: #pragma unroll.
 COMMON_FLAGS = ["-std=c++17", "-fPIC", "-shared", "-fno-strict-aliasing", "-fvisibility=hidden",
                 "-Wall", "-Wextra", "-Wno-unknown-pragmas"]
 FAST_FLAGS = ["-O2"]
@@ -292,13 +296,15 @@ def extent(a):
 
 
 def clone(a):
-    """A copy of array `a` with the same shape, dtype and strides (a prefix view stays a view of a
-    buffer just large enough), so that a kernel reading it with an explicit stride sees the same."""
+    """A copy of array `a` with the same shape, dtype, strides (a prefix view stays a view of a
+    buffer just large enough) and address modulo 64, so that a kernel sees the same layout: an
+    explicit head stride reads the same rows, and the GEMV picks the same (16-byte) path."""
     n = extent(a)
-    buf = np.empty(max(n, 1), np.uint8)
+    buf = np.empty(n + 64, np.uint8)
+    offset = (a.ctypes.data - buf.ctypes.data) % 64
     if n:
-        ctypes.memmove(buf.ctypes.data, a.ctypes.data, n)
-    return np.ndarray(a.shape, a.dtype, buf, 0, a.strides)
+        ctypes.memmove(buf.ctypes.data + offset, a.ctypes.data, n)
+    return np.ndarray(a.shape, a.dtype, buf, offset, a.strides)
 
 
 def clone_args(args):
@@ -334,15 +340,8 @@ class Kernels:
         self.lib.cuda_cpu_malloc.argtypes = [ctypes.c_size_t]
         self.lib.cuda_cpu_free.argtypes = [ctypes.c_void_p]
         self.exact_buffers = exact_buffers              # copy pointer arguments into exact-size mallocs (ASan)
+        self.shared = self._shared_ranges()
         self.bounds, self.entries = {}, {}
-        # kernel -> (begin, end) of its shared variables in the section; unknown: all of it
-        ranges = os.path.join(os.path.dirname(self.path), "shared.txt")
-        everything = (0, 2 ** 64 - 1)
-        self.shared = {name: (0, 0) if os.path.exists(ranges) else everything for name in self.kernels}
-        if os.path.exists(ranges):
-            for line in open(ranges):
-                name, begin, end = line.split()
-                self.shared[name] = (int(begin), int(end))
         for name, k in self.kernels.items():
             params = getattr(self.lib, f"cuda_cpu_params_{name}")
             params.restype = ctypes.c_char_p
@@ -353,6 +352,18 @@ class Kernels:
             entry = getattr(self.lib, f"cuda_cpu_launch_{name}")
             entry.argtypes, entry.restype = [ctypes.POINTER(LaunchConfig), ctypes.c_void_p], ctypes.c_int
             self.entries[name] = entry
+
+    def _shared_ranges(self):
+        """kernel -> (begin, end) of its shared variables in the section, as build() found them;
+        (0, 0) for a kernel without any; everything when they could not be found."""
+        path = os.path.join(os.path.dirname(self.path), "shared.txt")
+        if not os.path.exists(path):
+            return {name: (0, 2 ** 64 - 1) for name in self.kernels}
+        ranges = {name: (0, 0) for name in self.kernels}
+        for line in open(path):
+            name, begin, end = line.split()
+            ranges[name] = (int(begin), int(end))
+        return ranges
 
     def __contains__(self, name):
         return name in self.kernels
@@ -370,7 +381,7 @@ class Kernels:
         return grid, block
 
     def check_args(self, name, args):
-        """Each argument against the C parameter -> the ctypes values to pass."""
+        """Each argument against its C parameter, as the GPU would need it -> the values to pass."""
         params = self.kernels[name].params
         if len(args) != len(params):
             raise KernelError(f"{name}: {len(args)} arguments for {len(params)} parameters")
@@ -390,7 +401,7 @@ class Kernels:
                     raise KernelError(f"{name}: {pname} must be C-contiguous, strides {a.strides}")
                 values.append(a)
             elif ctype in SCALARS:
-                want, _ = SCALARS[ctype]
+                want = SCALARS[ctype]
                 if type(a) is not want:                  # CuPy would pass a Python int as 8 bytes
                     raise KernelError(f"{name}: {pname} ({ctype}) must be {want.__name__}, got {type(a).__name__}")
                 values.append(a)

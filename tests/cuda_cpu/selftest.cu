@@ -91,13 +91,15 @@ extern "C" __global__ void reads_past_end(const float* x, float* out) {
     out[t] = x[t + 1];
 }
 
-// out[t] = s[t + shift] for a 64-float shared array: shift > 0 reads past its end.
+// out[t] = s[t + shift] for a 64-float shared array: shift > 0 reads past its end. Through a
+// pointer, as kernels often index shared memory, so only ASan (not UBSan's array bounds) sees it.
 extern "C" __global__ void shared_past_end(float* out, int shift) {
     __shared__ float s[64];
     const int t = threadIdx.x;
     s[t] = (float)t;
     __syncthreads();
-    out[t] = s[t + shift];
+    const float* p = s;
+    out[t] = p[t + shift];
 }
 
 // An int index that overflows for large n (the bug class of (long long) casts missing in kernels.cu).
