@@ -486,6 +486,11 @@ class Launcher:
         self.counts[name] = self.counts.get(name, 0) + 1
 
 
+def launcher(**options):
+    """Launcher(**options): e.g. monkeypatch.setattr(pf, "_launch", cuda_cpu.launcher(order_seed=3))."""
+    return Launcher(**options)
+
+
 # ------------------------------------------------------------------------------------------------
 # The sanitized build, in a child process
 
