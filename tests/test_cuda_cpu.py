@@ -228,6 +228,24 @@ def test_poison_exposes_reads_of_unwritten_shared_memory(selftest):
     assert bitwise_equal(*correct) and np.array_equal(correct[0], np.tile(np.arange(64), 2))
 
 
+def test_atomics_across_blocks_and_threads(selftest):
+    x = np.random.default_rng(1).integers(0, 10, 1000)
+    for seed in (None, 4):
+        counts = np.zeros(10, np.int64)
+        selftest.launch("histogram", (8,), (128,), (x, counts, np.int32(1000)), order_seed=seed)
+        assert np.array_equal(counts, np.bincount(x, minlength=10))
+
+
+def test_denormals_are_flushed_inside_a_launch_only(selftest):
+    """FTZ/DAZ as -ftz=true: a denormal product and a denormal input become 0 in the kernel; the
+    floating-point mode is restored afterwards (NumPy still sees the denormal)."""
+    x = np.array([1e-20, 1e-20, 1e-40], np.float32)
+    out = np.full(2, 7.0, np.float32)
+    selftest.launch("denormals", (1,), (32,), (x, out))
+    assert out.tolist() == [0.0, 0.0]
+    assert x[0] * x[1] > 0 and x[2] + np.float32(0) > 0
+
+
 def test_launches_are_checked_against_the_signature_and_limits(selftest, real):
     x, out = np.arange(64, dtype=np.float32), np.empty(64, np.float32)
     bad = [((x.astype(np.float64), out), r"x must be a float32 array"),

@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>       // device printf works as in CUDA (handy: printf-debug a kernel on the CPU)
 #include <cstring>
 #include <string>
 #include <utility>
@@ -107,6 +108,21 @@ inline float min(float a, float b) { return fminf(a, b); }
 inline float max(float a, float b) { return fmaxf(a, b); }
 inline double min(double a, double b) { return fmin(a, b); }
 inline double max(double a, double b) { return fmax(a, b); }
+
+// ------------------------------------------------------------------------------------------------
+// Memory: loads, fences and atomics. Fibers never interrupt each other between barriers, so a
+// read-modify-write is atomic as written, and every write is already visible to every thread.
+// (The atomics accept any type, more than CUDA does: nvcc, in test_kernels.py, is the judge of that.)
+
+template <typename T> inline T __ldg(const T* p) { return *p; }
+inline void __threadfence() {}
+inline void __threadfence_block() {}
+
+template <typename T> inline T atomicAdd(T* p, T v) { T old = *p; *p = old + v; return old; }
+template <typename T> inline T atomicMax(T* p, T v) { T old = *p; *p = old > v ? old : v; return old; }
+template <typename T> inline T atomicMin(T* p, T v) { T old = *p; *p = old < v ? old : v; return old; }
+template <typename T> inline T atomicExch(T* p, T v) { T old = *p; *p = v; return old; }
+template <typename T> inline T atomicCAS(T* p, T compare, T v) { T old = *p; if (old == compare) *p = v; return old; }
 
 // ------------------------------------------------------------------------------------------------
 // Block barriers and warp intrinsics: implemented in runtime.cpp

@@ -108,3 +108,19 @@ extern "C" __global__ void index_overflow(float* out, int n) {
     int i = n * n + t;
     out[t] = (float)(i % 7);
 }
+
+// Denormals: out[0] = x[0] * x[1] (a denormal result), out[1] = x[2] + 0 (a denormal input). With
+// FTZ/DAZ, as NVRTC's -ftz=true compiles kernels, both are 0.
+extern "C" __global__ void denormals(const float* x, float* out) {
+    if (threadIdx.x == 0) {
+        out[0] = x[0] * x[1];
+        out[1] = x[2] + 0.0f;
+    }
+}
+
+// A histogram with atomics across blocks and threads: counts[x[i]] += 1 (CUDA's 64-bit atomicAdd
+// is the unsigned one).
+extern "C" __global__ void histogram(const long long* x, long long* counts, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) atomicAdd(reinterpret_cast<unsigned long long*>(&counts[x[i]]), 1ull);
+}
