@@ -5,15 +5,16 @@ signatures; it cannot run a kernel without a GPU. Here g++ compiles the unchange
 tests/cuda_cpu/cuda_on_cpu.h supplying the CUDA names), and every kernel runs for real: each block's
 threads as fibers, barriers and shuffles checked, shared memory poisoned before every block.
 
-1. The harness itself, on tests/cuda_cpu/selftest.cu: barriers, shared memory, shuffles and votes
-   give CUDA's results; a divergent barrier, a bad shuffle mask or width, a read of unwritten
-   shared memory, a missing barrier and an out-of-bounds read are all caught.
+1. The harness itself, on tests/cuda_cpu/selftest.cu (which nvcc accepts too): barriers, shared
+   memory, shuffles, votes, atomics and flushed denormals give CUDA's results; a divergent
+   barrier, a bad shuffle mask or width, a read of unwritten shared memory, a missing barrier, a
+   launch the GPU would refuse and an out-of-bounds read are all caught.
 2. Every kernel against its twin, on test_kernels.py's cases (the host functions of phi4flash.py
    launch it; each launch runs both and compares every array the kernel writes), and the host
    result against the model's own function.
 3. Real shapes: 40/20 heads, head_dim 64, T = 2048 through a 512 window; a 65,536-key decode;
    the scan at d_inner 5120; the GEMV at 2560 x 10240.
-4. Shuffled thread/block orders and two poison bytes change no bit of any kernel's output.
+4. Shuffled thread/block orders and other poison bytes change no bit of any kernel's output.
 5. The AddressSanitizer + UBSan build runs every kernel without a report (and equals the -O2 build).
 6. Mutations of kernels.cu (a deleted barrier, a wrong shuffle width, an off-by-one window, a wrong
    head index) make section 2's comparison fail: the harness catches those bugs.
@@ -24,6 +25,7 @@ Everything skips, with the reason, when no C++ compiler is found.
 """
 import contextlib
 import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -32,7 +34,8 @@ import cuda_cpu
 import phi4flash as pf
 from conftest import PROMPTS
 from test_gpu import gpu_code_path, greedy_decode, maxdiff
-from test_kernels import PREFILL_CASES, SIGNATURES, LaunchChecker, attention_case, bf16_bits, rand, random_mamba_layer
+from test_kernels import (PREFILL_CASES, SIGNATURES, LaunchChecker, attention_case, bf16_bits, find_nvcc, rand,
+                          random_mamba_layer)
 
 SELFTEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_cpu", "selftest.cu")
 WRITTEN = ("float*", "long long*")
@@ -116,6 +119,17 @@ class Recorder:
 
 # ------------------------------------------------------------------------------------------------
 # 1. The harness itself
+
+def test_selftest_kernels_are_real_cuda(tmp_path):
+    """The harness is judged on kernels nvcc accepts, warnings as errors (so, e.g., the atomics
+    they call exist in CUDA with those types)."""
+    nvcc = find_nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    run = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", "-ftz=true", "-cubin", "-o", str(tmp_path / "s.cubin"),
+                          "--Werror", "all-warnings", SELFTEST], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+
 
 def test_barrier_and_shared_memory_across_threads(selftest):
     x = np.arange(1, 129, dtype=np.float32)
