@@ -557,7 +557,8 @@ def test_real_shape_gemv(real, monkeypatch, rows, out, inp):
 # 4. Thread/block orders and poison bytes change no bit
 
 def recorded_launches(monkeypatch, kernel, cases=2):
-    """The launches of `kernel` in its first `cases` cases, as the host code makes them (twins run)."""
+    """The launches of `kernel` in its first `cases` cases (None: all), as the host code makes them
+    (the twins run)."""
     recorder = Recorder()
     with monkeypatch.context() as m:
         m.setattr(pf, "_launch", recorder)
@@ -589,11 +590,11 @@ def test_orders_and_poison_change_no_bit(real, monkeypatch, kernel):
 # 5. The sanitized build
 
 def test_every_kernel_runs_clean_under_asan_and_ubsan(real, monkeypatch):
-    """Small launches of every kernel, each pointer argument in a malloc of exactly its extent, in
-    one child process; the outputs equal the -O2 build's, bit for bit (no FMA contraction on
-    either side, and neither reorders float sums)."""
+    """Every launch of section 2's cases (65 launches, all kernels), each pointer argument in a
+    malloc of exactly its extent, in one child process; the outputs equal the -O2 build's, bit for
+    bit (no FMA contraction on either side, and neither reorders float sums)."""
     asan_or_skip()
-    launches = [launch for kernel in sorted(SIGNATURES) for launch in recorded_launches(monkeypatch, kernel, cases=2)]
+    launches = [launch for kernel in sorted(SIGNATURES) for launch in recorded_launches(monkeypatch, kernel, cases=None)]
     assert sorted({launch.name for launch in launches}) == sorted(SIGNATURES)
     results = cuda_cpu.run_sanitized(launches, order_seed=5, poison=0x00)
     for launch, sanitized in zip(launches, results):
