@@ -556,7 +556,7 @@ def test_real_shape_gemv(real, monkeypatch, rows, out, inp):
 # ------------------------------------------------------------------------------------------------
 # 4. Thread/block orders and poison bytes change no bit
 
-def recorded_launches(monkeypatch, kernel, cases=2):
+def recorded_launches(monkeypatch, kernel, cases=None):
     """The launches of `kernel` in its first `cases` cases (None: all), as the host code makes them
     (the twins run)."""
     recorder = Recorder()
@@ -594,7 +594,7 @@ def test_every_kernel_runs_clean_under_asan_and_ubsan(real, monkeypatch):
     malloc of exactly its extent, in one child process; the outputs equal the -O2 build's, bit for
     bit (no FMA contraction on either side, and neither reorders float sums)."""
     asan_or_skip()
-    launches = [launch for kernel in sorted(SIGNATURES) for launch in recorded_launches(monkeypatch, kernel, cases=None)]
+    launches = [launch for kernel in sorted(SIGNATURES) for launch in recorded_launches(monkeypatch, kernel)]
     assert sorted({launch.name for launch in launches}) == sorted(SIGNATURES)
     results = cuda_cpu.run_sanitized(launches, order_seed=5, poison=0x00)
     for launch, sanitized in zip(launches, results):
