@@ -112,6 +112,23 @@ def _top_level_split(text):
     return parts + [cur] if cur.strip() else parts
 
 
+def barrier_lines(src, name):
+    """Source lines of the plain __syncthreads() calls in kernel `name`'s body, in order."""
+    lines = src.split("\n")
+    start = next(i for i, line in enumerate(lines) if re.search(rf"\b{name}\(", line) and "__global__" in
+                 " ".join(lines[max(0, i - 1):i + 1]))
+    depth, found, opened = 0, [], False
+    for i in range(start, len(lines)):
+        code = lines[i].split("//")[0]
+        if opened and re.search(r"__syncthreads\(\)", code):
+            found.append(i + 1)
+        depth += code.count("{") - code.count("}")
+        opened = opened or "{" in code
+        if opened and depth == 0:
+            return found
+    raise ValueError(f"no body for {name}")
+
+
 def parse_kernels(src):
     """{name: Kernel} for every extern "C" __global__ function of CUDA source text `src`."""
     src = re.sub(r"/\*.*?\*/", " ", src, flags=re.S)
@@ -317,7 +334,8 @@ def clone_args(args):
 class LaunchConfig(ctypes.Structure):
     _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("seed", ctypes.c_ulonglong),
                 ("shuffled", ctypes.c_int), ("poison", ctypes.c_int),
-                ("shared_begin", ctypes.c_ulonglong), ("shared_end", ctypes.c_ulonglong)]
+                ("shared_begin", ctypes.c_ulonglong), ("shared_end", ctypes.c_ulonglong),
+                ("skip_barrier_line", ctypes.c_int)]
 
 
 def _dims(what, dims):
@@ -417,15 +435,17 @@ class Kernels:
             raise KernelError(f"{name}: {pname} must be (heads, rows, hd) with contiguous rows and heads "
                               f"{stride} elements apart, got strides {a.strides}")
 
-    def launch(self, name, grid, block, args, order_seed=None, poison=0xFF):
+    def launch(self, name, grid, block, args, order_seed=None, poison=0xFF, skip_barrier=None):
         """Run kernel `name` over `grid` x `block` on the NumPy arrays in `args` (outputs in place).
-        order_seed: None for index order, else the seed of a shuffled block and thread order."""
+        order_seed: None for index order, else the seed of a shuffled block and thread order.
+        skip_barrier: a source line whose __syncthreads() is to do nothing, as if deleted (to show
+        that the tests notice; no rebuild needed)."""
         if name not in self.kernels:
             raise KernelError(f"no kernel {name} in {self.source}")
         grid, block = self.check_geometry(name, grid, block)
         values = self.check_args(name, args)
         config = LaunchConfig(grid, block, 0 if order_seed is None else int(order_seed), order_seed is not None,
-                              int(poison) & 0xFF, *self.shared[name])
+                              int(poison) & 0xFF, *self.shared[name], skip_barrier or 0)
         # As cudaLaunchKernel takes them: an array of pointers to the argument values, here one
         # 8-byte slot per argument (little-endian, so an int32 or float sits in the low 4 bytes).
         slots = (ctypes.c_uint64 * len(values))()
@@ -476,13 +496,13 @@ class Launcher:
     """A drop-in for phi4flash._launch(twin, grid, block, args): runs the REAL kernel named like the
     twin on the NumPy arrays, and counts the launches per kernel."""
 
-    def __init__(self, compiled=None, order_seed=None, poison=0xFF):
+    def __init__(self, compiled=None, **launch_options):
         self.kernels = compiled or kernels()
-        self.order_seed, self.poison, self.counts = order_seed, poison, {}
+        self.options, self.counts = launch_options, {}       # order_seed, poison, skip_barrier
 
     def __call__(self, twin, grid, block, args):
         name = twin.__name__
-        self.kernels.launch(name, grid, block, args, self.order_seed, self.poison)
+        self.kernels.launch(name, grid, block, args, **self.options)
         self.counts[name] = self.counts.get(name, 0) + 1
 
 

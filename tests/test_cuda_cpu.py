@@ -17,7 +17,8 @@ threads as fibers, barriers and shuffles checked, shared memory poisoned before 
 4. Shuffled thread/block orders and other poison bytes change no bit of any kernel's output.
 5. The AddressSanitizer + UBSan build runs every kernel without a report (and equals the -O2 build).
 6. Mutations of kernels.cu (a deleted barrier, a wrong shuffle width, an off-by-one window, a wrong
-   head index) make section 2's comparison fail: the harness catches those bugs.
+   head index) make section 2's comparison fail: the harness catches those bugs. Every barrier,
+   knocked out in turn, is noticed, except two that turn out to be redundant.
 7. The whole model through the real kernels (test_gpu.py's GPU code path, with each launch running
    the kernel instead of the twin): reference parity, decode == full recompute, greedy targets.
 
@@ -643,6 +644,52 @@ def test_a_mutated_kernels_cu_fails_the_comparison(real, monkeypatch, tmp_path, 
         except cuda_cpu.KernelError:
             continue                                                    # the harness itself refused it
         assert compare.errors[kernel] > 0.1, (kernel, case, compare.errors)      # measured: 0.6 to 1.4
+
+
+# Every barrier of kernels.cu knocked out in turn, at run time (launch(skip_barrier=line): that
+# __syncthreads() does nothing, as if deleted): the twin comparison, the harness's own checks (a
+# divergent barrier) or the order/poison replays must notice, except for the barriers found to be
+# redundant, whose removal changes no bit under any order or poison. Barriers are named by their
+# rank in the kernel, so that edits elsewhere in kernels.cu do not move them.
+
+REDUNDANT_BARRIERS = {
+    ("scan_prefill", 3): "the staging arrays are last read before barrier 2, and s_y is rewritten only after the "
+                         "next chunk's barrier 1",
+    ("attention_decode_split", 4): "the next tile's __syncthreads_or orders this tile's P·V reads before its K/V "
+                                   "writes, and s_kpos, written before it, is not read by P·V",
+}
+KERNELS_CU_TEXT = open(pf.KERNELS_CU).read()
+BARRIER_KERNELS = [k for k in sorted(SIGNATURES) if cuda_cpu.barrier_lines(KERNELS_CU_TEXT, k)]
+
+
+def knockout_is_noticed(kernels, monkeypatch, kernel, line):
+    try:
+        return any(knockout_changes_case(kernels, monkeypatch, kernel, case, line) for k, case, _ in CASES if k == kernel)
+    except cuda_cpu.KernelError:
+        return True                                                     # e.g. threads now disagree on a loop bound
+
+
+def knockout_changes_case(kernels, monkeypatch, kernel, case, line):
+    compare, _ = run_case(kernels, monkeypatch, kernel, case, skip_barrier=line)
+    if compare.errors[kernel] > TWIN_TOL:
+        return True
+    for launch in (launch for launch in compare.launches if launch.name == kernel):
+        plain = replay(kernels, launch, skip_barrier=line)
+        for seed in (1, 2, 3):
+            other = replay(kernels, launch, skip_barrier=line, order_seed=seed, poison=0x00)
+            if not all(bitwise_equal(a, b) for a, b in zip(plain, other) if isinstance(a, np.ndarray)):
+                return True
+    return False
+
+
+@pytest.mark.parametrize("kernel", BARRIER_KERNELS)
+def test_every_barrier_is_needed_or_known_redundant(real, monkeypatch, kernel):
+    for rank, line in enumerate(cuda_cpu.barrier_lines(KERNELS_CU_TEXT, kernel), 1):
+        noticed = knockout_is_noticed(real, monkeypatch, kernel, line)
+        if (kernel, rank) in REDUNDANT_BARRIERS:
+            assert not noticed, f"barrier {rank} of {kernel} (kernels.cu:{line}) is needed now: update REDUNDANT_BARRIERS"
+        else:
+            assert noticed, f"deleting barrier {rank} of {kernel} (kernels.cu:{line}) goes unnoticed"
 
 
 # ------------------------------------------------------------------------------------------------

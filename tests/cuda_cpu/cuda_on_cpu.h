@@ -206,6 +206,7 @@ struct LaunchConfig {
     int shuffled;                // 0: blocks and threads in index order
     int poison;                  // byte written over the kernel's shared memory before each block
     unsigned long long shared_begin, shared_end;   // that memory: byte offsets into the section
+    int skip_barrier_line;       // > 0: the __syncthreads() on this source line does nothing, as if deleted
 };
 
 int launch(const LaunchConfig* config, void (*thunk)(void** args), void** args);
