@@ -23,8 +23,10 @@ whose mask or width is wrong) raise KernelError naming the kernel, the block and
 Options of a launch: order_seed shuffles the block order and the thread order between barriers (a
 race-free kernel gives bitwise the same result for every order); poison is the byte written over
 the kernel's __shared__ variables before each block (a kernel that reads shared memory it never
-wrote gives different results for different bytes). Denormals are flushed (FTZ/DAZ), as CuPy's
-NVRTC -ftz=true does; uninitialised locals get a pattern (-ftrivial-auto-var-init=pattern).
+wrote gives different results for different bytes); skip_barrier is a source line whose
+__syncthreads() does nothing, as if deleted (do the tests notice?). Denormals are flushed
+(FTZ/DAZ), as CuPy's NVRTC -ftz=true does; uninitialised locals get a pattern
+(-ftrivial-auto-var-init=pattern).
 
 The sanitized build (-fsanitize=address,undefined) cannot be loaded into a Python that was not
 started with libasan preloaded, so run_sanitized runs the launches in a child Python with
