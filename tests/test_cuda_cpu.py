@@ -277,8 +277,10 @@ def test_launches_are_checked_against_the_signature_and_limits(selftest, real):
     with pytest.raises(cuda_cpu.KernelError, match=r"grid \(1, 70000, 1\) outside CUDA's limits"):
         selftest.launch("rotate_shared", (1, 70000), (64,), (x, out))
     with pytest.raises(cuda_cpu.KernelError, match=r"block of 512 threads exceeds __launch_bounds__\(GEMV_WARPS \* WARP\) = 256"):
-        real.launch("gemv_bf16", (1,), (512,), (np.zeros((1, 8), np.float32), np.zeros((8, 8), np.uint16),
-                                                  np.zeros((1, 8), np.float32), np.int32(1), np.int32(8), np.int32(8)))
+        y = np.zeros((1, 8), np.float32)
+        real.launch("gemv_bf16", (1,), (512,), (np.zeros((1, 8), np.float32), np.zeros((8, 8), np.uint16), y, y, y,
+                                                  np.int32(1), np.int32(8), np.int32(8), np.int32(0), np.int32(0),
+                                                  np.int32(1)))
 
 
 def test_the_compiler_sees_the_parameter_types_the_parser_reads(real):
@@ -288,7 +290,8 @@ def test_the_compiler_sees_the_parameter_types_the_parser_reads(real):
     for name, params in SIGNATURES.items():
         assert [t for t, _ in real.kernels[name].params] == [t for t, _ in params]
     declared = {"attention_prefill": pf.PREFILL_THREADS, "attention_decode_split": pf.DECODE_THREADS,
-                "attention_decode_reduce": pf.DECODE_THREADS, "gemv_bf16": pf.GEMV_WARPS * 32}
+                "attention_decode_reduce": pf.DECODE_THREADS, "gemv_bf16": pf.GEMV_WARPS * 32,
+                "gemv_f32": pf.GEMV_WARPS * 32, "layer_norm_rows": pf.NORM_THREADS}
     for name, kernel in real.kernels.items():                           # no __launch_bounds__: CUDA's 1024
         assert real.bounds[name] == (declared[name] if kernel.bound else 1024), name
 
@@ -357,9 +360,24 @@ def mamba_checks(T, monkeypatch):
     u = rand(rng, T, D)
     conv0, ssm0 = rand(rng, 3, E), rand(rng, E, N, scale=0.1)
     want = pf.mamba(u, p, conv0.copy(), ssm0.copy())
-    monkeypatch.setattr(pf, "bf16_matmul", pf.cuda_bf16_matmul)
-    got = pf.cuda_mamba(u, p, conv0.copy(), ssm0.copy())
+    conv, ssm = conv0.copy(), ssm0.copy()
+    got = (*pf.cuda_mamba(u, p, conv, ssm), conv, ssm)                   # the states are updated in place
     return [(name, g, w) for g, w, name in zip(got, want, ("out", "y", "conv_state", "ssm_state"))]
+
+
+def scan_step_checks(R, N, E=40):
+    """The decode step's scan: Δ = softplus(dt_low·dt_projᵀ + bias) from x_proj's one output."""
+    rng = np.random.default_rng(R + N)
+    x, z, xdbc = rand(rng, 1, E), rand(rng, 1, E), rand(rng, 1, R + 2 * N)
+    dt_proj, dt_bias, D = rand(rng, E, R, scale=R ** -0.5), rand(rng, E), rand(rng, E)
+    A_log = np.log(np.tile(np.arange(1, N + 1, dtype=np.float32), (E, 1)))
+    h0 = rand(rng, E, N)
+    delta = pf.softplus(xdbc[:, :R] @ dt_proj.T + dt_bias)
+    want_y, want_h = pf.selective_scan_sequential(x, delta, -np.exp(A_log), xdbc[:, R:R + N], xdbc[:, R + N:], D, h0)
+    h, y, y_gated = h0.copy(), np.empty((1, E), np.float32), np.empty((1, E), np.float32)
+    pf._launch(pf.scan_step, (pf._blocks(E, pf.SCAN_CHANNELS),), (pf.SCAN_CHANNELS * N,),
+               (x, xdbc, dt_proj, dt_bias, A_log, D, z, h, y, y_gated, np.int32(E), np.int32(N), np.int32(R)))
+    return [("y", y, want_y), ("ssm_state", h, want_h), ("y_gated", y_gated, want_y * pf.silu(z))]
 
 
 def prefill_checks(H, H_kv, hd, T, past, window):
@@ -428,7 +446,42 @@ def gemv_checks(rows, out, inp):
     rng = np.random.default_rng(rows * out + inp)
     W, x = bf16_bits(rand(rng, out, inp)), rand(rng, rows, inp)
     want = x.astype(np.float64) @ pf.bf16_to_f32(W).T.astype(np.float64)
-    return [("y", pf.cuda_bf16_matmul(x, W), want)]
+    return [("y", pf.cuda_linear(x, W), want)]
+
+
+def gemv_epilogue_checks(dtype, rows, out, inp):
+    """Kernel 7's epilogues (bias, residual in place, SwiGLU over [gate; up], the GMU gate) and its
+    split-K choice (inp = 5120 with out = 37: 8 warps per output) for bf16 or fp32 weights."""
+    rng = np.random.default_rng(rows + out + inp)
+    W2 = rand(rng, 2 * out, inp, scale=inp ** -0.5)
+    W2 = bf16_bits(W2) if dtype == "bf16" else W2
+    Wf = pf.f32(W2).astype(np.float64)
+    x, bias, aux = rand(rng, rows, inp), rand(rng, out), rand(rng, rows, out)
+    acc, up = x @ Wf[:out].T, x @ Wf[out:].T
+    silu = lambda a: a / (1 + np.exp(-a))  # noqa: E731
+    checks = []
+    for mode, b, a, want in ((pf.GEMV_PLAIN, bias, None, acc + bias), (pf.GEMV_GATE, None, aux, silu(acc) * aux)):
+        checks.append((f"mode {mode}", pf.cuda_gemv(x, W2[:out], np.empty((rows, out), np.float32), mode, bias=b, aux=a), want))
+    checks.append(("swiglu", pf.cuda_gemv(x, W2, np.empty((rows, out), np.float32), pf.GEMV_SWIGLU, out_features=out),
+                   silu(acc) * up))
+    residual = aux.copy()
+    pf.cuda_gemv(x, W2[:out], residual, pf.GEMV_RESIDUAL, bias=bias, aux=residual)
+    return checks + [("residual in place", residual, aux + (acc + bias))]
+
+
+def layer_norm_checks(rows, D):
+    rng = np.random.default_rng(rows * D)
+    x, p = rand(rng, rows, D, scale=3.0) + 1.0, {"weight": rand(rng, D), "bias": rand(rng, D)}
+    return [("y", pf.cuda_layer_norm(x, p, np.empty_like(x), 1e-5), pf.layer_norm(x, p, 1e-5))]
+
+
+def embed_checks(dtype):
+    rng = np.random.default_rng(4)
+    E = rand(rng, 50, 96)
+    table, twin = (bf16_bits(E), pf.embed_bf16) if dtype == "bf16" else (E, pf.embed_f32)
+    y = np.empty((1, 96), np.float32)
+    pf._launch(twin, (1,), (256,), (table, np.array([41]), y, np.int32(96)))
+    return [("row", y[0], pf.f32(table)[41])]
 
 
 def case_table():
@@ -437,11 +490,12 @@ def case_table():
     yield "conv1d_silu_prefill", "T1-direct", lambda mp: conv_checks(1, direct_prefill=True)
     for T in (2, 3, 37):
         yield "conv1d_silu_prefill", f"T{T}", lambda mp, T=T: conv_checks(T)
-    yield "scan_step", "T1", lambda mp: scan_checks(1)
-    for T in (5, 33, 100):
+    for T in (1, 5, 33, 100):
         yield "scan_prefill", f"T{T}", lambda mp, T=T: scan_checks(T)
+    for R, N in ((4, 16), (160, 16), (7, 8)):
+        yield "scan_step", f"dt_rank{R}-N{N}", lambda mp, R=R, N=N: scan_step_checks(R, N)
     for T in (1, 7, 40):
-        yield ("scan_step" if T == 1 else "scan_prefill"), f"mamba-T{T}", lambda mp, T=T: mamba_checks(T, mp)
+        yield "scan_prefill", f"mamba-T{T}", lambda mp, T=T: mamba_checks(T, mp)
     for c in PREFILL_CASES:
         yield "attention_prefill", "H{}-Hkv{}-hd{}-T{}-past{}-W{}".format(*c), lambda mp, c=c: prefill_checks(*c)
     yield "attention_prefill", "prefix-view", lambda mp: prefix_view_checks()
@@ -453,6 +507,13 @@ def case_table():
     yield "kv_write", "ring-and-append", lambda mp: kv_write_checks()
     for c in [(1, 37, 64), (3, 37, 300), (8, 37, 4), (1, 256, 2560), (2, 9, 1000)]:
         yield "gemv_bf16", "rows{}-out{}-in{}".format(*c), lambda mp, c=c: gemv_checks(*c)
+    for dtype in ("bf16", "f32"):
+        for c in [(1, 37, 5120), (3, 9, 300), (2, 5, 7)]:
+            yield f"gemv_{dtype}", "epilogues-rows{}-out{}-in{}".format(*c), lambda mp, d=dtype, c=c: gemv_epilogue_checks(d, *c)
+    for c in [(1, 64), (3, 2560), (2, 77)]:
+        yield "layer_norm_rows", "rows{}-D{}".format(*c), lambda mp, c=c: layer_norm_checks(*c)
+    for dtype in ("bf16", "f32"):
+        yield f"embed_{dtype}", "row41", lambda mp, d=dtype: embed_checks(d)
 
 
 CASES = list(case_table())
@@ -534,10 +595,11 @@ def test_real_shape_decode_through_a_wrapped_512_ring(real, monkeypatch):
 
 @pytest.mark.parametrize("T", [1, 3])
 def test_real_shape_scan(real, monkeypatch, T):
-    """160 blocks of 512 threads (32 channels x 16 states), the state carried in registers."""
+    """160 blocks of 512 threads (32 channels x 16 states), the state carried in registers; T = 1 is
+    the decode step's fused scan (dt_rank 160)."""
     compare = TwinVsKernel(real)
     monkeypatch.setattr(pf, "_launch", compare)
-    checks = scan_checks(T, E=5120, N=16)
+    checks = scan_checks(T, E=5120, N=16) if T > 1 else scan_step_checks(160, 16, E=5120)
     assert list(compare.errors) == ["scan_step" if T == 1 else "scan_prefill"]
     assert max(compare.errors.values()) <= TWIN_TOL
     for what, got, want in checks:
@@ -621,6 +683,14 @@ MUTATIONS = {  # id: (text in kernels.cu, its replacement, the cases that must t
         "key_pos > query_pos - window",
         "key_pos >= query_pos - window",
         [("attention_prefill", "H8-Hkv4-hd8-T150-past0-W8"), ("attention_decode_split", "H8-Hkv4-hd8-S300-W8")]),
+    "gemv-split-k-drops-the-last-warp": (
+        "for (int p = 0; p < splits; p++) total += s_part[warp + p][t][r];",
+        "for (int p = 0; p < splits - 1; p++) total += s_part[warp + p][t][r];",
+        [("gemv_bf16", "epilogues-rows1-out37-in5120"), ("gemv_f32", "epilogues-rows1-out37-in5120")]),
+    "scan-step-dt-dot-reads-the-wrong-row": (
+        "dt += xdbc[k] * dt_proj[(long long)c * dt_rank + k];",
+        "dt += xdbc[k] * dt_proj[(long long)c * d_state + k];",
+        [("scan_step", "dt_rank160-N16")]),
     "prefill-query-head-ignores-gqa-factor": (
         "int t = t0 + row, head = 2 * (g * G + r) + s;",
         "int t = t0 + row, head = 2 * (g + r) + s;",
@@ -701,11 +771,12 @@ def test_every_barrier_is_needed_or_known_redundant(real, monkeypatch, kernel):
 # dispatches are, so when phi4flash.py's GPU dispatch moves, these tests follow it unchanged.
 
 @contextlib.contextmanager
-def real_kernel_path(monkeypatch, **launch_options):
-    with gpu_code_path(monkeypatch), monkeypatch.context() as m:
+def real_kernel_path(model, monkeypatch, **launch_options):
+    """-> (the model as on a GPU, the launch checker), every launch running the real kernel."""
+    with gpu_code_path(model, monkeypatch) as (gpu, _), monkeypatch.context() as m:
         checker = LaunchChecker(cuda_cpu.Launcher(**launch_options))
         m.setattr(pf, "_launch", checker)
-        yield checker
+        yield gpu, checker
 
 
 WHOLE_MODEL_TOL = 1e-4   # as test_gpu.py: the real kernels must meet the twins' bar
@@ -713,10 +784,10 @@ WHOLE_MODEL_TOL = 1e-4   # as test_gpu.py: the real kernels must meet the twins'
 
 @pytest.mark.parametrize("p", PROMPTS)
 def test_real_kernels_forward_matches_reference(real, model, ref, monkeypatch, p):
-    with real_kernel_path(monkeypatch) as launches:
+    with real_kernel_path(model, monkeypatch) as (gpu, launches):
         trace = {}
-        logits = model.forward(ref[f"{p}_input_ids"], trace=trace)
-        last, cache = model.prefill(ref[f"{p}_input_ids"])
+        logits = gpu.forward(ref[f"{p}_input_ids"], trace=trace)
+        last, cache = gpu.prefill(ref[f"{p}_input_ids"])
     assert maxdiff(logits, ref[f"{p}_logits"]) <= WHOLE_MODEL_TOL
     for i in range(model.config.num_hidden_layers):
         assert maxdiff(trace[f"layers.{i}.residual"], ref[f"{p}_hidden_states"][i + 1]) <= WHOLE_MODEL_TOL, i
@@ -732,19 +803,37 @@ def test_real_kernels_forward_matches_reference(real, model, ref, monkeypatch, p
 def test_real_kernels_decode_equals_full_recompute_past_three_windows(real, model, ref, monkeypatch, prompt_len):
     W = model.config.sliding_window[1]
     prompt = np.resize(ref["p2_input_ids"], prompt_len)
-    with real_kernel_path(monkeypatch) as launches:
-        seq, cached, cache = greedy_decode(model, prompt, 3 * W + 5)
+    with real_kernel_path(model, monkeypatch) as (gpu, launches):
+        seq, cached, cache = greedy_decode(gpu, prompt, 3 * W + 5)
     full = model.forward(seq)                                           # the plain NumPy path
     assert maxdiff(np.array(cached), full[prompt_len - 1:]) <= WHOLE_MODEL_TOL
-    steps = 3 * W + 5 + (prompt_len == 1)
-    assert launches.counts["kv_write"] == steps * model.config.layer_kinds.count("attn")
-    assert launches.counts["scan_step"] == steps * model.config.layer_kinds.count("mamba")
+    steps, kinds = 3 * W + 5 + (prompt_len == 1), model.config.layer_kinds
+    assert launches.counts["kv_write"] == steps * (kinds.count("swa") + 1)   # sliding layers + layer L/2+1
+    assert launches.counts["scan_step"] == steps * kinds.count("mamba")
+    for kernel in ("embed_bf16", "layer_norm_rows", "gemv_bf16", "conv1d_silu_step", "attention_decode_reduce"):
+        assert launches.counts.get(kernel), kernel
+
+
+def test_real_kernels_decode_and_chunks_mix_while_the_shared_kv_grows(real, model, monkeypatch):
+    """Decode steps and multi-token chunks share one cache whose shared K/V starts too small and
+    grows under both; every row equals the CPU path's."""
+    seq = np.random.default_rng(4).integers(0, 500, 40)
+    sizes = (3, 1, 1, 5, 1, 1, 1, 9, 1, 17)
+    starts = np.cumsum((0,) + sizes[:-1])
+    cpu_cache = model.new_cache(2)
+    want = [model.run(cpu_cache, seq[s:s + n], "all" if n > 1 else "last") for s, n in zip(starts, sizes)]
+    with real_kernel_path(model, monkeypatch) as (gpu, launches):
+        cache = gpu.new_cache(2)
+        got = [gpu.run(cache, seq[s:s + n], "all" if n > 1 else "last") for s, n in zip(starts, sizes)]
+    for g, w in zip(got, want):
+        assert maxdiff(g, w) <= WHOLE_MODEL_TOL
+    assert cache.shared(model.config).k.shape[1] >= 40 and launches.counts["scan_step"] == 6 * 3
 
 
 def test_real_kernels_greedy_generation_matches_reference_targets(real, model, ref, monkeypatch):
-    with real_kernel_path(monkeypatch):
+    with real_kernel_path(model, monkeypatch) as (gpu, _):
         for p in PROMPTS:
-            ids = list(model.generate(ref[f"{p}_input_ids"], 24, temperature=0.0, stop_ids=()))
+            ids = list(gpu.generate(ref[f"{p}_input_ids"], 24, temperature=0.0, stop_ids=()))
             assert ids == ref[f"{p}_greedy_full_ids"].tolist(), p
 
 
@@ -753,7 +842,7 @@ def test_real_kernels_whole_model_is_order_and_poison_proof(real, model, ref, mo
     another poison byte."""
     runs = []
     for options in ({}, {"order_seed": 11, "poison": 0x00}):
-        with real_kernel_path(monkeypatch, **options):
-            _, cached, _ = greedy_decode(model, ref["p1_input_ids"], 4)
+        with real_kernel_path(model, monkeypatch, **options) as (gpu, _):
+            _, cached, _ = greedy_decode(gpu, ref["p1_input_ids"], 4)
         runs.append(np.array(cached))
     assert bitwise_equal(*runs)
