@@ -337,9 +337,9 @@ def linear(x, W, b=None):
 def layer_norm(x, p, eps):
     """LayerNorm with bias over the last axis: (x - mean) / sqrt(biased var + eps) ⊙ w + b."""
     xp = get_xp(x)
-    mean = x.mean(-1, keepdims=True)                                      # (T, 1)
-    var = ((x - mean) ** 2).mean(-1, keepdims=True)                       # (T, 1)
-    return (x - mean) / xp.sqrt(var + eps) * p["weight"] + p["bias"]
+    centred = x - x.mean(-1, keepdims=True)                               # (T, D)
+    var = (centred * centred).mean(-1, keepdims=True)                     # (T, 1)  biased
+    return centred / xp.sqrt(var + eps) * p["weight"] + p["bias"]
 
 
 def rms_norm(x, weight, eps):
@@ -483,6 +483,8 @@ def differential_attention(q, k, v, mask, lam, lambda_init, subln, eps=1e-5):
     serve all 2G queries of the group, so a group's queries are stacked as the rows of one matrix:
     each K and V row is read once per call (decoding is bound by reading them).
     q (H, T, hd); k, v (H_kv, S, hd); mask (T, S) True where a key is visible -> (T, H·hd)."""
+    if _cpu.compiled_step and q.shape[1] == 1:                            # a bf16 decode step: section 10
+        return attention_row(q, k, v, mask, lam, lambda_init, subln, eps)
     xp = get_xp(q)
     H, T, hd = q.shape
     H_kv, S, _ = k.shape
@@ -762,7 +764,7 @@ class Model:
         asks for), cuda_extend() on a GPU."""
         if self.device == "cuda":
             return cuda_extend(self, cache, ids, logits, trace)
-        with cpu_threads(len(ids)):
+        with cpu_threads(self, len(ids)):
             return extend(self, cache, ids, logits, trace)
 
     def forward(self, ids, trace=None, attn_probs=None):
@@ -877,7 +879,7 @@ def nonfinite_message(model, ids):
 # Both accumulate in fp32 and match x·widen(W)ᵀ to ~1e-7 relative (only the summation order
 # differs). gemv_bf16_reference is the compiled kernel's NumPy twin.
 
-CPU_GEMV_ROWS = 16        # up to this many rows take the compiled product
+CPU_GEMV_ROWS = 32        # up to this many rows take the compiled product (measured crossover: 32-64)
 USE_NUMBA = os.environ.get("PHI4FLASH_NUMBA", "1") != "0"
 _gemv = None              # the compiled kernel once built; False when numba is off or missing
 _blas = None              # threadpoolctl's controller of the BLAS thread pool
@@ -923,12 +925,23 @@ def compiled_gemv():
             return numba.float32(numba.uint16), codegen
 
         def gemv_bf16_cpu(x, W, y):
-            """y[t, o] = Σ_k x[t, k] · widen_bf16(W[o, k]) in fp32; the output features go to the threads."""
+            """y[t, o] = Σ_k x[t, k] · widen_bf16(W[o, k]) in fp32. The output features o go to the
+            threads; each widened weight serves four rows of x at a time (then the rest one by one)."""
+            T, K = x.shape
             for o in numba.prange(W.shape[0]):
                 w = W[o]
-                for t in range(x.shape[0]):
+                for t in range(0, T - 3, 4):
+                    a0 = a1 = a2 = a3 = numba.float32(0.0)
+                    for k in range(K):
+                        w_k = widen_bf16(w[k])
+                        a0 += x[t, k] * w_k
+                        a1 += x[t + 1, k] * w_k
+                        a2 += x[t + 2, k] * w_k
+                        a3 += x[t + 3, k] * w_k
+                    y[t, o], y[t + 1, o], y[t + 2, o], y[t + 3, o] = a0, a1, a2, a3
+                for t in range(T - T % 4, T):
                     acc = numba.float32(0.0)
-                    for k in range(w.shape[0]):
+                    for k in range(K):
                         acc += x[t, k] * widen_bf16(w[k])
                     y[t, o] = acc
 
@@ -940,17 +953,119 @@ def compiled_gemv():
     return _gemv or None
 
 
-def cpu_threads(T):
-    """The BLAS thread pool while extend() feeds T tokens: one thread when the compiled product runs
-    (its threads and BLAS's spinning ones stall each other on a small machine; the few-row matmuls
-    left in such a step are small), else as configured."""
+@contextlib.contextmanager
+def cpu_threads(model, T):
+    """How extend() feeding T tokens uses the cores. A bf16 model's few-row step is compiled work:
+    the products (gemv_bf16_cpu) and a decode step's attention (attention_row) run on numba's
+    threads, and BLAS gets one thread for what is left (numba's threads and BLAS's spinning ones
+    stall each other on a small machine). Anything else: BLAS as configured."""
     global _blas
-    if T > CPU_GEMV_ROWS or compiled_gemv() is None:
-        return contextlib.nullcontext()
+    if T > CPU_GEMV_ROWS or model.embed_tokens.dtype != np.uint16 or compiled_gemv() is None:
+        yield
+        return
     if _blas is None:
         from threadpoolctl import ThreadpoolController
         _blas = ThreadpoolController()
-    return _blas.limit(limits=1, user_api="blas")
+    with _blas.limit(limits=1, user_api="blas"):
+        _cpu.compiled_step = True
+        try:
+            yield
+        finally:
+            _cpu.compiled_step = False
+
+
+class _CpuState(threading.local):
+    compiled_step = False     # inside cpu_threads' compiled regime (per thread: concurrent callers differ)
+
+
+_cpu = _CpuState()
+
+
+def attention_row(q, k, v, mask, lam, lambda_init, subln, eps):
+    """differential_attention for ONE query row, compiled (attention_row_cpu): the KV groups go to
+    numba's threads, each reading its K and V rows once. Same arguments and result."""
+    H, _, hd = q.shape
+    out = np.empty((1, H * hd), np.float32)                               # (1, H·hd)
+    _compiled_attention()(np.ascontiguousarray(q[:, 0]), _whole(k), _whole(v), k.shape[1], np.ascontiguousarray(mask[0]),
+                          np.float32(lam), np.float32(lambda_init), np.ascontiguousarray(subln, np.float32),
+                          np.float32(eps), out[0])
+    return out
+
+
+def _whole(a):
+    """The C-contiguous buffer (H_kv, slots, hd) that `a` = buffer[:, :S] is a prefix view of, or a
+    contiguous copy: the compiled loops then know the feature stride is 1 (and vectorise)."""
+    b = a.base
+    if (not a.flags.c_contiguous and isinstance(b, np.ndarray) and b.flags.c_contiguous and b.ndim == 3
+            and b.dtype == a.dtype and b.shape[0] == a.shape[0] and b.shape[2] == a.shape[2]
+            and a.__array_interface__["data"][0] == b.__array_interface__["data"][0] and a.strides == b.strides):
+        return b
+    return np.ascontiguousarray(a)
+
+
+_row = None
+
+
+def _compiled_attention():
+    """attention_row_cpu compiled by numba on first use (cached as compiled_gemv's)."""
+    global _row
+    if _row is None:
+        import numba
+
+        def attention_row_cpu(q, k, v, S, mask, lam, lambda_init, subln, eps, out):
+            """Per KV group g: scores of its 2G queries against K heads 2g, 2g+1 (a key row read once
+            for the G queries of its stripe), both softmaxes, P·[v_2g ‖ v_2g+1] (a value row read once
+            for all 2G maps), then RMSNorm(A1 − λ A2) ⊙ subln · (1 − λ_init) per head pair. Plain
+            loops only: numba compiles array expressions inside a parallel loop slowly."""
+            H, hd = q.shape
+            H_kv = k.shape[0]                                             # keys 0..S-1 of k's slots
+            G = H // H_kv
+            scale = numba.float32(1.0 / math.sqrt(hd))
+            for g in numba.prange(H_kv // 2):
+                P = np.empty((2, G, S), np.float32)                       # the two maps of each query
+                A = np.zeros((2, G, 2 * hd), np.float32)                  # P_s · [v_2g ‖ v_2g+1]
+                for s in range(2):
+                    keys = k[2 * g + s]
+                    for j in range(S):                                    # key row j serves the G queries
+                        for r in range(G):
+                            query = q[2 * (g * G + r) + s]
+                            acc = numba.float32(0.0)
+                            for d in range(hd):
+                                acc += query[d] * keys[j, d]
+                            P[s, r, j] = acc * scale if mask[j] else -np.inf
+                    for r in range(G):
+                        top = -np.inf
+                        for j in range(S):
+                            top = max(top, P[s, r, j])
+                        total = numba.float32(0.0)
+                        for j in range(S):
+                            P[s, r, j] = math.exp(P[s, r, j] - top)
+                            total += P[s, r, j]
+                        for j in range(S):
+                            P[s, r, j] /= total
+                v1, v2 = v[2 * g], v[2 * g + 1]
+                for j in range(S):
+                    for s in range(2):
+                        for r in range(G):
+                            p = P[s, r, j]
+                            for d in range(hd):
+                                A[s, r, d] += p * v1[j, d]
+                                A[s, r, hd + d] += p * v2[j, d]
+                for r in range(G):
+                    ss = numba.float32(0.0)
+                    for f in range(2 * hd):
+                        ss += (A[0, r, f] - lam * A[1, r, f]) ** 2
+                    inv = (numba.float32(1.0) - lambda_init) / math.sqrt(ss / (2 * hd) + eps)
+                    base = (g * G + r) * 2 * hd
+                    for f in range(2 * hd):
+                        out[base + f] = (A[0, r, f] - lam * A[1, r, f]) * inv * subln[f]
+
+        options = dict(parallel=True, fastmath={"reassoc", "contract"}, nogil=True)
+        try:
+            _row = numba.njit(cache=True, **options)(attention_row_cpu)
+        except Exception:
+            _row = numba.njit(**options)(attention_row_cpu)
+    return _row
 
 
 def bf16_matmul_blocks(x, W):

@@ -209,35 +209,62 @@ def weight_tensors(model):
 
 
 def bf16_profile(rows=10240, cols=2560, repeats=5):
-    """Where a bf16 weight's time goes in a batch-1 product (phi4flash.bf16_matmul), on a matrix of the
-    real MLP's shape, cycled through 8 copies (1.6 GB) so every read comes from RAM as in decoding."""
+    """Where a bf16 weight's time goes in a few-row product, on a matrix of the real MLP's shape
+    cycled through 8 copies (420 MB) so every read comes from RAM as in decoding: fp32 BLAS on the
+    widened weights, the compiled product (phi4flash.bf16_matmul, <= CPU_GEMV_ROWS rows) and the
+    NumPy widen-then-BLAS blocks, for 1 to 128 rows (where the compiled product stops paying)."""
     rng = np.random.default_rng(0)
     mats = [convert.f32_to_bf16(rng.standard_normal((rows, cols), dtype=np.float32)) for _ in range(8)]
-    f32s = [phi4flash.bf16_to_f32(m) for m in mats]
-    x = rng.standard_normal((1, cols), dtype=np.float32)
-    step = (256 << 10) // cols
-    buf = np.empty((step, cols), np.uint32)
+    f32s = [phi4flash.bf16_to_f32(m) for m in mats[:4]]
+    gemv = phi4flash.compiled_gemv()
 
-    def widen_only(W):
-        for r in range(0, rows, step):
-            b = buf[:min(step, rows - r)]
-            b[...] = W[r:r + step]
-            b <<= 16
-
-    def rate(fn, arrays):
+    def ms(fn, arrays, x):
+        fn(x, arrays[0])
         best = float("inf")
         for _ in range(repeats):
             t = time.perf_counter()
             for a in arrays:
-                fn(a)
+                fn(x, a)
             best = min(best, time.perf_counter() - t)
-        return sum(a.nbytes for a in arrays) / best / 1e9
+        return 1e3 * best / len(arrays)
 
-    print(f"batch-1 products on {rows}x{cols} matrices read from RAM (GB/s of the weights as stored):")
-    print(f"  fp32 weights, BLAS matvec:                 {rate(lambda W: x @ W.T, f32s):6.1f}")
-    print(f"  bf16 weights, bf16_matmul:                 {rate(lambda W: phi4flash.bf16_matmul(x, W), mats):6.1f}")
-    print(f"  bf16 weights, the widening pass alone:     {rate(widen_only, mats):6.1f}")
-    print(f"  copy bandwidth (read + write):             {copy_bandwidth() / 1e9:6.1f}")
+    def compiled(x, W):
+        gemv(x, W, np.empty((x.shape[0], W.shape[0]), np.float32))
+
+    from threadpoolctl import threadpool_limits
+    bw = copy_bandwidth()
+    print(f"products with a {rows}x{cols} matrix read from RAM; copy bandwidth {bw / 1e9:.1f} GB/s; "
+          f"the bf16 floor at that rate: {1e3 * mats[0].nbytes / bw:.2f} ms\n")
+    xs = {T: rng.standard_normal((T, cols), dtype=np.float32) for T in (1, 4, 16, 32, 64, 128)}
+    # BLAS first, the compiled product last: numba's threads spin a while after each call, and BLAS's
+    # threads measured in that while would show the stall the decode step avoids (cpu_threads)
+    blas = {T: ms(lambda x, W: x @ W.T, f32s, x) for T, x in xs.items()}
+    blocks = {T: ms(phi4flash.bf16_matmul_blocks, mats, x) for T, x in xs.items()}
+    with threadpool_limits(1, "blas"):  # as a compiled step runs
+        fast = {T: ms(compiled, mats, x) if gemv is not None else float("nan") for T, x in xs.items()}
+    print("| rows | fp32 BLAS ms | compiled bf16 ms (GB/s) | NumPy widen + BLAS ms (GB/s) |\n|---|---|---|---|")
+    gb = lambda t: mats[0].nbytes / t / 1e6  # noqa: E731
+    for T in xs:
+        print(f"| {T} | {blas[T]:.2f} | {fast[T]:.2f} ({gb(fast[T]):.1f}) | {blocks[T]:.2f} ({gb(blocks[T]):.1f}) |")
+
+
+def numba_startup():
+    """Seconds to import numba, compile the two kernels and make their first calls, in a fresh
+    process with the cache folder given by NUMBA_CACHE_DIR (run it twice: cold, then warm)."""
+    t0 = time.perf_counter()
+    import numba  # noqa: F401
+    t1 = time.perf_counter()
+    x, W, y = np.ones((1, 64), np.float32), np.ones((8, 64), np.uint16), np.empty((1, 8), np.float32)
+    phi4flash.compiled_gemv()(x, W, y)
+    t2 = time.perf_counter()
+    k = np.ones((4, 8, 8), np.float32)
+    phi4flash.attention_row(np.ones((8, 1, 8), np.float32), k, k, np.ones((1, 8), bool), 0.3, 0.5,
+                            np.ones(16, np.float32), 1e-5)
+    t3 = time.perf_counter()
+    where = phi4flash._gemv.stats.cache_path
+    print(json.dumps({"import_numba_s": t1 - t0, "gemv_compile_and_first_call_s": t2 - t1,
+                      "attention_compile_and_first_call_s": t3 - t2, "cache_path": where,
+                      "cache_hits": sum(phi4flash._gemv.stats.cache_hits.values())}))
 
 
 class PartTimer:
@@ -411,6 +438,7 @@ def main(argv=None):
     ap.add_argument("--model", help="use this converted folder instead of generating one")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--bf16-profile", action="store_true", help="only: where a bf16 weight's time goes (CPU)")
+    ap.add_argument("--numba-startup", action="store_true", help="only: numba's import, compile and first-call times")
     ap.add_argument("--kernels", action="store_true",
                     help="also: each kernel's time and GB/s in a decode step (from its header's traffic formula)")
     ap.add_argument("--profile", action="store_true",
@@ -418,6 +446,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.bf16_profile:
         bf16_profile()
+        return 0
+    if args.numba_startup:
+        numba_startup()
         return 0
     cfg = SIZES[args.size]
     tmp = None

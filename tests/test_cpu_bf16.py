@@ -35,14 +35,14 @@ def relative(got, want):
     return float(np.abs(got.astype(np.float64) - want).max() / max(1e-30, np.abs(want).max()))
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13, 16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 13, 16, 32])
 @pytest.mark.parametrize("out,inp", [(37, 77), (1, 300), (64, 1), (129, 2560), (256, 10240)])
 def test_compiled_product_equals_its_twin_and_linear_on_fp32(rows, out, inp):
     rng = np.random.default_rng(rows * 1000 + out + inp)
     W = bf16_bits(rng.standard_normal((out, inp)))
     x = rng.standard_normal((rows, inp)).astype(np.float32)
     assert pf.compiled_gemv() is not None
-    got = pf.bf16_matmul(x, W)                                           # the compiled kernel: rows <= 16
+    got = pf.bf16_matmul(x, W)                                           # the compiled kernel: rows <= CPU_GEMV_ROWS
     assert got.shape == (rows, out) and got.dtype == np.float32
     assert relative(got, pf.gemv_bf16_reference(x, W)) < 1e-5
     assert relative(got, pf.linear(x, pf.bf16_to_f32(W))) < 1e-5          # the fp32 weights through BLAS
@@ -79,6 +79,39 @@ def test_numpy_only_path_when_numba_is_off(numba_off):
     assert relative(pf.bf16_matmul(x, W), pf.gemv_bf16_reference(x, W)) < 1e-5
 
 
+@pytest.mark.parametrize("H,H_kv,hd,S", [(8, 4, 8, 1), (8, 4, 8, 13), (16, 8, 64, 300), (40, 20, 64, 700), (4, 4, 16, 9)])
+def test_compiled_attention_row_equals_differential_attention(H, H_kv, hd, S):
+    """A decode step's attention, compiled: one query row over a prefix view of a longer buffer (as
+    the shared K/V is read) and over a ring with empty slots (-1 positions masked)."""
+    rng = np.random.default_rng(H + S)
+    q = rng.standard_normal((H, 1, hd)).astype(np.float32)
+    kbuf, vbuf = (rng.standard_normal((H_kv, S + 5, hd)).astype(np.float32) for _ in range(2))
+    subln = rng.standard_normal(2 * hd).astype(np.float32)
+    mask = np.ones((1, S), bool)
+    mask[0, : S // 3] = S > 1 and False
+    for k, v in ((kbuf[:, :S], vbuf[:, :S]), (np.ascontiguousarray(kbuf[:, :S]), np.ascontiguousarray(vbuf[:, :S]))):
+        want = pf.differential_attention(q, k, v, mask, 0.3, 0.55, subln)
+        got = pf.attention_row(q, k, v, mask, 0.3, 0.55, subln, 1e-5)
+        assert got.shape == want.shape and np.abs(got - want).max() < 1e-5
+    assert pf._whole(kbuf[:, :S]) is kbuf                                 # the prefix view is read in place
+
+
+def test_a_bf16_decode_step_takes_the_compiled_attention(model, model_f32, monkeypatch):
+    calls = []
+    row = pf.attention_row
+    monkeypatch.setattr(pf, "attention_row", lambda *a: calls.append(a[1].shape) or row(*a))
+    kinds = model.config.layer_kinds
+    _, cache = model.prefill([5, 68, 417])                                # 3 query rows in "swa": the NumPy form;
+    assert len(calls) == kinds.count("full") + kinds.count("cross")       # layer L/2+1 and cross: the last row only
+    model.step(cache, 322)
+    assert len(calls) == 2 * (kinds.count("full") + kinds.count("cross")) + kinds.count("swa")
+    before = len(calls)
+    _, cache = model_f32.prefill([5, 68, 417])
+    model_f32.step(cache, 322)                                            # fp32: BLAS's, no compiled step
+    _, cache = model.prefill(np.arange(pf.CPU_GEMV_ROWS + 1))             # a long chunk: BLAS's too
+    assert len(calls) == before
+
+
 def greedy(model, prompt, steps):
     logits, cache = model.prefill(prompt)
     out = [logits]
@@ -90,7 +123,7 @@ def greedy(model, prompt, steps):
 @pytest.mark.parametrize("path", ["numba", "numpy"])
 def test_bf16_logits_equal_fp32_logits(model, model_f32, ref, monkeypatch, path):
     """The same model stored as bf16 bits (default) and as their exact fp32 widening: forward over
-    every prompt (p0 has 5 tokens: the compiled product; p1, p2 take the blocks) and 20 decode steps."""
+    every prompt (p0, p1 of 5 and 23 tokens take the compiled product, p2 of 41 the blocks) and 20 decode steps."""
     if path == "numpy":
         monkeypatch.setattr(pf, "_gemv", False)
     for p in PROMPTS:
@@ -116,8 +149,9 @@ def test_phi4flash_numba_0_never_imports_numba_and_gives_the_same_logits(convert
     assert np.abs(np.load(out) - np.array(want)).max() <= 1e-5
 
 
-def test_a_decode_step_runs_blas_on_one_thread(model, monkeypatch):
-    """Inside a few-row extend() the BLAS pool is limited to one thread; a prefill chunk keeps it."""
+def test_a_decode_step_runs_blas_on_one_thread(model, model_f32, monkeypatch):
+    """Inside a few-row extend() of a bf16 model the BLAS pool is limited to one thread; a prefill
+    chunk keeps it, and so does any step of a float32 model (its products are BLAS's)."""
     from threadpoolctl import threadpool_info
     seen = []
     extend = pf.extend
@@ -131,6 +165,8 @@ def test_a_decode_step_runs_blas_on_one_thread(model, monkeypatch):
     model.step(cache, 5)
     assert seen[0] == (pf.CPU_GEMV_ROWS + 1, before) and seen[1] == (1, [1] * len(before))
     assert [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"] == before
+    _, cache = model_f32.prefill([5, 68])
+    assert seen[-1] == (2, before)
 
 
 def test_memory_stays_flat_over_a_long_generation(model, ref):
