@@ -11,7 +11,7 @@ Appendix B: the command line (`python phi4flash.py trace ...`).
 Every array op of sections 1-9 goes through `xp` (NumPy here, CuPy on a GPU).
 
 Glossary (code name: meaning, size in the real 3.85B model)
-  T          tokens in this call                      S      keys visible to a query
+  T          tokens in this call (T_q: query rows)    S      keys visible to a query
   D          hidden_size, 2560                        V      vocab rows, 200064 (ids past the tokenizer: no token)
   F          intermediate_size of the MLP, 10240      L      num_hidden_layers, 32
   d_inner    Mamba inner width expand*D, 5120         N      Mamba d_state, 16
@@ -877,7 +877,9 @@ def nonfinite_message(model, ids):
 #   * many rows (prefill, compute-bound), or no numba (PHI4FLASH_NUMBA=0, or not installed): a block
 #     of rows is widened into an fp32 scratch buffer and BLAS multiplies it (bf16_matmul_blocks).
 # Both accumulate in fp32 and match x·widen(W)ᵀ to ~1e-7 relative (only the summation order
-# differs). gemv_bf16_reference is the compiled kernel's NumPy twin.
+# differs). gemv_bf16_reference is the compiled kernel's NumPy twin. In such a few-row step the
+# attention of a one-row query is compiled too (attention_row, whose twin is differential_attention),
+# and BLAS gets one thread (cpu_threads): numba's threads and BLAS's stall each other on 2 cores.
 
 CPU_GEMV_ROWS = 32        # up to this many rows take the compiled product (measured crossover: 32-64)
 USE_NUMBA = os.environ.get("PHI4FLASH_NUMBA", "1") != "0"
@@ -1607,7 +1609,7 @@ def cuda_layers(model, cache, ids, logits, trace):
                 v_new = cuda_linear(u, p["Wv"], p["bv"]).reshape(T, H_kv, -1).transpose(1, 0, 2)  # (H_kv, T, hd)
                 k, v, kpos = (kv_ring if kv.window else kv_append)(kv, k_new, v_new, start)
             q = cuda_linear(u[rows], p["Wq"], p["bq"]).reshape(-1, H, cfg.head_dim).transpose(1, 0, 2)  # (H, T_q, hd)
-            o = cuda_attend(q, k, v, pos[rows], kpos, kv.window, lam[i], lambda_init_for(i), p["subln"])                                   # (T_q, H·hd)
+            o = cuda_attend(q, k, v, pos[rows], kpos, kv.window, lam[i], lambda_init_for(i), p["subln"])  # (T_q, H·hd)
             out = cuda_linear(o, p["out_proj"], p["out_proj_bias"])       # (T_q, D)
             if kind == "full":
                 hidden, memory, pos = hidden[rows], memory[rows], pos[rows]
