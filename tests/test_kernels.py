@@ -395,7 +395,7 @@ def find_libnvrtc():
         candidates += glob.glob(os.path.join(base, "nvidia", "cu1*", "lib", "libnvrtc.so*"))
         candidates += glob.glob(os.path.join(base, "nvidia", "cuda_nvrtc", "lib", "libnvrtc.so*"))
     candidates += glob.glob("/usr/local/cuda*/lib64/libnvrtc.so*")
-    candidates = [c for c in candidates if "builtins" not in c]
+    candidates = [c for c in candidates if "builtins" not in c and ".alt." not in c]
     return candidates[0] if candidates else None
 
 
@@ -405,6 +405,8 @@ def test_kernels_cu_compiles_with_nvrtc_as_cupy_calls_it():
     lib = find_libnvrtc()
     if lib is None:
         pytest.skip("libnvrtc not found (pip install nvidia-cuda-nvrtc, or a CUDA toolkit with NVRTC)")
+    for builtins in glob.glob(os.path.join(os.path.dirname(lib), "libnvrtc-builtins.so*")):
+        ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)  # NVRTC 13.0 dlopens it by name, not from its own folder
     nvrtc = ctypes.CDLL(lib)
     prog = ctypes.c_void_p()
     src = open(KERNELS_CU, "rb").read()
