@@ -344,15 +344,19 @@ def planned_bytes(cfg, plan, dtype):
     """The length of the converted model.safetensors: its header and every tensor as stored (bf16 or
     float32). 7.7 GB for the real model in bf16, 15.4 GB in float32."""
     header, layout = converted_header(cfg, plan, dtype)
-    return len(header) + sum(math.prod(shape) * (2 if bf16 else 4) for _, shape, bf16 in layout)
+    return len(header) + _data_bytes(layout)
+
+
+def _data_bytes(layout):
+    return sum(math.prod(shape) * (2 if bf16 else 4) for _, shape, bf16 in layout)
 
 
 def output_bytes(src, cfg, found, plan, dtype):
     """The disk space a conversion takes: planned_bytes and the copied side files. When the source
     shards are sparse files (the real-size dry run's), the tensor data is scaled by the share of them
     that is on disk: their holes are zeros, and zero chunks become holes in the output too."""
-    header, _ = converted_header(cfg, plan, dtype)
-    data = planned_bytes(cfg, plan, dtype) - len(header)
+    header, layout = converted_header(cfg, plan, dtype)
+    data = _data_bytes(layout)
     shards = [os.stat(f) for f in {file for file, _, _ in found.values()}]
     length, stored = sum(st.st_size for st in shards), sum(getattr(st, "st_blocks", 0) * 512 for st in shards)
     if 0 < stored < length:

@@ -947,12 +947,18 @@ def compiled_gemv():
                         acc += x[t, k] * widen_bf16(w[k])
                     y[t, o] = acc
 
-        options = dict(parallel=True, fastmath={"reassoc", "contract"}, nogil=True)  # reassoc: SIMD sums
-        try:
-            _gemv = numba.njit(cache=True, **options)(gemv_bf16_cpu)
-        except Exception:  # nowhere to write numba's cache: compile in every process instead
-            _gemv = numba.njit(**options)(gemv_bf16_cpu)
+        _gemv = _njit(numba, gemv_bf16_cpu)
     return _gemv or None
+
+
+def _njit(numba, fn):
+    """fn compiled for numba's threads, with fp32 sums reassociated (so they vectorise), and cached on
+    disk where numba can write: in every process otherwise."""
+    options = dict(parallel=True, fastmath={"reassoc", "contract"}, nogil=True)
+    try:
+        return numba.njit(cache=True, **options)(fn)
+    except Exception:  # nowhere to write numba's cache
+        return numba.njit(**options)(fn)
 
 
 @contextlib.contextmanager
@@ -1062,11 +1068,7 @@ def _compiled_attention():
                     for f in range(2 * hd):
                         out[base + f] = (A[0, r, f] - lam * A[1, r, f]) * inv * subln[f]
 
-        options = dict(parallel=True, fastmath={"reassoc", "contract"}, nogil=True)
-        try:
-            _row = numba.njit(cache=True, **options)(attention_row_cpu)
-        except Exception:
-            _row = numba.njit(**options)(attention_row_cpu)
+        _row = _njit(numba, attention_row_cpu)
     return _row
 
 

@@ -17,6 +17,7 @@ import pytest
 
 import phi4flash as pf
 from conftest import PROMPTS, ROOT
+from test_gpu import greedy_decode, maxdiff
 
 numba = pytest.importorskip("numba", reason="numba is not installed: only the NumPy bf16 path can be tested")
 
@@ -112,14 +113,6 @@ def test_a_bf16_decode_step_takes_the_compiled_attention(model, model_f32, monke
     assert len(calls) == before
 
 
-def greedy(model, prompt, steps):
-    logits, cache = model.prefill(prompt)
-    out = [logits]
-    for _ in range(steps):
-        out.append(model.step(cache, int(np.argmax(np.where(model.token_mask, out[-1], -np.inf)))))
-    return np.array(out)
-
-
 @pytest.mark.parametrize("path", ["numba", "numpy"])
 def test_bf16_logits_equal_fp32_logits(model, model_f32, ref, monkeypatch, path):
     """The same model stored as bf16 bits (default) and as their exact fp32 widening: forward over
@@ -129,7 +122,7 @@ def test_bf16_logits_equal_fp32_logits(model, model_f32, ref, monkeypatch, path)
     for p in PROMPTS:
         ids = ref[f"{p}_input_ids"]
         assert np.abs(model.forward(ids) - model_f32.forward(ids)).max() <= 1e-5, p
-        assert np.abs(greedy(model, ids, 20) - greedy(model_f32, ids, 20)).max() <= 1e-5, p
+        assert maxdiff(greedy_decode(model, ids, 20)[1], greedy_decode(model_f32, ids, 20)[1]) <= 1e-5, p
 
 
 def test_phi4flash_numba_0_never_imports_numba_and_gives_the_same_logits(converted, model, ref, tmp_path):

@@ -34,9 +34,9 @@ import pytest
 import cuda_cpu
 import phi4flash as pf
 from conftest import PROMPTS
-from test_gpu import gpu_code_path, greedy_decode, maxdiff
-from test_kernels import (PREFILL_CASES, SIGNATURES, LaunchChecker, attention_case, bf16_bits, find_nvcc, rand,
-                          random_mamba_layer)
+from test_gpu import assert_forward_matches_reference, gpu_code_path, greedy_decode, maxdiff
+from test_kernels import (PREFILL_CASES, SIGNATURES, LaunchChecker, attention_case, bf16_bits, find_nvcc,
+                          gemv_epilogue_checks, mamba_checks, rand, scan_checks, scan_step_checks)
 
 SELFTEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_cpu", "selftest.cu")
 WRITTEN = ("float*", "long long*")
@@ -341,45 +341,6 @@ def conv_checks(T, direct_prefill=False):
     return [("out", got, pf.silu(want)), ("conv_state", state_inout, want_state)]
 
 
-def scan_checks(T, E=40, N=16):
-    rng = np.random.default_rng(100 + T)
-    x, dt, z = rand(rng, T, E), rand(rng, T, E), rand(rng, T, E)
-    dt_bias, D = rand(rng, E), rand(rng, E)
-    A_log = np.log(np.tile(np.arange(1, N + 1, dtype=np.float32), (E, 1))) + rand(rng, E, N, scale=0.1)
-    B, C, h0 = rand(rng, T, N), rand(rng, T, N), rand(rng, E, N)
-    want_y, want_h = pf.selective_scan_sequential(x, pf.softplus(dt + dt_bias), -np.exp(A_log), B, C, D, h0)
-    h = h0.copy()
-    y, y_gated = pf.cuda_selective_scan(x, dt, dt_bias, A_log, B, C, D, z, h)
-    return [("y", y, want_y), ("ssm_state", h, want_h), ("y_gated", y_gated, want_y * pf.silu(z))]
-
-
-def mamba_checks(T, monkeypatch):
-    rng = np.random.default_rng(200 + T)
-    D, E, N, R = 48, 96, 16, 4   # R = 4: in_features not a multiple of 8 -> the GEMV's scalar path
-    p = random_mamba_layer(rng, D, E, N, R)
-    u = rand(rng, T, D)
-    conv0, ssm0 = rand(rng, 3, E), rand(rng, E, N, scale=0.1)
-    want = pf.mamba(u, p, conv0.copy(), ssm0.copy())
-    conv, ssm = conv0.copy(), ssm0.copy()
-    got = (*pf.cuda_mamba(u, p, conv, ssm), conv, ssm)                   # the states are updated in place
-    return [(name, g, w) for g, w, name in zip(got, want, ("out", "y", "conv_state", "ssm_state"))]
-
-
-def scan_step_checks(R, N, E=40):
-    """The decode step's scan: Δ = softplus(dt_low·dt_projᵀ + bias) from x_proj's one output."""
-    rng = np.random.default_rng(R + N)
-    x, z, xdbc = rand(rng, 1, E), rand(rng, 1, E), rand(rng, 1, R + 2 * N)
-    dt_proj, dt_bias, D = rand(rng, E, R, scale=R ** -0.5), rand(rng, E), rand(rng, E)
-    A_log = np.log(np.tile(np.arange(1, N + 1, dtype=np.float32), (E, 1)))
-    h0 = rand(rng, E, N)
-    delta = pf.softplus(xdbc[:, :R] @ dt_proj.T + dt_bias)
-    want_y, want_h = pf.selective_scan_sequential(x, delta, -np.exp(A_log), xdbc[:, R:R + N], xdbc[:, R + N:], D, h0)
-    h, y, y_gated = h0.copy(), np.empty((1, E), np.float32), np.empty((1, E), np.float32)
-    pf._launch(pf.scan_step, (pf._blocks(E, pf.SCAN_CHANNELS),), (pf.SCAN_CHANNELS * N,),
-               (x, xdbc, dt_proj, dt_bias, A_log, D, z, h, y, y_gated, np.int32(E), np.int32(N), np.int32(R)))
-    return [("y", y, want_y), ("ssm_state", h, want_h), ("y_gated", y_gated, want_y * pf.silu(z))]
-
-
 def prefill_checks(H, H_kv, hd, T, past, window):
     rng = np.random.default_rng(T * 7 + past)
     q, k, v, qpos, kpos, subln = attention_case(rng, H, H_kv, hd, T, past, window)
@@ -449,26 +410,6 @@ def gemv_checks(rows, out, inp):
     return [("y", pf.cuda_linear(x, W), want)]
 
 
-def gemv_epilogue_checks(dtype, rows, out, inp):
-    """Kernel 7's epilogues (bias, residual in place, SwiGLU over [gate; up], the GMU gate) and its
-    split-K choice (inp = 5120 with out = 37: 8 warps per output) for bf16 or fp32 weights."""
-    rng = np.random.default_rng(rows + out + inp)
-    W2 = rand(rng, 2 * out, inp, scale=inp ** -0.5)
-    W2 = bf16_bits(W2) if dtype == "bf16" else W2
-    Wf = pf.f32(W2).astype(np.float64)
-    x, bias, aux = rand(rng, rows, inp), rand(rng, out), rand(rng, rows, out)
-    acc, up = x @ Wf[:out].T, x @ Wf[out:].T
-    silu = lambda a: a / (1 + np.exp(-a))  # noqa: E731
-    checks = []
-    for mode, b, a, want in ((pf.GEMV_PLAIN, bias, None, acc + bias), (pf.GEMV_GATE, None, aux, silu(acc) * aux)):
-        checks.append((f"mode {mode}", pf.cuda_gemv(x, W2[:out], np.empty((rows, out), np.float32), mode, bias=b, aux=a), want))
-    checks.append(("swiglu", pf.cuda_gemv(x, W2, np.empty((rows, out), np.float32), pf.GEMV_SWIGLU, out_features=out),
-                   silu(acc) * up))
-    residual = aux.copy()
-    pf.cuda_gemv(x, W2[:out], residual, pf.GEMV_RESIDUAL, bias=bias, aux=residual)
-    return checks + [("residual in place", residual, aux + (acc + bias))]
-
-
 def layer_norm_checks(rows, D):
     rng = np.random.default_rng(rows * D)
     x, p = rand(rng, rows, D, scale=3.0) + 1.0, {"weight": rand(rng, D), "bias": rand(rng, D)}
@@ -495,7 +436,7 @@ def case_table():
     for R, N in ((4, 16), (160, 16), (7, 8)):
         yield "scan_step", f"dt_rank{R}-N{N}", lambda mp, R=R, N=N: scan_step_checks(R, N)
     for T in (1, 7, 40):
-        yield "scan_prefill", f"mamba-T{T}", lambda mp, T=T: mamba_checks(T, mp)
+        yield "scan_prefill", f"mamba-T{T}", lambda mp, T=T: mamba_checks(T)
     for c in PREFILL_CASES:
         yield "attention_prefill", "H{}-Hkv{}-hd{}-T{}-past{}-W{}".format(*c), lambda mp, c=c: prefill_checks(*c)
     yield "attention_prefill", "prefix-view", lambda mp: prefix_view_checks()
@@ -785,18 +726,7 @@ WHOLE_MODEL_TOL = 1e-4   # as test_gpu.py: the real kernels must meet the twins'
 @pytest.mark.parametrize("p", PROMPTS)
 def test_real_kernels_forward_matches_reference(real, model, ref, monkeypatch, p):
     with real_kernel_path(model, monkeypatch) as (gpu, launches):
-        trace = {}
-        logits = gpu.forward(ref[f"{p}_input_ids"], trace=trace)
-        last, cache = gpu.prefill(ref[f"{p}_input_ids"])
-    assert maxdiff(logits, ref[f"{p}_logits"]) <= WHOLE_MODEL_TOL
-    for i in range(model.config.num_hidden_layers):
-        assert maxdiff(trace[f"layers.{i}.residual"], ref[f"{p}_hidden_states"][i + 1]) <= WHOLE_MODEL_TOL, i
-    assert maxdiff(trace["memory"], ref[f"{p}_gmu_memory"]) <= WHOLE_MODEL_TOL
-    assert maxdiff(last, ref[f"{p}_logits"][-1]) <= WHOLE_MODEL_TOL
-    for i in (0, 2, 4):
-        assert maxdiff(cache.ssm_state[i], ref[f"{p}_prefill_ssm_state_L{i}"]) <= 1e-5
-    for kernel in ("conv1d_silu_prefill", "scan_prefill", "attention_prefill", "attention_decode_split", "gemv_bf16"):
-        assert launches.counts.get(kernel), kernel
+        assert_forward_matches_reference(gpu, launches, ref, p, WHOLE_MODEL_TOL)
 
 
 @pytest.mark.parametrize("prompt_len", [1, 5, 13])

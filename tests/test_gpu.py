@@ -48,23 +48,30 @@ def maxdiff(a, b):
 # ------------------------------------------------------------------------------------------------
 # CPU: the GPU code path through the twins
 
-@pytest.mark.parametrize("p", PROMPTS)
-def test_gpu_code_path_forward_matches_reference(model, ref, monkeypatch, p):
-    with gpu_code_path(model, monkeypatch) as (gpu, launches):
-        trace = {}
-        logits = gpu.forward(ref[f"{p}_input_ids"], trace=trace)
-        last, cache = gpu.prefill(ref[f"{p}_input_ids"])
-    assert maxdiff(logits, ref[f"{p}_logits"]) <= TOL
-    for i in range(model.config.num_hidden_layers):
-        assert maxdiff(trace[f"layers.{i}.residual"], ref[f"{p}_hidden_states"][i + 1]) <= TOL, i
+def assert_forward_matches_reference(gpu, launches, ref, p, tol=TOL):
+    """The model on the GPU code path (gpu, its launch checker) against reference.npz for prompt p:
+    a forward's logits, every residual, the memory and shared K/V, and a prefill's last logits and
+    states; the prefill kernels must have run."""
+    trace = {}
+    logits = gpu.forward(ref[f"{p}_input_ids"], trace=trace)
+    last, cache = gpu.prefill(ref[f"{p}_input_ids"])
+    assert maxdiff(logits, ref[f"{p}_logits"]) <= tol
+    for i in range(gpu.config.num_hidden_layers):
+        assert maxdiff(trace[f"layers.{i}.residual"], ref[f"{p}_hidden_states"][i + 1]) <= tol, i
     for name, key in (("memory", "gmu_memory"), ("shared_k", "shared_k"), ("shared_v", "shared_v")):
-        assert maxdiff(trace[name], ref[f"{p}_{key}"]) <= TOL, name
-    assert maxdiff(last, ref[f"{p}_logits"][-1]) <= TOL                   # prefill: one query row at layer L/2+1
+        assert maxdiff(trace[name], ref[f"{p}_{key}"]) <= tol, name
+    assert maxdiff(last, ref[f"{p}_logits"][-1]) <= tol                   # prefill: one query row at layer L/2+1
     for i in (0, 2, 4):
-        assert maxdiff(cache.conv_state[i], ref[f"{p}_prefill_conv_state_L{i}"][:, 1:].T) <= TOL
+        assert maxdiff(cache.conv_state[i], ref[f"{p}_prefill_conv_state_L{i}"][:, 1:].T) <= tol
         assert maxdiff(cache.ssm_state[i], ref[f"{p}_prefill_ssm_state_L{i}"]) <= 1e-5
     for kernel in ("conv1d_silu_prefill", "scan_prefill", "attention_prefill", "attention_decode_split", "gemv_bf16"):
         assert launches.counts.get(kernel), kernel
+
+
+@pytest.mark.parametrize("p", PROMPTS)
+def test_gpu_code_path_forward_matches_reference(model, ref, monkeypatch, p):
+    with gpu_code_path(model, monkeypatch) as (gpu, launches):
+        assert_forward_matches_reference(gpu, launches, ref, p)
 
 
 def greedy_decode(model, prompt, steps):

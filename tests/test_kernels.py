@@ -143,21 +143,51 @@ def test_conv1d_silu_twins_equal_causal_conv1d(checked, T):
     assert checked.counts == {"conv1d_silu_step" if T == 1 else "conv1d_silu_prefill": 1}
 
 
-@pytest.mark.parametrize("T", [1, 5, 33, 100])
-def test_scan_twins_equal_selective_scan_sequential(checked, T):
-    """softplus(dt + bias), A = -exp(A_log), D skip, z gate fused; the state carried across calls."""
+# Cases shared with tests/test_cuda_cpu.py, which runs them through the real kernels: each returns
+# [(what, got, want)], `got` from the GPU code path (whatever _launch runs), `want` from the model.
+
+def scan_case(T, E=40, N=16):
+    """Random scan inputs (x, dt, dt_bias, A_log, B, C, D, z), the start state and the sequential
+    scan's (y, h). 40 channels: a full block of 32 and a partial one."""
     rng = np.random.default_rng(100 + T)
-    E, N = 40, 16  # 40 channels: a full block of 32 and a partial one
     x, dt, z = rand(rng, T, E), rand(rng, T, E), rand(rng, T, E)
     dt_bias, D = rand(rng, E), rand(rng, E)
     A_log = np.log(np.tile(np.arange(1, N + 1, dtype=np.float32), (E, 1))) + rand(rng, E, N, scale=0.1)
     B, C, h0 = rand(rng, T, N), rand(rng, T, N), rand(rng, E, N)
     want_y, want_h = pf.selective_scan_sequential(x, pf.softplus(dt + dt_bias), -np.exp(A_log), B, C, D, h0)
+    return (x, dt, dt_bias, A_log, B, C, D, z), h0, want_y, want_h
+
+
+def scan_checks(T, E=40, N=16):
+    args, h0, want_y, want_h = scan_case(T, E, N)
     h = h0.copy()
-    y, y_gated = pf.cuda_selective_scan(x, dt, dt_bias, A_log, B, C, D, z, h)
-    assert np.abs(y - want_y).max() < TOL and np.abs(h - want_h).max() < TOL
-    assert np.abs(y_gated - want_y * pf.silu(z)).max() < TOL
+    y, y_gated = pf.cuda_selective_scan(*args, h)
+    return [("y", y, want_y), ("ssm_state", h, want_h), ("y_gated", y_gated, want_y * pf.silu(args[7]))]
+
+
+def scan_step_checks(R, N, E=40):
+    """The decode step's scan: Δ = softplus(dt_low·dt_projᵀ + bias) with [dt_low | B | C] read from
+    x_proj's one output, then one step of the recurrence."""
+    rng = np.random.default_rng(R + N)
+    x, z, xdbc = rand(rng, 1, E), rand(rng, 1, E), rand(rng, 1, R + 2 * N)
+    dt_proj, dt_bias, D = rand(rng, E, R, scale=R ** -0.5), rand(rng, E), rand(rng, E)
+    A_log = np.log(np.tile(np.arange(1, N + 1, dtype=np.float32), (E, 1)))
+    h0 = rand(rng, E, N)
+    delta = pf.softplus(xdbc[:, :R] @ dt_proj.T + dt_bias)
+    want_y, want_h = pf.selective_scan_sequential(x, delta, -np.exp(A_log), xdbc[:, R:R + N], xdbc[:, R + N:], D, h0)
+    h, y, y_gated = h0.copy(), np.empty((1, E), np.float32), np.empty((1, E), np.float32)
+    pf._launch(pf.scan_step, (pf._blocks(E, pf.SCAN_CHANNELS),), (pf.SCAN_CHANNELS * N,),
+               (x, xdbc, dt_proj, dt_bias, A_log, D, z, h, y, y_gated, np.int32(E), np.int32(N), np.int32(R)))
+    return [("y", y, want_y), ("ssm_state", h, want_h), ("y_gated", y_gated, want_y * pf.silu(z))]
+
+
+@pytest.mark.parametrize("T", [1, 5, 33, 100])
+def test_scan_twins_equal_selective_scan_sequential(checked, T):
+    """softplus(dt + bias), A = -exp(A_log), D skip, z gate fused; the state carried across calls."""
+    for what, got, want in scan_checks(T):
+        assert np.abs(got - want).max() < TOL, what
     if T > 1:  # the same sequence in two calls, the second one token long (a decode step)
+        (x, dt, dt_bias, A_log, B, C, D, z), h0, want_y, want_h = scan_case(T)
         h2 = h0.copy()
         y_a, _ = pf.cuda_selective_scan(x[:-1], dt[:-1], dt_bias, A_log, B[:-1], C[:-1], D, z[:-1], h2)
         y_b, _ = pf.cuda_selective_scan(x[-1:], dt[-1:], dt_bias, A_log, B[-1:], C[-1:], D, z[-1:], h2)
@@ -166,21 +196,10 @@ def test_scan_twins_equal_selective_scan_sequential(checked, T):
 
 
 @pytest.mark.parametrize("R,N", [(4, 16), (160, 16), (7, 8)])
-def test_scan_step_twin_fuses_dt_proj(R, N):
-    """The decode step's scan: Δ = softplus(dt_low·dt_projᵀ + bias) with [dt_low | B | C] read from
-    x_proj's one output, then one step of the recurrence (1e-5: the same fp32 operations)."""
-    rng = np.random.default_rng(R + N)
-    E = 40
-    x, z, xdbc = rand(rng, 1, E), rand(rng, 1, E), rand(rng, 1, R + 2 * N)
-    dt_proj, dt_bias, D = rand(rng, E, R, scale=R ** -0.5), rand(rng, E), rand(rng, E)
-    A_log = np.log(np.tile(np.arange(1, N + 1, dtype=np.float32), (E, 1)))
-    h0 = rand(rng, E, N)
-    delta = pf.softplus(xdbc[:, :R] @ dt_proj.T + dt_bias)
-    want_y, want_h = pf.selective_scan_sequential(x, delta, -np.exp(A_log), xdbc[:, R:R + N], xdbc[:, R + N:], D, h0)
-    h, y, y_gated = h0.copy(), np.empty((1, E), np.float32), np.empty((1, E), np.float32)
-    pf.scan_step(x, xdbc, dt_proj, dt_bias, A_log, D, z, h, y, y_gated, E, N, R)
-    assert np.abs(y - want_y).max() < TOL and np.abs(h - want_h).max() < TOL
-    assert np.abs(y_gated - want_y * pf.silu(z)).max() < TOL
+def test_scan_step_twin_fuses_dt_proj(checked, R, N):
+    """The decode step's fused scan (1e-5: the same fp32 operations)."""
+    for what, got, want in scan_step_checks(R, N):
+        assert np.abs(got - want).max() < TOL, what
 
 
 def random_mamba_layer(rng, D, E, N, R, d_conv=4):
@@ -193,9 +212,7 @@ def random_mamba_layer(rng, D, E, N, R, d_conv=4):
             "out_proj": bf16_bits(rand(rng, D, E, scale=E ** -0.5))}
 
 
-@pytest.mark.parametrize("T", [1, 7, 40])
-def test_cuda_mamba_equals_mamba(checked, T):
-    """The whole GPU mixer (GEMV below 9 rows, widened-tile matmul above) vs mamba(), states included."""
+def mamba_checks(T):
     rng = np.random.default_rng(200 + T)
     D, E, N, R = 48, 96, 16, 4   # R = 4: in_features not a multiple of 8 -> the GEMV's scalar path
     p = random_mamba_layer(rng, D, E, N, R)
@@ -204,7 +221,13 @@ def test_cuda_mamba_equals_mamba(checked, T):
     want = pf.mamba(u, p, conv0.copy(), ssm0.copy())
     conv, ssm = conv0.copy(), ssm0.copy()
     got = (*pf.cuda_mamba(u, p, conv, ssm), conv, ssm)                   # the states are updated in place
-    for g, w, name in zip(got, want, ("out", "y", "conv_state", "ssm_state")):
+    return [(name, g, w) for g, w, name in zip(got, want, ("out", "y", "conv_state", "ssm_state"))]
+
+
+@pytest.mark.parametrize("T", [1, 7, 40])
+def test_cuda_mamba_equals_mamba(checked, T):
+    """The whole GPU mixer (GEMV below 9 rows, widened-tile matmul above) vs mamba(), states included."""
+    for name, g, w in mamba_checks(T):
         assert np.abs(g - w).max() < 1e-4, name
     assert ("gemv_bf16" in checked.counts) == (T <= pf.GEMV_MAX_ROWS)
 
@@ -315,29 +338,38 @@ def test_gemv_bf16_twin_equals_linear(checked, rows, out, inp):
     assert checked.counts == {"gemv_bf16": 1}
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "f32"])
-@pytest.mark.parametrize("rows,out,inp", [(1, 37, 64), (3, 9, 300), (1, 192, 5120), (8, 5, 8)])
-def test_gemv_epilogues(checked, dtype, rows, out, inp):
-    """Kernel 7's four epilogues against the model's own formulas, bf16 and fp32 weights."""
+def gemv_epilogue_checks(dtype, rows, out, inp):
+    """Kernel 7's epilogues (plain and residual with and without bias, the GMU gate, SwiGLU over
+    [gate; up], the residual updated in place) for bf16 or fp32 weights. With inp = 5120 and a small
+    out, split-K takes 8 warps per output."""
     rng = np.random.default_rng(rows + out + inp)
     W2 = rand(rng, 2 * out, inp, scale=inp ** -0.5)
-    if dtype == "bf16":
-        W2 = bf16_bits(W2)
-    Wf = pf.bf16_to_f32(W2) if dtype == "bf16" else W2
+    W2 = bf16_bits(W2) if dtype == "bf16" else W2
+    Wf = pf.f32(W2)
     W = W2[:out]
     x, bias, aux = rand(rng, rows, inp), rand(rng, out), rand(rng, rows, out)
     acc = x @ Wf[:out].T
-    cases = [(pf.GEMV_PLAIN, None, None, acc), (pf.GEMV_PLAIN, bias, None, acc + bias),
-             (pf.GEMV_RESIDUAL, bias, aux, aux + (acc + bias)), (pf.GEMV_RESIDUAL, None, aux, aux + acc),
-             (pf.GEMV_GATE, None, aux, pf.silu(acc) * aux)]
-    for mode, b, a, want in cases:
-        got = pf.cuda_gemv(x, W, np.empty((rows, out), np.float32), mode, bias=b, aux=a)
-        assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max()), mode
-    got = pf.cuda_gemv(x, W2, np.empty((rows, out), np.float32), pf.GEMV_SWIGLU, out_features=out)
-    assert np.abs(got - pf.silu(acc) * (x @ Wf[out:].T)).max() < 1e-5
-    residual = aux.copy()                                                  # in place: y is the residual stream
-    pf.cuda_gemv(x, W, residual, pf.GEMV_RESIDUAL, aux=residual)
-    assert np.abs(residual - (aux + acc)).max() < 1e-5
+    checks = []
+    for mode, b, a, want in [(pf.GEMV_PLAIN, None, None, acc), (pf.GEMV_PLAIN, bias, None, acc + bias),
+                             (pf.GEMV_RESIDUAL, bias, aux, aux + (acc + bias)), (pf.GEMV_RESIDUAL, None, aux, aux + acc),
+                             (pf.GEMV_GATE, None, aux, pf.silu(acc) * aux)]:
+        checks.append((f"mode {mode}", pf.cuda_gemv(x, W, np.empty((rows, out), np.float32), mode, bias=b, aux=a), want))
+    checks.append(("swiglu", pf.cuda_gemv(x, W2, np.empty((rows, out), np.float32), pf.GEMV_SWIGLU, out_features=out),
+                   pf.silu(acc) * (x @ Wf[out:].T)))
+    for b in (None, bias):                                                 # in place: y is the residual stream
+        residual = aux.copy()
+        pf.cuda_gemv(x, W, residual, pf.GEMV_RESIDUAL, bias=b, aux=residual)
+        checks.append(("residual in place", residual, aux + acc if b is None else aux + (acc + bias)))
+    return checks
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f32"])
+@pytest.mark.parametrize("rows,out,inp", [(1, 37, 64), (3, 9, 300), (1, 192, 5120), (8, 5, 8)])
+def test_gemv_epilogues(checked, dtype, rows, out, inp):
+    """Kernel 7's epilogues against the model's own formulas, bf16 and fp32 weights."""
+    for what, got, want in gemv_epilogue_checks(dtype, rows, out, inp):
+        scale = max(1.0, np.abs(want).max()) if what.startswith("mode") else 1.0
+        assert np.abs(got - want).max() <= 1e-5 * scale, what
     assert set(checked.counts) == {"gemv_bf16" if dtype == "bf16" else "gemv_f32"}
 
 
