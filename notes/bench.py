@@ -153,7 +153,8 @@ def random_device_model(cfg, dtype, seed=0):
     for i, kind in enumerate(cfg.layer_kinds):
         mixer = kind if kind in ("mamba", "gmu") else "attn"
         layers.append({n: group(f"layers.{i}.{n}.") for n in ("input_layernorm", "post_attention_layernorm", "mlp", mixer)})
-    model = phi4flash.Model(cfg, tensors["embed_tokens.weight"], group("final_layernorm."), layers, device="cuda")
+    model = phi4flash.Model(cfg, tensors["embed_tokens.weight"], group("final_layernorm."), layers, device="cuda",
+                            prefill_chunk=phi4flash.CUDA_PREFILL_CHUNK)
     model.token_mask = np.ones(cfg.vocab_size, bool)
     return phi4flash.fuse_for_decode(model)
 
@@ -164,10 +165,9 @@ def reset_device_peak():
         _cupy.get_default_memory_pool().free_all_blocks()
 
 
-def device_peak(caches=()):
-    """Bytes held by CuPy's default pool plus the decode steps' own pools (CudaStep.pool)."""
-    held = _cupy.get_default_memory_pool().total_bytes()
-    return held + sum(c.cuda.pool.total_bytes() for c in caches if c.cuda is not None and c.cuda.pool is not None)
+def device_peak():
+    """Bytes held by CuPy's default pool (every device array of phi4flash, the decode step's included)."""
+    return _cupy.get_default_memory_pool().total_bytes()
 
 
 def rss():
@@ -200,12 +200,14 @@ def decode_bytes(model, context):
 
 
 def weight_tensors(model):
-    """Every weight array of a loaded model."""
+    """Every weight array of a loaded model, once: on a GPU the split projections are row views of
+    the fused matrices (fuse_for_decode), and only the fused ones are counted."""
     yield model.embed_tokens
     yield from model.final_layernorm.values()
     for layer in model.layers:
         for group in layer.values():
-            yield from group.values()
+            arrays = list(group.values())
+            yield from (a for a in arrays if not any(a.base is b for b in arrays))
 
 
 def bf16_profile(rows=10240, cols=2560, repeats=5):
@@ -278,10 +280,12 @@ class PartTimer:
         def timed(*args, **kw):
             label = name(*args) if callable(name) else name
             self._stack.append(0.0)
+            _sync()                                          # on a GPU: the work queued before is not ours
             t = time.perf_counter()
             try:
                 return fn(*args, **kw)
             finally:
+                _sync()
                 elapsed = time.perf_counter() - t
                 inner = self._stack.pop()
                 self.seconds[label] = self.seconds.get(label, 0.0) + elapsed - inner
@@ -330,6 +334,43 @@ def decode_profile(model, contexts, steps):
     return out
 
 
+def prefill_profile(model, n):
+    """Where an n-token prefill's time goes: {"total_ms", "parts_ms"} (on a GPU each timed part is
+    synchronised before and after, so the parts add up to a slightly slower prefill)."""
+    pf = phi4flash
+    gpu = model.device == "cuda"
+    parts = {"matmul_t": lambda x, W, out: ("products, TF32" if gpu and pf.CUDA_TF32 and
+                                            x.shape[0] * x.shape[1] * W.shape[0] >= pf.TF32_MIN_MACS else "products, fp32"),
+             "bf16_to_f32": "widening bf16 weights", "layer_norm": "LayerNorms",
+             "cuda_attend" if gpu else "attend": lambda q, k, v, qpos, kpos, window, *a: (
+                 "sliding-window attention" if window else "full attention (layer L/2+1)"),
+             "kv_ring": "K/V cache writes", "kv_append": "K/V cache writes"}
+    if gpu:
+        parts.update({"cuda_conv1d_silu": "Mamba conv", "cuda_selective_scan": "Mamba scan",
+                      "cuda_layers": "layer loop glue (element-wise ops)"})
+    else:
+        parts.update({"causal_conv1d": "Mamba conv", "selective_scan": "Mamba scan", "extend": "layer loop glue",
+                      "linear": "products (linear)"})
+    ids = np.random.default_rng(2).integers(0, model.config.vocab_size, n)
+    model.prefill(ids[:min(n, 64)], model.new_cache(n + 1))             # warm-up: kernel compiles, first touches
+    timer, saved = PartTimer(), {name: getattr(pf, name) for name in parts}
+    cache = model.new_cache(n + 1)
+    try:
+        for name, label in parts.items():
+            setattr(pf, name, timer.wrap(saved[name], label))
+        _sync()
+        t = time.perf_counter()
+        model.prefill(ids, cache)
+        _sync()
+        total = time.perf_counter() - t
+    finally:
+        for name, fn in saved.items():
+            setattr(pf, name, fn)
+    ms = {k: 1e3 * v for k, v in sorted(timer.seconds.items(), key=lambda kv: -kv[1])}
+    ms["other"] = 1e3 * total - sum(ms.values())
+    return {"tokens": n, "total_ms": 1e3 * total, "parts_ms": ms}
+
+
 def print_profile(profile):
     for ctx, p in profile.items():
         print(f"\ndecode step at context {ctx}: {p['total_ms']:.2f} ms (with sampling)\n| part | ms | share |\n|---|---|---|")
@@ -373,7 +414,7 @@ def kernel_bytes(twin, args):
         w = get("W").dtype.itemsize * out * inp * (2 if mode == phi4flash.GEMV_SWIGLU else 1)
         return w + 4 * rows * inp + 4 * rows * out * (2 if mode in (phi4flash.GEMV_RESIDUAL, phi4flash.GEMV_GATE) else 1)
     if name == "layer_norm_rows":
-        return 12 * get("x").size
+        return 8 * get("x").size + 8 * i("D")
     if name in ("embed_bf16", "embed_f32"):
         return (get("E").dtype.itemsize + 4) * i("D")
     raise KeyError(f"{name}: no traffic formula (add the one in its kernels.cu header)")
@@ -441,6 +482,8 @@ def main(argv=None):
     ap.add_argument("--numba-startup", action="store_true", help="only: numba's import, compile and first-call times")
     ap.add_argument("--kernels", action="store_true",
                     help="also: each kernel's time and GB/s in a decode step (from its header's traffic formula)")
+    ap.add_argument("--prefill-profile", action="store_true",
+                    help="also: where the first --prefill length's time goes (timers on phi4flash's functions)")
     ap.add_argument("--profile", action="store_true",
                     help="also: where a decode step's time goes at each context (CPU; timers on phi4flash's functions)")
     args = ap.parse_args(argv)
@@ -505,7 +548,7 @@ def main(argv=None):
                                       "roofline_s": floor, "x_roofline": per_token / floor,
                                       "peak_rss_GB": rss()[1] / 1e9})
             if _cupy is not None:
-                results["decode"][-1]["peak_device_GB"] = device_peak([cache]) / 1e9
+                results["decode"][-1]["peak_device_GB"] = device_peak() / 1e9
             del cache
         if args.kernels:
             if model.device != "cuda":
@@ -525,6 +568,8 @@ def main(argv=None):
             if _cupy is not None:
                 results["prefill"][-1]["peak_device_GB"] = device_peak() / 1e9
             del cache
+        if args.prefill_profile:
+            results["prefill_profile"] = prefill_profile(model, [int(c) for c in args.prefill.split(",") if c][0])
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -553,6 +598,11 @@ def report(r):
         print_profile(r["profile"])
     if "kernels" in r:
         print_kernels(r)
+    if "prefill_profile" in r:
+        p = r["prefill_profile"]
+        print(f"\nprefill of {p['tokens']} tokens, timed part by part: {p['total_ms']:.1f} ms\n| part | ms | share |\n|---|---|---|")
+        for k, v in p["parts_ms"].items():
+            print(f"| {k} | {v:.1f} | {v / p['total_ms']:.0%} |")
     lens = {p["tokens"]: p["s"] for p in r["prefill"]}
     for n in sorted(lens):
         if 4 * n in lens:

@@ -40,10 +40,10 @@ phase() {  # phase NAME SECONDS COMMAND...: run with a time limit, keep its outp
     return 0
 }
 
-phase tests 200 $py -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py tests/test_gpu.py
+phase tests 150 $py -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py tests/test_gpu.py
 phase parity 120 $py notes/gpu_check.py --json "$res-parity.json"
-phase bench 240 $py notes/bench.py --size real --dtype bfloat16 --device cuda --contexts 2048,32768 \
-    --prefill 32768 --steps 16 --kernels --json "$res-bench.json"
+phase bench 180 $py notes/bench.py --size real --dtype bfloat16 --device cuda --contexts 2048,32768 \
+    --prefill 32768 --steps 16 --kernels --prefill-profile --json "$res-bench.json"
 
 $py - "$res" <<'EOF'
 import json, os, sys

@@ -1,0 +1,240 @@
+"""Where a GPU decode step's time goes, and kernel 7 (gemv_bf16) on the real decode-step shapes as
+built and in variants: the numbers behind notes/gpu.md's "Decode on a GPU: the measured picture".
+
+    python notes/gemv_sweep.py [--json notes/results/gemv-sweep.json] [--variants base,unroll2] [--contexts 2048]
+
+1. The real decode step (random real-size weights) at each --contexts length, captured as a CUDA
+   graph with only some of its launches kept (all, the GEMVs, the attention, the LayerNorms, ...),
+   so each part's GPU time is measured without events between launches.
+2. Each (variant, shape): R launches of kernel 7 captured in one graph over enough copies of W that
+   every read comes from HBM, not L2; GB/s counts the weight bytes. A variant is kernels.cu's source
+   with some text replaced and/or another split-K policy (VARIANTS below), compiled by NVRTC with
+   CuPy's options and launched as phi4flash.cuda_gemv launches the real one.
+3. References: a read-only kernel's and a device-to-device copy's bandwidth, an empty launch inside
+   a graph, and torch's bf16 linear on the same shapes when torch is importable.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "notes")]
+import phi4flash as pf  # noqa: E402
+
+LB = '__launch_bounds__(GEMV_WARPS * WARP, 4)\ngemv_bf16('
+HINT = "#ifdef __CUDA_ARCH__  // read-only, not kept in L1, and L2 fetches the whole 256-byte line: +4% (notes/gpu.md)"
+ONE_ROW = "    if (rows == 1)  // a decode step: one row, no per-row predicates (they cost a quarter of its speed)"
+def short_warps(out_features, in_features, cols=1024):
+    """A split policy: the fewest warps per output that leave each at most `cols` columns (one
+    GEMV_UNROLL round of loads), so no warp lives long and a launch's tail is short."""
+    splits = 1
+    while splits < pf.GEMV_WARPS and in_features > cols * splits:
+        splits *= 2
+    return splits
+
+
+VARIANTS = {  # name -> ([(text in kernels.cu, replacement)], split policy)
+    "base": ([], pf.gemv_splits),
+    "unroll2": ([("#define GEMV_UNROLL 4", "#define GEMV_UNROLL 2")], pf.gemv_splits),
+    "minblocks3": ([(LB, LB.replace(", 4)", ", 3)"))], pf.gemv_splits),
+    "no-L2-hint": ([(HINT, "#if 0")], pf.gemv_splits),                  # plain __ldg loads
+    "no-one-row-path": ([(ONE_ROW, "    if (false)")], pf.gemv_splits),   # rows == 1 through the 8-row instance
+    "short-warps-1024": ([], short_warps),
+    "short-warps-512": ([], lambda o, i: short_warps(o, i, 512)),
+    "short-warps-2048": ([], lambda o, i: short_warps(o, i, 2048)),
+}
+# (name, out_features, in_features, mode): the products of one decode step, and how many per step
+SHAPES = [("LM head", 200064, 2560, pf.GEMV_PLAIN, 1), ("mlp fc1 (SwiGLU)", 10240, 2560, pf.GEMV_SWIGLU, 32),
+          ("mlp fc2", 2560, 10240, pf.GEMV_RESIDUAL, 32), ("mamba in_proj", 10240, 2560, pf.GEMV_PLAIN, 9),
+          ("mamba x_proj", 192, 5120, pf.GEMV_PLAIN, 9), ("mamba out_proj", 2560, 5120, pf.GEMV_RESIDUAL, 9),
+          ("attn Wqkv", 5120, 2560, pf.GEMV_PLAIN, 8), ("attn Wq (cross)", 2560, 2560, pf.GEMV_PLAIN, 8),
+          ("attn out_proj", 2560, 2560, pf.GEMV_RESIDUAL, 16), ("gmu in_proj", 5120, 2560, pf.GEMV_GATE, 7),
+          ("gmu out_proj", 2560, 5120, pf.GEMV_RESIDUAL, 7)]
+
+
+def graph_time(cp, launches, repeats=3):
+    """Seconds per launch of the callables, captured once as a CUDA graph, best of `repeats` replays."""
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        for launch in launches:
+            launch()
+        graph = stream.end_capture()
+    graph.launch(stream)
+    stream.synchronize()
+    best = float("inf")
+    for _ in range(repeats):
+        start, end = cp.cuda.Event(), cp.cuda.Event()
+        start.record(stream)
+        graph.launch(stream)
+        end.record(stream)
+        end.synchronize()
+        best = min(best, cp.cuda.get_elapsed_time(start, end) / 1e3)
+    return best / len(launches)
+
+
+def sweep(cp, variants, min_bytes=512 << 20, launches=40):
+    source = open(pf.KERNELS_CU).read()
+    rng = cp.random.default_rng(0)
+    results = {}
+    for name in variants:
+        text, policy = source, VARIANTS[name][1]
+        for old, new in VARIANTS[name][0]:
+            assert text.count(old) == 1, (name, old)
+            text = text.replace(old, new)
+        kernel = cp.RawModule(code=text, options=("-std=c++17", "-ftz=true")).get_function("gemv_bf16")
+        results[name] = {}
+        for label, out, inp, mode, per_step in SHAPES:
+            w_rows = 2 * out if mode == pf.GEMV_SWIGLU else out
+            nbytes = 2 * w_rows * inp
+            copies = max(1, -(-min_bytes // nbytes))
+            Ws = [(rng.standard_normal((w_rows, inp), dtype=cp.float32).view(cp.uint32) >> 16).astype(cp.uint16)
+                  for _ in range(copies)]
+            x = rng.standard_normal((1, inp), dtype=cp.float32)
+            aux, y = rng.standard_normal((1, out), dtype=cp.float32), cp.empty((1, out), cp.float32)
+            splits = policy(out, inp)
+            grid, block = (pf._blocks(out, pf.GEMV_WARPS // splits),), (pf.GEMV_WARPS * 32,)
+            args = lambda W: (x, W, aux, aux, y, np.int32(1), np.int32(out), np.int32(inp), np.int32(mode),  # noqa: E731
+                              np.int32(0), np.int32(splits))
+            calls = [lambda W=Ws[r % copies]: kernel(grid, block, args(W)) for r in range(max(launches, copies))]
+            seconds = graph_time(cp, calls)
+            results[name][label] = {"us": 1e6 * seconds, "GBps": nbytes / seconds / 1e9, "MB": nbytes / 1e6,
+                                    "per_step": per_step, "splits": splits}
+            del Ws
+        step = sum(r["us"] * r["per_step"] for r in results[name].values())
+        results[name]["step_us"] = step
+        print(f"{name}: {step / 1e3:.3f} ms of products per decode step; " + ", ".join(
+            f"{k} {v['GBps']:.0f}" for k, v in results[name].items() if k != "step_us") + " GB/s", flush=True)
+    return results
+
+
+def torch_reference(cp):
+    """torch.nn.functional.linear, bf16 weights and input, batch 1, the same shapes, graph-replayed."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    out = {}
+    for label, o, inp, mode, per_step in SHAPES:
+        rows = 2 * o if mode == pf.GEMV_SWIGLU else o
+        copies = max(1, -(-(512 << 20) // (2 * rows * inp)))
+        Ws = [torch.randn(rows, inp, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+        x = torch.randn(1, inp, device="cuda", dtype=torch.bfloat16)
+        n = max(40, copies)
+        torch.nn.functional.linear(x, Ws[0])
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for r in range(n):
+                torch.nn.functional.linear(x, Ws[r % copies])
+        g.replay()
+        torch.cuda.synchronize()
+        best = float("inf")
+        for _ in range(3):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            g.replay()
+            e.record()
+            e.synchronize()
+            best = min(best, s.elapsed_time(e) / 1e3 / n)
+        out[label] = {"us": 1e6 * best, "GBps": 2 * rows * inp / best / 1e9, "per_step": per_step}
+        del Ws, g
+    out["step_us"] = sum(v["us"] * v["per_step"] for v in out.values())
+    print(f"torch bf16 linear: {out['step_us'] / 1e3:.3f} ms per step; " + ", ".join(
+        f"{k} {v['GBps']:.0f}" for k, v in out.items() if k != "step_us") + " GB/s", flush=True)
+    return out
+
+
+def empty_launch_us(cp, n=263):
+    """A graph of n launches of a kernel that does nothing: the cost of a launch inside a graph."""
+    kernel = cp.RawKernel('extern "C" __global__ void nothing(int* p) {}', "nothing")
+    p = cp.zeros(1, cp.int32)
+    return 1e6 * graph_time(cp, [lambda: kernel((1,), (32,), (p,))] * n)
+
+
+def read_GBps(cp, nbytes=1 << 30):
+    """A kernel that only reads 16-byte vectors, grid-stride: the read bandwidth a GEMV can hope for."""
+    kernel = cp.RawKernel(r'''extern "C" __global__ void read_all(const uint4* p, long long n, unsigned* out) {
+        unsigned acc = 0;
+        for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+            uint4 v = p[i];
+            acc ^= v.x ^ v.y ^ v.z ^ v.w;
+        }
+        if (acc == 0x12345678u) out[0] = acc;
+    }''', "read_all")
+    a, out = cp.zeros(nbytes // 4, cp.uint32), cp.zeros(1, cp.uint32)
+    sms = cp.cuda.Device().attributes["MultiProcessorCount"]
+    return nbytes / graph_time(cp, [lambda: kernel((8 * sms,), (256,), (a, np.int64(nbytes // 16), out))] * 10) / 1e9
+
+
+def step_breakdown(cp, context):
+    """The real decode step's GPU time at this context (random real-size weights), captured as a
+    graph three ways: every launch, only the GEMVs, everything but the GEMVs; and model.step()'s
+    wall time (the graph, the token/position writes, the logits' copy to the host)."""
+    import time
+
+    import bench
+    bench._cupy = cp
+    model = bench.random_device_model(bench.SIZES["real"], "bfloat16")
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, context)
+    _, cache = model.prefill(ids, model.new_cache(context + 64))
+    for token in (1, 2, 3):                                               # eager, captured, replayed
+        model.step(cache, token)
+    walls = []
+    for token in range(4, 24):
+        t = time.perf_counter()
+        model.step(cache, token)
+        walls.append(time.perf_counter() - t)
+    real = pf._launch
+    out = {"context": context, "model_step_ms": 1e3 * float(np.median(walls))}
+    for label, keep in (("all", lambda n: True), ("gemv only", lambda n: n.startswith("gemv")),
+                        ("all but gemv", lambda n: not n.startswith("gemv")),
+                        ("attention only", lambda n: n.startswith("attention")),
+                        ("layer_norm only", lambda n: n == "layer_norm_rows"),
+                        ("mamba conv + scan only", lambda n: n in ("conv1d_silu_step", "scan_step"))):
+        pf._launch = lambda twin, grid, block, args: real(twin, grid, block, args) if keep(twin.__name__) else None
+        try:
+            out[f"graph_ms ({label})"] = 1e3 * graph_time(cp, [lambda: pf.cuda_step_layers(model, cache, cache.cuda)])
+        finally:
+            pf._launch = real
+    print(f"decode step at {context}: " + ", ".join(f"{k} {v:.3f}" for k, v in out.items() if k != "context"), flush=True)
+    del model, cache
+    cp.get_default_memory_pool().free_all_blocks()
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
+    ap.add_argument("--contexts", default="2048,32768", help="decode-step breakdowns at these contexts ('' for none)")
+    args = ap.parse_args(argv)
+    try:
+        cp = pf.require_cupy()
+    except pf.Phi4FlashError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    a = cp.ones(1 << 28, cp.float32)
+    b = cp.empty_like(a)
+    copy = graph_time(cp, [lambda: cp.copyto(b, a)] * 10)
+    results = {"copy_GBps": 2 * a.nbytes / copy / 1e9, "empty_launch_in_graph_us": empty_launch_us(cp)}
+    del a, b
+    results["read_GBps"] = read_GBps(cp)
+    print(f"copy {results['copy_GBps']:.0f} GB/s, read {results['read_GBps']:.0f} GB/s; "
+          f"an empty launch in a graph {results['empty_launch_in_graph_us']:.2f} us", flush=True)
+    results["steps"] = [step_breakdown(cp, int(c)) for c in args.contexts.split(",") if c]
+    results["variants"] = sweep(cp, args.variants.split(","))
+    results["torch"] = torch_reference(cp)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
