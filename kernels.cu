@@ -44,6 +44,28 @@ __device__ __forceinline__ float group_sum(float v, int width) {
     return v;
 }
 
+// Sum / max over the whole block; every thread gets the result. s_warp holds one float per warp;
+// the second barrier lets the next call reuse it.
+__device__ __forceinline__ float block_sum(float v, float* s_warp) {
+    v = group_sum(v, WARP);
+    if (threadIdx.x % WARP == 0) s_warp[threadIdx.x / WARP] = v;
+    __syncthreads();
+    float total = 0.0f;
+    for (int w = 0; w < (int)blockDim.x / WARP; w++) total += s_warp[w];
+    __syncthreads();
+    return total;
+}
+
+__device__ __forceinline__ float block_max(float v, float* s_warp) {
+    for (int offset = WARP / 2; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    if (threadIdx.x % WARP == 0) s_warp[threadIdx.x / WARP] = v;
+    __syncthreads();
+    float best = neg_inf();
+    for (int w = 0; w < (int)blockDim.x / WARP; w++) best = fmaxf(best, s_warp[w]);
+    __syncthreads();
+    return best;
+}
+
 // ================================================================================================
 // 1a. conv1d_silu_prefill: Mamba's depthwise causal conv over T new tokens, then SiLU.
 //
@@ -227,6 +249,10 @@ extern "C" __global__ void scan_step(const float* x, const float* xdbc, const fl
 //   O_j = RMSNorm(A1_j − λ A2_j) ⊙ subln · (1 − λ_init),   written to output features [j·2hd, (j+1)·2hd)
 // A key s is visible to a query at position p iff kpos[s] >= 0, kpos[s] <= p and, with a window,
 // kpos[s] > p − W (W keys, the current one included). Scores are q·k / sqrt(hd), softmax in fp32.
+
+__device__ __forceinline__ void store4(float* dst, float4 v) {   // to shared rows that are not 16-byte aligned
+    dst[0] = v.x, dst[1] = v.y, dst[2] = v.z, dst[3] = v.w;
+}
 
 __device__ __forceinline__ bool key_visible(long long key_pos, long long query_pos, int window) {
     return key_pos >= 0 && key_pos <= query_pos && (window == 0 || key_pos > query_pos - window);
@@ -414,18 +440,26 @@ attention_prefill(const float* q, const float* k, const float* v, const long lon
 //   -> for each split and query head: partial_m (running max of the scaled scores), partial_l
 //   (sum of exp(score − m)) and partial_acc (2hd, the unnormalised exp-weighted sum of [v1 ‖ v2]).
 //   Layout: partial_m, partial_l (n_splits, H); partial_acc (n_splits, H, 2hd).
-// Mapping: grid (n_splits, H_kv / 2), block DECODE_THREADS. Block (split, g) walks keys
-//   [split · keys_per_split, ...) in tiles of DECODE_KEYS = 32; a tile none of whose slots is visible
-//   (empty ring slots, or slots past the current length of a preallocated buffer) is skipped after
-//   reading only its positions, so a buffer sized for 32K tokens costs little at 2K. For a tile:
-//   load K_{2g}, K_{2g+1}, V_{2g} ‖ V_{2g+1}; 2G × 32 scores; threads 0..2G-1 update the softmax
-//   state of one query head each; thread f < 2hd accumulates feature f for all 2G heads (registers).
-//   Requires hd <= 64 and 2G <= DECODE_MAX_QUERIES.
+// Mapping: grid (n_splits, H_kv / 2), block DECODE_THREADS. Block (split, g) takes keys
+//   [split · keys_per_split, ...) (keys_per_split <= DECODE_THREADS, a multiple of DECODE_KEYS = 32):
+//   thread i loads key i's position, and warp w votes whether tile w (keys 32w .. 32w + 31) has a
+//   visible key, so a tile with none (empty ring slots, slots past the current length of a
+//   preallocated buffer) is skipped without touching its K/V, and a buffer sized for 32K tokens
+//   costs little at 2K. For a tile: load K_{2g}, K_{2g+1}, V_{2g} ‖ V_{2g+1} (float4s, all in flight
+//   at once); warp w takes query heads w and w + 4 with one key per lane: the score, then the tile
+//   max and Σp by warp shuffles, so each query's softmax state (m, l) lives in its warp's registers;
+//   thread f < 2hd accumulates feature f for all 2G heads (registers).
+//   Requires hd a power of two in [4, 64], 2G <= DECODE_MAX_QUERIES, and k, v 16-byte aligned (float4
+//   loads; every CuPy allocation and every prefix view of one is).
 // Traffic: every visible key's K and V rows once per KV group: 16 · hd · S_visible · H_kv / 2 bytes
 //   in total (the whole layer's K/V once), plus 8 · S positions per group; partials are small.
 #define DECODE_THREADS 128
 #define DECODE_KEYS 32
 #define DECODE_MAX_QUERIES 8
+#define DECODE_TILE_VECTORS (DECODE_KEYS * MAX_HEAD_DIM / 4 / DECODE_THREADS)   // float4s per thread per K/V row set
+#if DECODE_KEYS != WARP || DECODE_MAX_QUERIES != 2 * DECODE_THREADS / WARP
+#error "attention_decode_split: a tile's keys are a warp's lanes, and each warp scores two queries"
+#endif
 extern "C" __global__ void __launch_bounds__(DECODE_THREADS)
 attention_decode_split(const float* q, const float* k, const float* v, const long long* qpos, const long long* kpos,
                        float* partial_acc, float* partial_m, float* partial_l, int S, int H, int H_kv, int head_dim,
@@ -435,7 +469,8 @@ attention_decode_split(const float* q, const float* k, const float* v, const lon
     __shared__ float s_v[DECODE_KEYS][2 * MAX_HEAD_DIM];
     __shared__ float s_p[DECODE_MAX_QUERIES][DECODE_KEYS + 1];
     __shared__ float s_rescale[DECODE_MAX_QUERIES];
-    __shared__ long long s_kpos[DECODE_KEYS];
+    __shared__ long long s_kpos[DECODE_THREADS];             // the split's positions, one per thread
+    __shared__ int s_tile_seen[DECODE_THREADS / WARP];       // tile w has a visible key (warp w's vote)
 
     const int G = H / H_kv, hd = head_dim, F2 = 2 * head_dim, Q = 2 * G;
     const int split = blockIdx.x, g = blockIdx.y, tid = threadIdx.x;
@@ -449,52 +484,66 @@ attention_decode_split(const float* q, const float* k, const float* v, const lon
     float acc[DECODE_MAX_QUERIES];
 #pragma unroll
     for (int a = 0; a < DECODE_MAX_QUERIES; a++) acc[a] = 0.0f;
-    float m = neg_inf(), l = 0.0f;                           // softmax state of query tid (tid < Q)
+    const int warp = tid / WARP, lane = tid % WARP;
+    float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.0f, 0.0f};   // softmax state of queries warp, warp + 4
 
+    // every position of the split at once, so that each tile costs one trip to memory (its K/V)
     const int begin = split * keys_per_split, end = min(S, begin + keys_per_split);
-    for (int k0 = begin; k0 < end; k0 += DECODE_KEYS) {
-        int n_keys = min(DECODE_KEYS, end - k0);
-        bool visible = false;
-        if (tid < DECODE_KEYS) {
-            long long kp = tid < n_keys ? kpos[k0 + tid] : -1;
-            s_kpos[tid] = kp;
-            visible = key_visible(kp, query_pos, window);
+    const long long kp = begin + tid < end ? kpos[begin + tid] : -1;
+    s_kpos[tid] = kp;
+    const int seen = __any_sync(0xffffffffu, key_visible(kp, query_pos, window));
+    if (lane == 0) s_tile_seen[warp] = seen;
+    __syncthreads();
+    for (int tile = 0; tile * DECODE_KEYS < end - begin; tile++) {
+        if (!s_tile_seen[tile]) continue;                    // uniform: the whole block skips the tile
+        const int k0 = begin + tile * DECODE_KEYS, n_keys = min(DECODE_KEYS, end - k0);
+        // the tile's rows as float4s, all loads issued before the stores to shared memory
+        float4 t[DECODE_TILE_VECTORS][4];
+#pragma unroll
+        for (int it = 0; it < DECODE_TILE_VECTORS; it++) {
+            int i = tid + it * DECODE_THREADS, kk = 4 * i / hd;
+            if (4 * i < DECODE_KEYS * hd && kk < n_keys) {
+                long long row = (long long)(k0 + kk) * hd + 4 * i % hd;
+                t[it][0] = *reinterpret_cast<const float4*>(k + (2 * g) * kv_head_stride + row);
+                t[it][1] = *reinterpret_cast<const float4*>(k + (2 * g + 1) * kv_head_stride + row);
+                t[it][2] = *reinterpret_cast<const float4*>(v + (2 * g) * kv_head_stride + row);
+                t[it][3] = *reinterpret_cast<const float4*>(v + (2 * g + 1) * kv_head_stride + row);
+            } else {
+                t[it][0] = t[it][1] = t[it][2] = t[it][3] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            }
         }
-        if (!__syncthreads_or(visible)) continue;            // uniform: the whole block skips the tile
-        for (int i = tid; i < DECODE_KEYS * hd; i += DECODE_THREADS) {
-            int kk = i / hd, d = i % hd;
-            bool ok = kk < n_keys;
-            long long row = (long long)(k0 + kk) * hd + d;
-            s_k[0][kk][d] = ok ? k[(2 * g) * kv_head_stride + row] : 0.0f;
-            s_k[1][kk][d] = ok ? k[(2 * g + 1) * kv_head_stride + row] : 0.0f;
-            s_v[kk][d] = ok ? v[(2 * g) * kv_head_stride + row] : 0.0f;
-            s_v[kk][hd + d] = ok ? v[(2 * g + 1) * kv_head_stride + row] : 0.0f;
+#pragma unroll
+        for (int it = 0; it < DECODE_TILE_VECTORS; it++) {
+            int i = tid + it * DECODE_THREADS, kk = 4 * i / hd, d = 4 * i % hd;
+            if (4 * i < DECODE_KEYS * hd) {
+                store4(&s_k[0][kk][d], t[it][0]);
+                store4(&s_k[1][kk][d], t[it][1]);
+                store4(&s_v[kk][d], t[it][2]);
+                store4(&s_v[kk][hd + d], t[it][3]);
+            }
         }
         __syncthreads();
-        for (int i = tid; i < Q * DECODE_KEYS; i += DECODE_THREADS) {
-            int qi = i / DECODE_KEYS, kk = i % DECODE_KEYS, s = qi / G;
+        // warp w scores queries w and w + 4 against the tile's keys, lane = key, and updates their
+        // softmax state: tile max and Σp by shuffles, so every lane holds the same m and l
+#pragma unroll
+        for (int a = 0; a < 2; a++) {
+            const int qi = warp + a * (DECODE_THREADS / WARP), s = qi / G;
+            if (qi >= Q) break;                              // uniform across the warp
             float score = neg_inf();
-            if (key_visible(s_kpos[kk], query_pos, window)) {
+            if (key_visible(s_kpos[tile * DECODE_KEYS + lane], query_pos, window)) {
                 float dot = 0.0f;
-                for (int d = 0; d < hd; d++) dot += s_q[qi][d] * s_k[s][kk][d];
+                for (int d = 0; d < hd; d++) dot += s_q[qi][d] * s_k[s][lane][d];
                 score = dot * scale;
             }
-            s_p[qi][kk] = score;
-        }
-        __syncthreads();
-        if (tid < Q) {                                       // this tile has a visible key: m_new is finite
-            float tile_max = neg_inf();
-            for (int kk = 0; kk < DECODE_KEYS; kk++) tile_max = fmaxf(tile_max, s_p[tid][kk]);
-            float m_new = fmaxf(m, tile_max);
-            float rescale = expf(m - m_new), sum = 0.0f;
-            for (int kk = 0; kk < DECODE_KEYS; kk++) {
-                float p = expf(s_p[tid][kk] - m_new);
-                s_p[tid][kk] = p;
-                sum += p;
-            }
-            l = l * rescale + sum;
-            m = m_new;
-            s_rescale[tid] = rescale;
+            float tile_max = score;
+            for (int offset = WARP / 2; offset > 0; offset /= 2)
+                tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, offset));
+            const float m_new = fmaxf(m[a], tile_max);       // this tile has a visible key: finite
+            const float p = expf(score - m_new), rescale = expf(m[a] - m_new);
+            l[a] = l[a] * rescale + group_sum(p, WARP);
+            m[a] = m_new;
+            s_p[qi][lane] = p;
+            if (lane == 0) s_rescale[qi] = rescale;
         }
         __syncthreads();
         if (tid < F2) {
@@ -510,10 +559,14 @@ attention_decode_split(const float* q, const float* k, const float* v, const lon
         __syncthreads();
     }
     // partials of query head 2(gG + r) + s for this split
-    if (tid < Q) {
-        int head = 2 * (g * G + tid % G) + tid / G;
-        partial_m[split * H + head] = m;
-        partial_l[split * H + head] = l;
+#pragma unroll
+    for (int a = 0; a < 2; a++) {
+        const int qi = warp + a * (DECODE_THREADS / WARP);
+        if (qi < Q && lane == 0) {
+            int head = 2 * (g * G + qi % G) + qi / G;
+            partial_m[split * H + head] = m[a];
+            partial_l[split * H + head] = l[a];
+        }
     }
     if (tid < F2) {
 #pragma unroll
@@ -533,40 +586,47 @@ attention_decode_split(const float* q, const float* k, const float* v, const lon
 //   (splits with l = 0 saw no key and are skipped). For pair j (heads 2j, 2j+1):
 //   out[j·2hd + f] = RMSNorm(a_{2j} − λ a_{2j+1})[f] · subln[f] · (1 − λ_init)
 //   partial_* as written by attention_decode_split; lambda (1,); subln (2hd,) -> out (H·hd,)
-// Mapping: grid H / 2 (one block per pair j), block DECODE_THREADS; thread f < 2hd owns feature f and
-//   walks the splits itself (their m and l are read by every thread, from L1); the RMS is a block
-//   reduction (warp shuffles, then one shared slot per warp).
+// Mapping: grid H / 2 (one block per pair j), block DECODE_THREADS. Per head: M is a block max over
+//   the splits (thread i takes splits i, i + 128, ...); then the splits go in chunks of 128: thread
+//   i puts split i's weight e^{m − M} in shared memory (and adds l·e^{m − M} to its part of L), and
+//   thread f < 2hd adds the chunk's acc[·][f]·weight, four independent loads in flight. L is a block
+//   sum; the RMS over the pair's 2hd features is another.
 // Traffic: the partials once: 4 · n_splits · H · (2hd + 2) bytes, and the output 4 · H · hd.
 extern "C" __global__ void __launch_bounds__(DECODE_THREADS)
 attention_decode_reduce(const float* partial_acc, const float* partial_m, const float* partial_l,
                         const float* lambda, const float* subln, float* out, int n_splits, int H, int head_dim,
                         float lambda_init, float eps) {
-    __shared__ float s_warp_sums[DECODE_THREADS / WARP];
+    __shared__ float s_warp[DECODE_THREADS / WARP];
+    __shared__ float s_weight[DECODE_THREADS];
     const int j = blockIdx.x, tid = threadIdx.x, F2 = 2 * head_dim;
     float merged[2];
 #pragma unroll
     for (int s = 0; s < 2; s++) {
-        int head = 2 * j + s;
+        const int head = 2 * j + s;
         float M = neg_inf();
-        for (int i = 0; i < n_splits; i++)
+        for (int i = tid; i < n_splits; i += DECODE_THREADS)
             if (partial_l[i * H + head] > 0.0f) M = fmaxf(M, partial_m[i * H + head]);
-        float L = 0.0f, A = 0.0f;
-        for (int i = 0; i < n_splits; i++) {
-            float li = partial_l[i * H + head];
-            if (li > 0.0f) {
-                float w = expf(partial_m[i * H + head] - M);
-                L += li * w;
-                if (tid < F2) A += partial_acc[((long long)i * H + head) * F2 + tid] * w;
+        M = block_max(M, s_warp);
+        float L = 0.0f, A[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int i0 = 0; i0 < n_splits; i0 += DECODE_THREADS) {
+            const int i = i0 + tid, n = min(DECODE_THREADS, n_splits - i0);
+            float w = 0.0f;
+            if (i < n_splits && partial_l[i * H + head] > 0.0f) {
+                w = expf(partial_m[i * H + head] - M);
+                L += partial_l[i * H + head] * w;
             }
+            s_weight[tid] = w;
+            __syncthreads();
+            if (tid < F2)
+                for (int c = 0; c < n; c++)                  // c % 4: four partial sums, loads in flight
+                    A[c % 4] += partial_acc[((long long)(i0 + c) * H + head) * F2 + tid] * s_weight[c];
+            __syncthreads();                                 // the next chunk overwrites s_weight
         }
-        merged[s] = L > 0.0f ? A / L : 0.0f;
+        L = block_sum(L, s_warp);
+        merged[s] = L > 0.0f ? ((A[0] + A[1]) + (A[2] + A[3])) / L : 0.0f;
     }
     float d = tid < F2 ? merged[0] - lambda[0] * merged[1] : 0.0f;
-    float ss = group_sum(d * d, WARP);
-    if (tid % WARP == 0) s_warp_sums[tid / WARP] = ss;
-    __syncthreads();
-    float total = 0.0f;
-    for (int w = 0; w < DECODE_THREADS / WARP; w++) total += s_warp_sums[w];
+    float total = block_sum(d * d, s_warp);
     if (tid < F2) out[j * F2 + tid] = d / sqrtf(total / F2 + eps) * subln[tid] * (1.0f - lambda_init);
 }
 
@@ -606,7 +666,7 @@ extern "C" __global__ void kv_write(const float* k_new, const float* v_new, floa
 //   (split-K), so a small output (x_proj's 192 rows, out_proj, fc2) still gives every SM work:
 //   grid ceil(out_features / (8 / splits)). Warp part p of output o reads the 8-weight groups
 //   j = lane + 32·(p + splits·i), i = 0, 1, ..., of W's row (16 or 32 contiguous bytes per lane,
-//   two groups in flight per iteration), widens them and multiplies by the matching x columns for
+//   GEMV_UNROLL = 4 groups loaded before any is used: 2 KB per warp in flight for bf16), widens them and multiplies by the matching x columns for
 //   every row of x at once (x is small and comes from L1/L2): each weight is read once per call.
 //   When in_features is not a multiple of 8, or a pointer is not 16-byte aligned, lanes take single
 //   columns lane + 32·(p + splits·i) instead. Lane sums meet in a butterfly, the splits of an output
@@ -615,33 +675,49 @@ extern "C" __global__ void kv_write(const float* k_new, const float* v_new, floa
 //   roofline; plus 4 · rows · out written (and read, for aux); x re-reads hit the caches.
 #define GEMV_WARPS 8
 #define GEMV_MAX_ROWS 8
+#define GEMV_UNROLL 4          // 8-weight groups in flight per lane: 64 bytes of bf16, 128 of fp32
 #define GEMV_PLAIN 0
 #define GEMV_RESIDUAL 1
 #define GEMV_SWIGLU 2
 #define GEMV_GATE 3
 
-__device__ __forceinline__ void load8(const unsigned short* p, float w[8]) {   // 8 bf16 = 16 bytes
-    uint4 v = *reinterpret_cast<const uint4*>(p);
-    w[0] = bf16_bits_to_float(v.x & 0xffffu); w[1] = bf16_bits_to_float(v.x >> 16);
-    w[2] = bf16_bits_to_float(v.y & 0xffffu); w[3] = bf16_bits_to_float(v.y >> 16);
-    w[4] = bf16_bits_to_float(v.z & 0xffffu); w[5] = bf16_bits_to_float(v.z >> 16);
-    w[6] = bf16_bits_to_float(v.w & 0xffffu); w[7] = bf16_bits_to_float(v.w >> 16);
+// 8 consecutive weights as loaded: 16 bytes of bf16 bits or 32 bytes of float32, widened at use
+template <typename WT> struct Raw8;
+template <> struct Raw8<unsigned short> { uint4 a; };
+template <> struct Raw8<float> { float4 a, b; };
+
+__device__ __forceinline__ void load8(const unsigned short* p, Raw8<unsigned short>& w) {
+#ifdef __CUDA_ARCH__  // read-only, not kept in L1, and L2 fetches the whole 256-byte line: +4% (notes/gpu.md)
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(w.a.x), "=r"(w.a.y), "=r"(w.a.z), "=r"(w.a.w) : "l"(p));
+#else                 // the same load where kernels.cu runs on the CPU (tests/cuda_cpu)
+    w.a = __ldg(reinterpret_cast<const uint4*>(p));
+#endif
 }
 
-__device__ __forceinline__ void load8(const float* p, float w[8]) {            // 8 floats = 32 bytes
-    float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
-    w[0] = a.x; w[1] = a.y; w[2] = a.z; w[3] = a.w; w[4] = b.x; w[5] = b.y; w[6] = b.z; w[7] = b.w;
+__device__ __forceinline__ void load8(const float* p, Raw8<float>& w) {
+    w.a = __ldg(reinterpret_cast<const float4*>(p));
+    w.b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+}
+
+__device__ __forceinline__ float dot8(const float* x, const Raw8<unsigned short>& w) {
+    float4 a = reinterpret_cast<const float4*>(x)[0], b = reinterpret_cast<const float4*>(x)[1];
+    return a.x * bf16_bits_to_float(w.a.x & 0xffffu) + a.y * bf16_bits_to_float(w.a.x >> 16) +
+           a.z * bf16_bits_to_float(w.a.y & 0xffffu) + a.w * bf16_bits_to_float(w.a.y >> 16) +
+           b.x * bf16_bits_to_float(w.a.z & 0xffffu) + b.y * bf16_bits_to_float(w.a.z >> 16) +
+           b.z * bf16_bits_to_float(w.a.w & 0xffffu) + b.w * bf16_bits_to_float(w.a.w >> 16);
+}
+
+__device__ __forceinline__ float dot8(const float* x, const Raw8<float>& w) {
+    float4 a = reinterpret_cast<const float4*>(x)[0], b = reinterpret_cast<const float4*>(x)[1];
+    return a.x * w.a.x + a.y * w.a.y + a.z * w.a.z + a.w * w.a.w + b.x * w.b.x + b.y * w.b.y + b.z * w.b.z + b.w * w.b.w;
 }
 
 __device__ __forceinline__ float load1(const unsigned short* p) { return bf16_bits_to_float(*p); }
 __device__ __forceinline__ float load1(const float* p) { return *p; }
 
-__device__ __forceinline__ float dot8(const float* x, const float w[8]) {
-    float4 a = reinterpret_cast<const float4*>(x)[0], b = reinterpret_cast<const float4*>(x)[1];
-    return a.x * w[0] + a.y * w[1] + a.z * w[2] + a.w * w[3] + b.x * w[4] + b.y * w[5] + b.z * w[6] + b.w * w[7];
-}
-
-template <typename WT>
+// ROWS: the most rows of x this instance handles (rows <= ROWS), UNROLL: groups in flight per lane.
+template <typename WT, int ROWS, int UNROLL>
 __device__ __forceinline__ void gemv_body(const float* x, const WT* W, const float* bias, const float* aux, float* y,
                                           int rows, int out_features, int in_features, int mode, int has_bias,
                                           int splits, float (*s_part)[GEMV_MAX_ROWS][2]) {
@@ -649,11 +725,11 @@ __device__ __forceinline__ void gemv_body(const float* x, const WT* W, const flo
     const int o = blockIdx.x * (GEMV_WARPS / splits) + warp / splits, part = warp % splits;
     const bool live = o < out_features;                      // a whole warp is live or not: no divergence
     const int n_w = mode == GEMV_SWIGLU ? 2 : 1;             // SwiGLU: the gate row o and the up row o + out
-    float sum[2][GEMV_MAX_ROWS];
+    float sum[2][ROWS];
 #pragma unroll
     for (int r = 0; r < 2; r++)
 #pragma unroll
-        for (int t = 0; t < GEMV_MAX_ROWS; t++) sum[r][t] = 0.0f;
+        for (int t = 0; t < ROWS; t++) sum[r][t] = 0.0f;
     const bool vector_path = in_features % 8 == 0 && ((unsigned long long)W % 16) == 0 &&
                              ((unsigned long long)x % 16) == 0;
 #pragma unroll
@@ -662,31 +738,24 @@ __device__ __forceinline__ void gemv_body(const float* x, const WT* W, const flo
         const WT* w_row = W + (long long)(o + r * out_features) * in_features;
         if (vector_path) {
             const int step = 8 * WARP * splits;              // columns between a lane's groups
-            int col = 8 * (lane + WARP * part);
-            // bf16: two 16-byte groups in flight per iteration; fp32 groups are already 32 bytes
-            for (; sizeof(WT) == 2 && col + step < in_features; col += 2 * step) {
-                float wa[8], wb[8];
-                load8(w_row + col, wa);                      // both loads issued before any FMA
-                load8(w_row + col + step, wb);
+            for (int col = 8 * (lane + WARP * part); col < in_features; col += UNROLL * step) {
+                Raw8<WT> w[UNROLL];
 #pragma unroll
-                for (int t = 0; t < GEMV_MAX_ROWS; t++)
-                    if (t < rows) {
-                        const float* xr = x + (long long)t * in_features + col;
-                        sum[r][t] += dot8(xr, wa) + dot8(xr + step, wb);
+                for (int u = 0; u < UNROLL; u++)        // every load issued before any FMA
+                    if (col + u * step < in_features) load8(w_row + col + u * step, w[u]);
+#pragma unroll
+                for (int u = 0; u < UNROLL; u++)
+                    if (col + u * step < in_features) {
+#pragma unroll
+                        for (int t = 0; t < ROWS; t++)
+                            if (t < rows) sum[r][t] += dot8(x + (long long)t * in_features + col + u * step, w[u]);
                     }
-            }
-            for (; col < in_features; col += step) {
-                float wa[8];
-                load8(w_row + col, wa);
-#pragma unroll
-                for (int t = 0; t < GEMV_MAX_ROWS; t++)
-                    if (t < rows) sum[r][t] += dot8(x + (long long)t * in_features + col, wa);
             }
         } else {
             for (int col = lane + WARP * part; col < in_features; col += WARP * splits) {
                 float w = load1(w_row + col);
 #pragma unroll
-                for (int t = 0; t < GEMV_MAX_ROWS; t++)
+                for (int t = 0; t < ROWS; t++)
                     if (t < rows) sum[r][t] += x[(long long)t * in_features + col] * w;
             }
         }
@@ -694,7 +763,7 @@ __device__ __forceinline__ void gemv_body(const float* x, const WT* W, const flo
 #pragma unroll
     for (int r = 0; r < 2; r++)
 #pragma unroll
-        for (int t = 0; t < GEMV_MAX_ROWS; t++)
+        for (int t = 0; t < ROWS; t++)
             if (r < n_w && t < rows) {
                 sum[r][t] = group_sum(sum[r][t], WARP);       // every lane of the warp calls it
                 if (splits > 1 && lane == 0) s_part[warp][t][r] = sum[r][t];
@@ -705,7 +774,7 @@ __device__ __forceinline__ void gemv_body(const float* x, const WT* W, const flo
 #pragma unroll
             for (int r = 0; r < 2; r++)
 #pragma unroll
-                for (int t = 0; t < GEMV_MAX_ROWS; t++)      // constant indices keep sum[][] in registers
+                for (int t = 0; t < ROWS; t++)      // constant indices keep sum[][] in registers
                     if (r < n_w && t < rows) {
                         float total = 0.0f;
                         for (int p = 0; p < splits; p++) total += s_part[warp + p][t][r];
@@ -715,7 +784,7 @@ __device__ __forceinline__ void gemv_body(const float* x, const WT* W, const flo
     }
     if (!live || part != 0 || lane != 0) return;
 #pragma unroll
-    for (int t = 0; t < GEMV_MAX_ROWS; t++) {
+    for (int t = 0; t < ROWS; t++) {
         if (t >= rows) break;
         long long i = (long long)t * out_features + o;
         float acc = sum[0][t], v;
@@ -729,11 +798,16 @@ __device__ __forceinline__ void gemv_body(const float* x, const WT* W, const flo
     }
 }
 
-extern "C" __global__ void __launch_bounds__(GEMV_WARPS * WARP)
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * WARP, 4)
 gemv_bf16(const float* x, const unsigned short* W, const float* bias, const float* aux, float* y, int rows,
           int out_features, int in_features, int mode, int has_bias, int splits) {
     __shared__ float s_part[GEMV_WARPS][GEMV_MAX_ROWS][2];
-    gemv_body(x, W, bias, aux, y, rows, out_features, in_features, mode, has_bias, splits, s_part);
+    if (rows == 1)  // a decode step: one row, no per-row predicates (they cost a quarter of its speed)
+        gemv_body<unsigned short, 1, GEMV_UNROLL>(x, W, bias, aux, y, rows, out_features, in_features, mode,
+                                                  has_bias, splits, s_part);
+    else
+        gemv_body<unsigned short, GEMV_MAX_ROWS, 2>(x, W, bias, aux, y, rows, out_features, in_features, mode,
+                                                    has_bias, splits, s_part);
 }
 
 // (at least 2 blocks per SM, so up to 128 registers: ptxas spills fp32's 8-wide loads when it keeps 64)
@@ -741,41 +815,52 @@ extern "C" __global__ void __launch_bounds__(GEMV_WARPS * WARP, 2)
 gemv_f32(const float* x, const float* W, const float* bias, const float* aux, float* y, int rows,
          int out_features, int in_features, int mode, int has_bias, int splits) {
     __shared__ float s_part[GEMV_WARPS][GEMV_MAX_ROWS][2];
-    gemv_body(x, W, bias, aux, y, rows, out_features, in_features, mode, has_bias, splits, s_part);
+    if (rows == 1)
+        gemv_body<float, 1, GEMV_UNROLL>(x, W, bias, aux, y, rows, out_features, in_features, mode, has_bias, splits,
+                                         s_part);
+    else
+        gemv_body<float, GEMV_MAX_ROWS, 2>(x, W, bias, aux, y, rows, out_features, in_features, mode, has_bias, splits,
+                                           s_part);
 }
 
 // ================================================================================================
 // 8. layer_norm_rows: y = (x − mean) / sqrt(biased var + eps) ⊙ weight + bias, per row.
 //
 //   x, y (rows, D); weight, bias (D,). y may not be x.
-// Mapping: one block of NORM_THREADS per row (grid rows); each thread walks features tid, tid + 256,
-//   ...; the mean, then the variance about it, are block sums (warp shuffles, one shared slot per
-//   warp, every thread adds the slots).
-// Traffic: x read twice (the second pass from L1/L2) and y written: about 12 · rows · D bytes.
+// Mapping: one block of NORM_THREADS per row (grid rows); thread tid holds features tid, tid + 256, ...
+//   (at most NORM_PER_THREAD of them: D <= 4096) of x, weight and bias in registers, all loaded at
+//   once (one trip to memory); the mean, then the variance about it, are block sums (warp shuffles,
+//   one shared slot per warp, every thread adds the slots).
+// Traffic: x read and y written once, 8 · rows · D bytes, and weight and bias, 8 · D bytes.
 #define NORM_THREADS 256
-
-__device__ __forceinline__ float block_sum(float v, float* s_warp) {   // every thread gets the total
-    v = group_sum(v, WARP);
-    if (threadIdx.x % WARP == 0) s_warp[threadIdx.x / WARP] = v;
-    __syncthreads();
-    float total = 0.0f;
-    for (int w = 0; w < NORM_THREADS / WARP; w++) total += s_warp[w];
-    __syncthreads();                                         // s_warp is reused by the next sum
-    return total;
-}
+#define NORM_PER_THREAD 16
 
 extern "C" __global__ void __launch_bounds__(NORM_THREADS)
 layer_norm_rows(const float* x, const float* weight, const float* bias, float* y, int D, float eps) {
     __shared__ float s_warp[NORM_THREADS / WARP];
     const float* xr = x + (long long)blockIdx.x * D;
     float* yr = y + (long long)blockIdx.x * D;
+    float xv[NORM_PER_THREAD], wv[NORM_PER_THREAD], bv[NORM_PER_THREAD];
+#pragma unroll
+    for (int j = 0; j < NORM_PER_THREAD; j++) {
+        const int i = (int)threadIdx.x + j * NORM_THREADS;
+        const bool in = i < D;
+        xv[j] = in ? xr[i] : 0.0f, wv[j] = in ? weight[i] : 0.0f, bv[j] = in ? bias[i] : 0.0f;
+    }
     float s = 0.0f;
-    for (int i = threadIdx.x; i < D; i += NORM_THREADS) s += xr[i];
+#pragma unroll
+    for (int j = 0; j < NORM_PER_THREAD; j++) s += xv[j];
     const float mean = block_sum(s, s_warp) / D;
     float v = 0.0f;
-    for (int i = threadIdx.x; i < D; i += NORM_THREADS) v += (xr[i] - mean) * (xr[i] - mean);
+#pragma unroll
+    for (int j = 0; j < NORM_PER_THREAD; j++)
+        if ((int)threadIdx.x + j * NORM_THREADS < D) v += (xv[j] - mean) * (xv[j] - mean);
     const float sd = sqrtf(block_sum(v, s_warp) / D + eps);
-    for (int i = threadIdx.x; i < D; i += NORM_THREADS) yr[i] = (xr[i] - mean) / sd * weight[i] + bias[i];
+#pragma unroll
+    for (int j = 0; j < NORM_PER_THREAD; j++) {
+        const int i = (int)threadIdx.x + j * NORM_THREADS;
+        if (i < D) yr[i] = (xv[j] - mean) / sd * wv[j] + bv[j];
+    }
 }
 
 // ================================================================================================

@@ -758,6 +758,7 @@ class Model:
     path: str = ""
     files: dict = field(default_factory=dict)  # tokenizer_config / generation_config JSON, when present
     device: str = "cpu"           # "cuda": run() takes appendix A's kernels instead of extend()
+    prefill_chunk: int = PREFILL_CHUNK  # prompt tokens per run(); larger on a GPU (CUDA_PREFILL_CHUNK)
 
     def run(self, cache, ids, logits="last", trace=None):
         """The layer loop on this model's device: extend() on the CPU (with the BLAS threads section 10
@@ -784,12 +785,13 @@ class Model:
         """An empty cache whose shared K/V has room for `capacity` tokens (it grows when full)."""
         return empty_cache(self.config, capacity, get_xp(self.embed_tokens))
 
-    def prefill(self, ids, cache=None, logits=True, chunk=PREFILL_CHUNK):
+    def prefill(self, ids, cache=None, logits=True, chunk=None):
         """Run the prompt (or a later chat turn) into `cache`: -> (last-token logits (V,), cache).
         It goes in chunks; only the last one runs the cross-decoder and the head, the ones before it
         just fill the cache. logits=False only fills the cache and returns (None, cache)."""
         ids = check_ids(self, ids)
         cache = cache if cache is not None else self.new_cache(len(ids) + 1024)  # room to decode without regrowing
+        chunk = chunk or self.prefill_chunk
         for a in range(0, len(ids), chunk):
             last = self.run(cache, ids[a:a + chunk], "last" if logits and a + chunk >= len(ids) else None)
         return (to_numpy(last)[-1] if logits else None), cache
@@ -1106,6 +1108,7 @@ def bf16_matmul_blocks(x, W):
 # tests compare it with the model's own functions. The constants below mirror kernels.cu's
 # #defines (a test checks they agree).
 
+CUDA_PREFILL_CHUNK = 4096  # prompt tokens per cuda_layers(): each chunk widens the bf16 weights once
 KERNELS_CU = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.cu")
 CUDA_GRAPHS = os.environ.get("PHI4FLASH_CUDA_GRAPHS", "1") != "0"  # replay the decode step as a CUDA graph
 
@@ -1118,11 +1121,13 @@ MAX_HEAD_DIM = 64
 DECODE_THREADS = 128
 DECODE_KEYS = 32          # keys per attention_decode_split tile
 DECODE_MAX_QUERIES = 8    # 2G query heads per KV group
-KEYS_PER_SPLIT = 128      # keys per attention_decode_split block (a multiple of DECODE_KEYS)
+KEYS_PER_SPLIT = 128      # keys per attention_decode_split block over a long cache (<= DECODE_THREADS)
+SHORT_CACHE = 4096        # up to this many slots, one tile (DECODE_KEYS) per block: more blocks, shorter ones
 GEMV_WARPS = 8            # warps per gemv block: 8 / splits output features
 GEMV_MAX_ROWS = 8         # more rows than this go to the widened-tile cuBLAS path
 GEMV_PLAIN, GEMV_RESIDUAL, GEMV_SWIGLU, GEMV_GATE = 0, 1, 2, 3  # gemv epilogues (kernel 7)
 NORM_THREADS = 256        # threads per layer_norm_rows block (one row each)
+NORM_PER_THREAD = 16      # features per layer_norm_rows thread, in registers: hidden_size <= 4096
 
 
 def require_cupy():
@@ -1155,6 +1160,8 @@ def check_cuda_config(cfg):
         problem = f"mamba_d_state {N} is not a power of two <= 32"
     elif cfg.mamba_d_conv > MAX_D_CONV:
         problem = f"mamba_d_conv {cfg.mamba_d_conv} > {MAX_D_CONV}"
+    elif cfg.hidden_size > NORM_THREADS * NORM_PER_THREAD:
+        problem = f"hidden_size {cfg.hidden_size} > {NORM_THREADS * NORM_PER_THREAD}"
     else:
         return
     raise Phi4FlashError(f"device 'cuda': kernels.cu does not support this config: {problem}")
@@ -1168,7 +1175,7 @@ def to_device(model):
     model.final_layernorm = {k: cupy.asarray(a) for k, a in model.final_layernorm.items()}
     model.layers = [{group: {k: cupy.asarray(a) for k, a in params.items()} for group, params in layer.items()}
                     for layer in model.layers]
-    model.device = "cuda"
+    model.device, model.prefill_chunk = "cuda", CUDA_PREFILL_CHUNK
     return fuse_for_decode(model)
 
 
@@ -1432,7 +1439,8 @@ def cuda_decode_attention(q, k, v, qpos, kpos, window, lam, lambda_init, subln, 
     H, hd = q.shape
     H_kv, S, _ = k.shape
     k, v, stride = _kv_views(k, v)
-    n_splits = _blocks(S, KEYS_PER_SPLIT)
+    keys = keys_per_split(S)
+    n_splits = _blocks(S, keys)
     if partials is None:
         partials = (xp.empty((n_splits, H), xp.float32), xp.empty((n_splits, H), xp.float32),
                     xp.empty((n_splits, H, 2 * hd), xp.float32))     # m, l (n_splits, H); acc (n_splits, H, 2hd)
@@ -1440,12 +1448,18 @@ def cuda_decode_attention(q, k, v, qpos, kpos, window, lam, lambda_init, subln, 
     _launch(attention_decode_split, (n_splits, H_kv // 2), (DECODE_THREADS,),
             (_contiguous(q), k, v, _contiguous(qpos, np.int64), _contiguous(kpos, np.int64), partial_acc, partial_m,
              partial_l, np.int32(S), np.int32(H), np.int32(H_kv), np.int32(hd), np.int64(stride),
-             np.int32(window or 0), np.int32(KEYS_PER_SPLIT)))
+             np.int32(window or 0), np.int32(keys)))
     out = xp.empty((1, H * hd), xp.float32) if out is None else out       # (1, H·hd)
     _launch(attention_decode_reduce, (H // 2,), (DECODE_THREADS,),
             (partial_acc, partial_m, partial_l, lam, subln, out, np.int32(n_splits), np.int32(H), np.int32(hd),
              np.float32(lambda_init), np.float32(eps)))
     return out
+
+
+def keys_per_split(S):
+    """Keys per attention_decode_split block over S slots: one tile while the cache is short, so the
+    blocks are many and short; KEYS_PER_SPLIT for a long one, so the partials to merge stay few."""
+    return DECODE_KEYS if S <= SHORT_CACHE else KEYS_PER_SPLIT
 
 
 def cuda_attend(q, k, v, qpos, kpos, window, lam, lambda_init, subln):
@@ -1517,21 +1531,57 @@ def cuda_gemv(x, W, y, mode=GEMV_PLAIN, bias=None, aux=None, out_features=None):
 
 def cuda_linear(x, W, b=None):
     """linear() on the GPU. A few rows (decode, short chunks): kernel 7 reads each weight once, the
-    roofline of a decode step. Many rows (prefill): the product is compute-bound; float32 W goes to
-    cuBLAS, and bf16 bits are widened a block of rows at a time (exact) for cuBLAS's fp32 GEMM,
-    which costs little next to it and gives the NumPy path's numbers up to summation order."""
+    roofline of a decode step. Many rows (prefill): the product is compute-bound and goes to cuBLAS,
+    bf16 bits widened a block of rows at a time (exact); see matmul_t for its precision."""
     xp = get_xp(x)
     T, rows = x.shape[0], W.shape[0]
     if T <= GEMV_MAX_ROWS:
         return cuda_gemv(_contiguous(x), W, xp.empty((T, rows), xp.float32), bias=b)
-    if W.dtype != np.uint16:
-        y = x @ W.T                                                       # (T, out)
-    else:
-        y = xp.empty((T, rows), xp.float32)                               # (T, out)
-        step = max(1, (16 << 20) // W.shape[1])                           # 64 MB of fp32 per widened block
-        for r in range(0, rows, step):
-            y[:, r:r + step] = x @ bf16_to_f32(W[r:r + step]).T
+    x, y = _contiguous(x), xp.empty((T, rows), xp.float32)                # (T, in), (T, out)
+    step = rows if W.dtype != np.uint16 else max(1, (16 << 20) // W.shape[1])  # 64 MB of fp32 per widened block
+    for r in range(0, rows, step):
+        matmul_t(x, f32(W[r:r + step]), y[:, r:r + step])
     return y if b is None else y + b
+
+
+CUDA_TF32 = os.environ.get("PHI4FLASH_TF32", "1") != "0"
+TF32_MIN_MACS = 1 << 30   # products at least this big (a real-size prompt chunk) take TF32 tensor cores
+
+
+def matmul_t(x, W, out):
+    """out = x·Wᵀ in fp32, into out (a column block of a row-major (T, out) array). On the GPU a
+    product of >= TF32_MIN_MACS multiply-adds runs on TF32 tensor cores (cuBLAS rounds x and W to
+    10-bit mantissas, sums in fp32): bf16 weights lose nothing, x about 2^-11 of itself, and the
+    logits of a real-size prompt stay within 1e-2 relative RMSE of fp32 (notes/gpu.md), at several
+    times SGEMM's speed. Smaller products, the CPU, and PHI4FLASH_TF32=0 keep plain fp32.
+    x (T, K) contiguous; W (N, K) contiguous; out (T, N) with unit column stride."""
+    global CUDA_TF32
+    xp = get_xp(x)
+    T, K = x.shape
+    N = W.shape[0]
+    if xp is np or not CUDA_TF32 or T * K * N < TF32_MIN_MACS:
+        out[...] = x @ W.T                                                # (T, N)
+        return out
+    from cupy.cuda import cublas, device
+    try:
+        handle = device.get_cublas_handle()
+        cublas.setPointerMode(handle, CUBLAS_POINTER_MODE_HOST)
+        one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)
+        # column-major: outᵀ (N, T) = W (K, N)ᵀ · xᵀ (K, T); out's rows are out.strides[0] / 4 floats apart
+        cublas.gemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, N, T, K, one.ctypes.data, W.data.ptr, CUDA_R_32F, K,
+                      x.data.ptr, CUDA_R_32F, K, zero.ctypes.data, out.data.ptr, CUDA_R_32F, out.strides[0] // 4,
+                      CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_GEMM_DEFAULT)
+    except Exception as e:  # an old cuBLAS or CuPy: say so once, then plain fp32 products
+        CUDA_TF32 = False
+        print(f"phi4flash: TF32 products unavailable ({(str(e) or type(e).__name__).splitlines()[0]}); "
+              "using fp32", file=sys.stderr)
+        out[...] = x @ W.T
+    return out
+
+
+# cuda_runtime / cublas_api enums
+CUDA_R_32F, CUBLAS_OP_N, CUBLAS_OP_T, CUBLAS_POINTER_MODE_HOST = 0, 0, 1, 0
+CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_GEMM_DEFAULT = 77, -1
 
 
 # --- 8. layer_norm_rows: the decode step's LayerNorms
@@ -1693,8 +1743,8 @@ def new_cuda_step(model, xp):
 
 
 def step_partials(cfg, step, slots, xp):
-    """The attention partials for `slots` key slots (the longest cache a step reads), grown with it."""
-    n_splits, H = _blocks(slots, KEYS_PER_SPLIT), cfg.num_attention_heads
+    """The attention partials for caches of these sizes (every cache a step reads), grown with them."""
+    n_splits, H = max(_blocks(S, keys_per_split(S)) for S in slots), cfg.num_attention_heads
     if "partial_m" not in step.buf or step.buf["partial_m"].shape[0] < n_splits:
         step.buf["partial_m"] = xp.zeros((n_splits, H), xp.float32)                      # (n_splits, H)
         step.buf["partial_l"] = xp.zeros((n_splits, H), xp.float32)                      # (n_splits, H)
@@ -1776,7 +1826,7 @@ def cuda_decode(model, cache, ids):
     if cache.cuda is None:
         cache.cuda = new_cuda_step(model, xp)
     step = cache.cuda
-    step_partials(cfg, step, max(kv.k.shape[1] for kv in cache.kv.values()), xp)
+    step_partials(cfg, step, [kv.k.shape[1] for kv in cache.kv.values()], xp)
     if xp is np:
         step.token[0], step.pos[0] = int(ids[0]), cache.length
         logits = cuda_step_layers(model, cache, step).copy()
