@@ -586,30 +586,35 @@ attention_decode_split(const float* q, const float* k, const float* v, const lon
 //   (splits with l = 0 saw no key and are skipped). For pair j (heads 2j, 2j+1):
 //   out[j·2hd + f] = RMSNorm(a_{2j} − λ a_{2j+1})[f] · subln[f] · (1 − λ_init)
 //   partial_* as written by attention_decode_split; lambda (1,); subln (2hd,) -> out (H·hd,)
-// Mapping: grid H / 2 (one block per pair j), block DECODE_THREADS. Per head: M is a block max over
-//   the splits (thread i takes splits i, i + 128, ...); then the splits go in chunks of 128: thread
-//   i puts split i's weight e^{m − M} in shared memory (and adds l·e^{m − M} to its part of L), and
-//   thread f < 2hd adds the chunk's acc[·][f]·weight, four independent loads in flight. L is a block
-//   sum; the RMS over the pair's 2hd features is another.
+// Mapping: grid H / 2 (one block per pair j), block REDUCE_THREADS, the two heads in turn. M is a
+//   block max over the splits. Then the splits go REDUCE_THREADS at a time: thread i puts split i's
+//   weight e^{m − M} in shared memory (and adds l·e^{m − M} to its part of L); thread t reads float4
+//   q = t mod (2hd/4) of the acc rows of splits t div (2hd/4), + 256 / (2hd/4), ... (so 8 splits
+//   are read at once for hd 64, every load 16 bytes); the lanes' float4 sums meet in shared memory.
+//   L is a block sum; the RMS over the pair's 2hd features is another.
 // Traffic: the partials once: 4 · n_splits · H · (2hd + 2) bytes, and the output 4 · H · hd.
-extern "C" __global__ void __launch_bounds__(DECODE_THREADS)
+#define REDUCE_THREADS 256
+extern "C" __global__ void __launch_bounds__(REDUCE_THREADS)
 attention_decode_reduce(const float* partial_acc, const float* partial_m, const float* partial_l,
                         const float* lambda, const float* subln, float* out, int n_splits, int H, int head_dim,
                         float lambda_init, float eps) {
-    __shared__ float s_warp[DECODE_THREADS / WARP];
-    __shared__ float s_weight[DECODE_THREADS];
+    __shared__ float s_warp[REDUCE_THREADS / WARP];
+    __shared__ float s_weight[REDUCE_THREADS];
+    __shared__ float s_sum[REDUCE_THREADS * 4];              // each thread's float4 of A, [lane][feature]
     const int j = blockIdx.x, tid = threadIdx.x, F2 = 2 * head_dim;
+    const int quads = F2 / 4, lanes = REDUCE_THREADS / quads, quad = tid % quads, lane = tid / quads;
     float merged[2];
 #pragma unroll
     for (int s = 0; s < 2; s++) {
         const int head = 2 * j + s;
         float M = neg_inf();
-        for (int i = tid; i < n_splits; i += DECODE_THREADS)
+        for (int i = tid; i < n_splits; i += REDUCE_THREADS)
             if (partial_l[i * H + head] > 0.0f) M = fmaxf(M, partial_m[i * H + head]);
         M = block_max(M, s_warp);
-        float L = 0.0f, A[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        for (int i0 = 0; i0 < n_splits; i0 += DECODE_THREADS) {
-            const int i = i0 + tid, n = min(DECODE_THREADS, n_splits - i0);
+        float L = 0.0f;
+        float4 A = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        for (int i0 = 0; i0 < n_splits; i0 += REDUCE_THREADS) {
+            const int i = i0 + tid, n = min(REDUCE_THREADS, n_splits - i0);
             float w = 0.0f;
             if (i < n_splits && partial_l[i * H + head] > 0.0f) {
                 w = expf(partial_m[i * H + head] - M);
@@ -617,17 +622,24 @@ attention_decode_reduce(const float* partial_acc, const float* partial_m, const 
             }
             s_weight[tid] = w;
             __syncthreads();
-            if (tid < F2)
-                for (int c = 0; c < n; c++)                  // c % 4: four partial sums, loads in flight
-                    A[c % 4] += partial_acc[((long long)(i0 + c) * H + head) * F2 + tid] * s_weight[c];
+#pragma unroll 4
+            for (int c = lane; c < n; c += lanes) {
+                const float4 a = reinterpret_cast<const float4*>(partial_acc + ((long long)(i0 + c) * H + head) * F2)[quad];
+                const float wc = s_weight[c];
+                A.x += a.x * wc, A.y += a.y * wc, A.z += a.z * wc, A.w += a.w * wc;
+            }
             __syncthreads();                                 // the next chunk overwrites s_weight
         }
-        L = block_sum(L, s_warp);
-        merged[s] = L > 0.0f ? ((A[0] + A[1]) + (A[2] + A[3])) / L : 0.0f;
-    }
+        store4(&s_sum[lane * F2 + 4 * quad], A);
+        L = block_sum(L, s_warp);                            // (its barrier also publishes s_sum)
+        float total = 0.0f;
+        if (tid < F2)
+            for (int l = 0; l < lanes; l++) total += s_sum[l * F2 + tid];
+        merged[s] = L > 0.0f ? total / L : 0.0f;             // the next head's block_max orders these reads
+    }                                                        // before its writes to s_sum
     float d = tid < F2 ? merged[0] - lambda[0] * merged[1] : 0.0f;
-    float total = block_sum(d * d, s_warp);
-    if (tid < F2) out[j * F2 + tid] = d / sqrtf(total / F2 + eps) * subln[tid] * (1.0f - lambda_init);
+    float ss = block_sum(d * d, s_warp);
+    if (tid < F2) out[j * F2 + tid] = d / sqrtf(ss / F2 + eps) * subln[tid] * (1.0f - lambda_init);
 }
 
 // ================================================================================================

@@ -1122,6 +1122,7 @@ DECODE_THREADS = 128
 DECODE_KEYS = 32          # keys per attention_decode_split tile
 DECODE_MAX_QUERIES = 8    # 2G query heads per KV group
 KEYS_PER_SPLIT = 128      # keys per attention_decode_split block over a long cache (<= DECODE_THREADS)
+REDUCE_THREADS = 256      # attention_decode_reduce: 256 / (2·hd / 4) splits' acc rows read at once
 SHORT_CACHE = 4096        # up to this many slots, one tile (DECODE_KEYS) per block: more blocks, shorter ones
 GEMV_WARPS = 8            # warps per gemv block: 8 / splits output features
 GEMV_MAX_ROWS = 8         # more rows than this go to the widened-tile cuBLAS path
@@ -1450,7 +1451,7 @@ def cuda_decode_attention(q, k, v, qpos, kpos, window, lam, lambda_init, subln, 
              partial_l, np.int32(S), np.int32(H), np.int32(H_kv), np.int32(hd), np.int64(stride),
              np.int32(window or 0), np.int32(keys)))
     out = xp.empty((1, H * hd), xp.float32) if out is None else out       # (1, H·hd)
-    _launch(attention_decode_reduce, (H // 2,), (DECODE_THREADS,),
+    _launch(attention_decode_reduce, (H // 2,), (REDUCE_THREADS,),
             (partial_acc, partial_m, partial_l, lam, subln, out, np.int32(n_splits), np.int32(H), np.int32(hd),
              np.float32(lambda_init), np.float32(eps)))
     return out

@@ -290,7 +290,7 @@ def test_the_compiler_sees_the_parameter_types_the_parser_reads(real):
     for name, params in SIGNATURES.items():
         assert [t for t, _ in real.kernels[name].params] == [t for t, _ in params]
     declared = {"attention_prefill": pf.PREFILL_THREADS, "attention_decode_split": pf.DECODE_THREADS,
-                "attention_decode_reduce": pf.DECODE_THREADS, "gemv_bf16": pf.GEMV_WARPS * 32,
+                "attention_decode_reduce": pf.REDUCE_THREADS, "gemv_bf16": pf.GEMV_WARPS * 32,
                 "gemv_f32": pf.GEMV_WARPS * 32, "layer_norm_rows": pf.NORM_THREADS}
     for name, kernel in real.kernels.items():                           # no __launch_bounds__: CUDA's 1024
         assert real.bounds[name] == (declared[name] if kernel.bound else 1024), name
@@ -440,9 +440,9 @@ def case_table():
     for c in PREFILL_CASES:
         yield "attention_prefill", "H{}-Hkv{}-hd{}-T{}-past{}-W{}".format(*c), lambda mp, c=c: prefill_checks(*c)
     yield "attention_prefill", "prefix-view", lambda mp: prefix_view_checks()
-    # (4, 2, 8, 16500): 129 splits, so that the reduce takes the splits in two chunks of 128
+    # (4, 2, 8, 33000): 258 splits, so that the reduce takes the splits in two chunks of REDUCE_THREADS
     for c in [(8, 4, 8, 1000, None), (4, 2, 64, 300, None), (8, 4, 8, 129, None), (8, 4, 8, 300, 8), (16, 4, 8, 77, None),
-              (4, 2, 8, 16500, None)]:
+              (4, 2, 8, 33000, None)]:
         for kernel in ("attention_decode_split", "attention_decode_reduce"):
             yield kernel, "H{}-Hkv{}-hd{}-S{}-W{}".format(*c), lambda mp, c=c: decode_checks(*c)
     for kernel in ("attention_decode_split", "attention_decode_reduce"):
