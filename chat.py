@@ -29,7 +29,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = os.path.join(HERE, "tests", "fixtures", "tiny-phi4flash")
 REAL_MODEL_HINT = ("hf download microsoft/Phi-4-mini-flash-reasoning "
                    "&& python chat.py microsoft/Phi-4-mini-flash-reasoning")
-CHUNK = 512  # prompt tokens per extend() call: Ctrl-C and the progress bar get a say between chunks
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,9 +169,10 @@ class ReplyView:
             self.console.print(text, end="", style="dim", markup=False, highlight=False)
 
     @contextlib.contextmanager
-    def progress(self, total):
-        """-> advance(n): a transient bar while a long prompt is read (a /load, or a big paste)."""
-        if self.raw or not self.console.is_terminal or total <= CHUNK:
+    def progress(self, total, chunk):
+        """-> advance(n): a transient bar while a long prompt is read (a /load, or a big paste) in
+        chunks of `chunk` tokens."""
+        if self.raw or not self.console.is_terminal or total <= chunk:
             yield lambda n: None
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -321,8 +321,9 @@ def chat_turn(s, user_text, view, ctrl_c):
         s.cache, s.seen = model.new_cache(min(context, len(new_ids) + max_new)), ""
 
     t0 = time.perf_counter()
-    chunks = [new_ids[i:i + CHUNK] for i in range(0, len(new_ids), CHUNK)]
-    with view.progress(len(new_ids) - len(chunks[-1])) as advance:
+    n = model.prefill_chunk  # Ctrl-C and the progress bar get a say between chunks
+    chunks = [new_ids[i:i + n] for i in range(0, len(new_ids), n)]
+    with view.progress(len(new_ids) - len(chunks[-1]), n) as advance:
         for chunk in chunks[:-1]:  # the last chunk goes to generate(): one call, as for a one-shot prompt
             if ctrl_c.pressed:
                 break
