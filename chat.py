@@ -20,7 +20,7 @@ import select
 import signal
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import phi4flash
 from phi4flash import Phi4FlashError
@@ -245,14 +245,11 @@ class Session:
     model: object
     settings: Settings
     system: str = ""
-    messages: list = None      # [{"role": "user"|"assistant", "content"}]; the system text is kept apart
+    messages: list = field(default_factory=list)  # [{"role": "user"|"assistant", "content"}]; the system text apart
     cache: object = None       # the model state; None = empty (next turn reads the whole conversation)
     seen: str = ""             # the text of the tokens in `cache`: the prompts it read, the replies it wrote
     turns: int = 0
     last: TurnStats = None
-
-    def __post_init__(self):
-        self.messages = self.messages or []
 
     def conversation(self):
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
@@ -293,51 +290,82 @@ def chat_turn(s, user_text, view, ctrl_c):
 
     Ctrl-C keeps what was shown: the reply so far joins the conversation and the cache holds exactly
     its tokens. Ctrl-C while the prompt is read drops the message and the state (rebuilt next turn)."""
-    model, context = s.model, s.model.config.context_length
     user = {"role": "user", "content": user_text}
-    prompt = render_prompt(model, s.conversation() + [user])
+    prompt = render_prompt(s.model, s.conversation() + [user])
+    st, new_ids, max_new = plan_turn(s, prompt)
+    t0 = time.perf_counter()
+    last_chunk = read_prompt(s, new_ids, view, ctrl_c)
+    if last_chunk is None:
+        s.reset()
+        st.stop = "interrupted in prefill"
+        return st
+    content, stop, t_first, t_last = stream_reply(s, prompt, last_chunk, max_new, view, ctrl_c, st)
+    keep_reply(s, user, prompt, content, stop, max_new, st)
+    st.ttft_s = (t_first or time.perf_counter()) - t0
+    st.decode_s = (t_last or 0) - (t_first or 0)
+    s.turns += 1
+    s.last = st
+    return st
+
+
+def plan_turn(s, prompt):
+    """What this turn reads, and how long its reply may be -> (TurnStats, new ids, max new tokens).
+    Keeps the cache when the rendered conversation starts with its text, else starts a new one;
+    raises ContextFull when not even one reply token fits."""
+    model, context = s.model, s.model.config.context_length
     reuse = s.cache is not None and prompt.startswith(s.seen)
     st = TurnStats(reused=s.cache.length if reuse else 0, rebuilt=s.cache is not None and not reuse)
     new_ids = model.encode(prompt[len(s.seen):] if reuse else prompt)
     st.prompt_tokens = len(new_ids)
     room = context - st.reused - len(new_ids)
     if room < 1:
-        if st.reused:
-            where = (f"only {context - st.reused} of the {context}-token context are left; "
-                     "/clear starts a new conversation")
-        else:  # blame what is too long: the conversation so far (a /load, a long system text), or the message
-            earlier = conversation_tokens(model, s.conversation())
-            if earlier >= context - 1:
-                what = (f"the conversation so far ({plural(len(s.messages), 'message')}"
-                        f"{' and the system text' if s.system else ''})" if s.messages else "the system text")
-                raise ContextFull(f"context full: {what} is {earlier} tokens by itself, the context holds {context}; "
-                                  + ("it cannot be continued, /clear starts a new conversation" if s.messages
-                                     else "shorten the system text (/system TEXT)"))
-            where = (f"the context holds {context}; shorten the message" + (" or the system text" if s.system else "")
-                     + (", or /clear the conversation" if s.messages else ""))
-        raise ContextFull(f"context full: this turn is {len(new_ids)} tokens (plus at least one for the reply), {where}")
+        raise ContextFull(context_full_message(s, st.reused, len(new_ids)))
     max_new = min(s.settings.max_tokens, room)
     if not reuse:
         s.cache, s.seen = model.new_cache(min(context, len(new_ids) + max_new)), ""
+    return st, new_ids, max_new
 
-    t0 = time.perf_counter()
-    n = model.prefill_chunk  # Ctrl-C and the progress bar get a say between chunks
+
+def context_full_message(s, reused, new_tokens):
+    """Why a turn does not fit, naming what is too long: the conversation so far (a /load, a long
+    system text) when it is by itself, else this message."""
+    model, context = s.model, s.model.config.context_length
+    if reused:
+        where = f"only {context - reused} of the {context}-token context are left; /clear starts a new conversation"
+    else:
+        earlier = conversation_tokens(model, s.conversation())
+        if earlier >= context - 1:
+            what = (f"the conversation so far ({plural(len(s.messages), 'message')}"
+                    f"{' and the system text' if s.system else ''})" if s.messages else "the system text")
+            return (f"context full: {what} is {earlier} tokens by itself, the context holds {context}; "
+                    + ("it cannot be continued, /clear starts a new conversation" if s.messages
+                       else "shorten the system text (/system TEXT)"))
+        where = (f"the context holds {context}; shorten the message" + (" or the system text" if s.system else "")
+                 + (", or /clear the conversation" if s.messages else ""))
+    return f"context full: this turn is {new_tokens} tokens (plus at least one for the reply), {where}"
+
+
+def read_prompt(s, new_ids, view, ctrl_c):
+    """All but the last chunk of the new ids into the cache, in the model's prefill chunks (Ctrl-C
+    and the progress bar get a say between them) -> the last chunk, or None after Ctrl-C."""
+    n = s.model.prefill_chunk
     chunks = [new_ids[i:i + n] for i in range(0, len(new_ids), n)]
     with view.progress(len(new_ids) - len(chunks[-1]), n) as advance:
         for chunk in chunks[:-1]:  # the last chunk goes to generate(): one call, as for a one-shot prompt
             if ctrl_c.pressed:
                 break
-            model.prefill(chunk, s.cache, logits=False)
+            s.model.prefill(chunk, s.cache, logits=False)
             advance(len(chunk))
-    if ctrl_c.pressed:
-        s.reset()
-        st.stop = "interrupted in prefill"
-        return st
+    return None if ctrl_c.pressed else chunks[-1]
 
+
+def stream_reply(s, prompt, last_chunk, max_new, view, ctrl_c, st):
+    """Generate from the last prompt chunk, showing the text as it comes -> (the reply's ids, the
+    stop id or None, the first and the last token's times). Counts tokens and Ctrl-C into `st`."""
+    model, opt = s.model, s.settings
     view.begin(thinking=prompt.rstrip().endswith("<think>"))
     decoder, content, stop, t_first, t_last = StreamDecoder(model.tokenizer), [], None, None, None
-    opt = s.settings
-    tokens = model.generate(chunks[-1], max_new, opt.temp, opt.top_p, opt.top_k, opt.seed, cache=s.cache)
+    tokens = model.generate(last_chunk, max_new, opt.temp, opt.top_p, opt.top_k, opt.seed, cache=s.cache)
     for token in tokens:
         if ctrl_c.pressed:  # this token is not in the cache yet and was never shown: drop it
             st.stop = "interrupted"
@@ -353,10 +381,16 @@ def chat_turn(s, user_text, view, ctrl_c):
     tokens.close()
     view.write(decoder.flush())
     view.end()
+    return content, stop, t_first, t_last
+
+
+def keep_reply(s, user, prompt, content, stop, max_new, st):
+    """The message and the reply join the conversation, and the cache ends exactly where its text
+    (`s.seen`) does."""
+    model = s.model
     if st.stop == "end" and stop is None and content:  # ran out of tokens: the last one was shown, not yet read
         model.prefill(content[-1:], s.cache)
         st.stop = "max_tokens" if max_new == s.settings.max_tokens else "context"
-
     reply = model.decode(content)
     s.messages += [user, {"role": "assistant", "content": reply}]
     s.seen = prompt + reply
@@ -368,11 +402,6 @@ def chat_turn(s, user_text, view, ctrl_c):
         if render_prompt(model, s.conversation(), add_generation_prompt=False).startswith(s.seen + end):
             model.prefill([stop], s.cache)
             s.seen += end
-    st.ttft_s = (t_first or time.perf_counter()) - t0
-    st.decode_s = (t_last or 0) - (t_first or 0)
-    s.turns += 1
-    s.last = st
-    return st
 
 
 def conversation_tokens(model, messages):

@@ -29,6 +29,7 @@ import shutil
 import signal
 import sys
 import threading
+from typing import NamedTuple
 
 import numpy as np
 
@@ -94,91 +95,66 @@ def config_from_hf(hf, where="config.json"):
 
 
 # ----------------------------------------------------------------------------------------------
-# The Hugging Face tensor table and how each of our tensors is cut from it
+# The Hugging Face tensor table and how each of our tensors is cut from it. One table is written
+# out, phi4flash.tensor_shapes (ours); HF_NAMES says which Hugging Face tensor each of ours comes
+# from, and the pieces of one Hugging Face tensor follow each other, in row order, in ours. The plan
+# and the Hugging Face table are derived from the two.
 
-def hf_tensor_shapes(cfg):
-    """Every tensor of the Hugging Face checkpoint: name -> shape (434 tensors for the real model)."""
-    D, F, V, N = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.mamba_d_state
-    E, R, hd = cfg.d_inner, cfg.mamba_dt_rank, cfg.head_dim
-    H, H_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    shapes = {"model.embed_tokens.weight": (V, D), "model.final_layernorm.weight": (D,), "model.final_layernorm.bias": (D,)}
-    for i, kind in enumerate(cfg.layer_kinds):
-        p = f"model.layers.{i}."
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            shapes.update({p + norm + ".weight": (D,), p + norm + ".bias": (D,)})
-        shapes.update({p + "mlp.fc1.weight": (2 * F, D), p + "mlp.fc2.weight": (D, F)})
-        a = p + "attn."
-        if kind == "mamba":
-            shapes.update({a + "in_proj.weight": (2 * E, D), a + "conv1d.weight": (E, 1, cfg.mamba_d_conv),
-                           a + "conv1d.bias": (E,), a + "x_proj.weight": (R + 2 * N, E),
-                           a + "dt_proj.weight": (E, R), a + "dt_proj.bias": (E,),
-                           a + "A_log": (E, N), a + "D": (E,), a + "out_proj.weight": (D, E)})
-        elif kind == "gmu":
-            shapes.update({a + "in_proj.weight": (E, D), a + "out_proj.weight": (D, E)})
-        else:
-            rows = H * hd if kind == "cross" else (H + 2 * H_kv) * hd  # cross-attention: query rows only
-            shapes.update({a + "Wqkv.weight": (rows, D), a + "Wqkv.bias": (rows,),
-                           a + "out_proj.weight": (D, D), a + "out_proj.bias": (D,),
-                           a + "inner_cross_attn.subln.weight": (2 * hd,)})
-            shapes.update({a + f"inner_cross_attn.lambda_{n}": (hd,) for n in ("q1", "k1", "q2", "k2")})
-    return shapes
+HF_NAMES = {  # our name after "layers.{i}." -> the Hugging Face name after "model.layers.{i}."
+    "input_layernorm.weight": "input_layernorm.weight", "input_layernorm.bias": "input_layernorm.bias",
+    "post_attention_layernorm.weight": "post_attention_layernorm.weight",
+    "post_attention_layernorm.bias": "post_attention_layernorm.bias",
+    "mlp.fc1_gate": "mlp.fc1.weight", "mlp.fc1_up": "mlp.fc1.weight", "mlp.fc2": "mlp.fc2.weight",
+    "mamba.in_proj_x": "attn.in_proj.weight", "mamba.in_proj_z": "attn.in_proj.weight",
+    "mamba.conv1d_weight": "attn.conv1d.weight", "mamba.conv1d_bias": "attn.conv1d.bias",
+    "mamba.x_proj_dt": "attn.x_proj.weight", "mamba.x_proj_B": "attn.x_proj.weight",
+    "mamba.x_proj_C": "attn.x_proj.weight", "mamba.dt_proj": "attn.dt_proj.weight",
+    "mamba.dt_proj_bias": "attn.dt_proj.bias", "mamba.A_log": "attn.A_log", "mamba.D": "attn.D",
+    "mamba.out_proj": "attn.out_proj.weight",
+    "gmu.in_proj": "attn.in_proj.weight", "gmu.out_proj": "attn.out_proj.weight",
+    "attn.Wq": "attn.Wqkv.weight", "attn.Wk": "attn.Wqkv.weight", "attn.Wv": "attn.Wqkv.weight",
+    "attn.bq": "attn.Wqkv.bias", "attn.bk": "attn.Wqkv.bias", "attn.bv": "attn.Wqkv.bias",
+    "attn.out_proj": "attn.out_proj.weight", "attn.out_proj_bias": "attn.out_proj.bias",
+    "attn.subln": "attn.inner_cross_attn.subln.weight",
+    **{f"attn.lambda_{n}": f"attn.inner_cross_attn.lambda_{n}" for n in ("q1", "k1", "q2", "k2")},
+}
+
+
+class Piece(NamedTuple):
+    ours: str      # our tensor
+    theirs: str    # the Hugging Face tensor it is cut from
+    r0: int        # its rows [r0, r1) of that tensor
+    r1: int
+    matrix: bool   # a linear weight: stored in --dtype; every other tensor is stored float32
+
+
+def hf_name(ours):
+    if not ours.startswith("layers."):
+        return "model." + ours                                  # embed_tokens, final_layernorm
+    _, i, rest = ours.split(".", 2)
+    return f"model.layers.{i}.{HF_NAMES[rest]}"
 
 
 def conversion_plan(cfg):
-    """[(our name, hf name, first row, end row, is_matrix)]: our tensor = rows [r0, r1) of the HF one.
-    Matrices take --dtype; every other tensor is stored float32."""
-    F, E, R, N = cfg.intermediate_size, cfg.d_inner, cfg.mamba_dt_rank, cfg.mamba_d_state
-    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    hf = hf_tensor_shapes(cfg)
-    plan = []
-
-    def add(ours, theirs, r0=0, r1=None, matrix=False):
-        plan.append((ours, theirs, r0, hf[theirs][0] if r1 is None else r1, matrix))
-
-    add("embed_tokens.weight", "model.embed_tokens.weight", matrix=True)
-    add("final_layernorm.weight", "model.final_layernorm.weight")
-    add("final_layernorm.bias", "model.final_layernorm.bias")
-    for i, kind in enumerate(cfg.layer_kinds):
-        p, s = f"layers.{i}.", f"model.layers.{i}."
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            add(p + norm + ".weight", s + norm + ".weight")
-            add(p + norm + ".bias", s + norm + ".bias")
-        add(p + "mlp.fc1_gate", s + "mlp.fc1.weight", 0, F, True)
-        add(p + "mlp.fc1_up", s + "mlp.fc1.weight", F, 2 * F, True)
-        add(p + "mlp.fc2", s + "mlp.fc2.weight", matrix=True)
-        a = s + "attn."
-        if kind == "mamba":
-            m = p + "mamba."
-            add(m + "in_proj_x", a + "in_proj.weight", 0, E, True)
-            add(m + "in_proj_z", a + "in_proj.weight", E, 2 * E, True)
-            add(m + "conv1d_weight", a + "conv1d.weight")  # (E, 1, d_conv) stored as (E, d_conv): same bytes
-            add(m + "conv1d_bias", a + "conv1d.bias")
-            add(m + "x_proj_dt", a + "x_proj.weight", 0, R, True)
-            add(m + "x_proj_B", a + "x_proj.weight", R, R + N, True)
-            add(m + "x_proj_C", a + "x_proj.weight", R + N, R + 2 * N, True)
-            add(m + "dt_proj", a + "dt_proj.weight", matrix=True)
-            add(m + "dt_proj_bias", a + "dt_proj.bias")
-            add(m + "A_log", a + "A_log")
-            add(m + "D", a + "D")
-            add(m + "out_proj", a + "out_proj.weight", matrix=True)
-        elif kind == "gmu":
-            add(p + "gmu.in_proj", a + "in_proj.weight", matrix=True)
-            add(p + "gmu.out_proj", a + "out_proj.weight", matrix=True)
-        else:
-            t = p + "attn."
-            add(t + "Wq", a + "Wqkv.weight", 0, q, True)
-            add(t + "bq", a + "Wqkv.bias", 0, q)
-            if kind != "cross":  # "swa" and "full" have K/V projections
-                add(t + "Wk", a + "Wqkv.weight", q, q + kv, True)
-                add(t + "bk", a + "Wqkv.bias", q, q + kv)
-                add(t + "Wv", a + "Wqkv.weight", q + kv, q + 2 * kv, True)
-                add(t + "bv", a + "Wqkv.bias", q + kv, q + 2 * kv)
-            add(t + "out_proj", a + "out_proj.weight", matrix=True)
-            add(t + "out_proj_bias", a + "out_proj.bias")
-            add(t + "subln", a + "inner_cross_attn.subln.weight")
-            for n in ("q1", "k1", "q2", "k2"):
-                add(t + f"lambda_{n}", a + f"inner_cross_attn.lambda_{n}")
+    """[Piece] in tensor_shapes' order: each of our tensors is rows [r0, r1) of a Hugging Face one."""
+    plan, rows = [], {}                                         # rows: HF name -> rows taken so far
+    for ours, shape in phi4flash.tensor_shapes(cfg).items():
+        theirs = hf_name(ours)
+        r0 = rows.get(theirs, 0)
+        rows[theirs] = r0 + shape[0]
+        matrix = ours == "embed_tokens.weight" or ours.rsplit(".", 1)[-1] in phi4flash.LINEAR_WEIGHTS
+        plan.append(Piece(ours, theirs, r0, r0 + shape[0], matrix))
     return plan
+
+
+def hf_tensor_shapes(cfg):
+    """Every tensor of the Hugging Face checkpoint: name -> shape (434 tensors for the real model):
+    its pieces stacked on rows. The conv kernel is (d_inner, 1, d_conv) there, (d_inner, d_conv) here."""
+    ours, shapes = phi4flash.tensor_shapes(cfg), {}
+    for piece in conversion_plan(cfg):
+        rest = ours[piece.ours][1:]
+        shapes[piece.theirs] = (piece.r1, 1, *rest) if piece.theirs.endswith("conv1d.weight") else (piece.r1, *rest)
+    return shapes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,12 +260,12 @@ def converted_header(cfg, plan, dtype):
     header = {"__metadata__": {"format": phi4flash.FORMAT, "format_version": phi4flash.FORMAT_VERSION,
                                "config": json.dumps(_config_json(cfg)), "weights_dtype": dtype}}
     layout = []
-    for ours, _, _, _, matrix in plan:
-        bf16 = matrix and dtype == "bfloat16"
-        nbytes = math.prod(shapes[ours]) * (2 if bf16 else 4)
-        header[ours] = {"dtype": "BF16" if bf16 else "F32", "shape": list(shapes[ours]),
-                        "data_offsets": [offset, offset + nbytes]}
-        layout.append((ours, shapes[ours], bf16))
+    for piece in plan:
+        bf16, shape = piece.matrix and dtype == "bfloat16", shapes[piece.ours]
+        nbytes = math.prod(shape) * (2 if bf16 else 4)
+        header[piece.ours] = {"dtype": "BF16" if bf16 else "F32", "shape": list(shape),
+                              "data_offsets": [offset, offset + nbytes]}
+        layout.append((piece.ours, shape, bf16))
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-(8 + len(blob)) % 64)
@@ -508,8 +484,8 @@ def convert(src, dst, dtype="bfloat16", force=False, show_progress=None, what="D
 
 
 def _write(src, tmp, cfg, found, plan, dtype, show_progress, extra_files):
-    total = sum((r1 - r0) * math.prod(found[t][1]["shape"][1:] or [1])
-                * np.dtype(phi4flash.SAFETENSORS_DTYPES[found[t][1]["dtype"]]).itemsize for _, t, r0, r1, _ in plan)
+    total = sum((p.r1 - p.r0) * math.prod(found[p.theirs][1]["shape"][1:] or [1])
+                * np.dtype(phi4flash.SAFETENSORS_DTYPES[found[p.theirs][1]["dtype"]]).itemsize for p in plan)
     show = total > (64 << 20) if show_progress is None else show_progress
     if show:
         from rich.console import Console

@@ -1,13 +1,17 @@
 """phi4flash: Microsoft's Phi-4-mini-flash-reasoning (SambaY) in one NumPy file.
 
-Read top to bottom; the sections come in the paper's order:
+Read top to bottom; the sections come in the paper's order, and `generate` (section 9) ends the model:
   1. config and layer schedule       6. differential attention (sliding window, full, cross)
   2. loading a converted file        7. Gated Memory Unit
   3. math helpers                    8. cache, and the layer loop `extend`
   4. SwiGLU MLP                      9. sampling, and the Model: forward / new_cache / prefill / step / generate
-  5. Mamba-1                        10. bf16 weights on a CPU (how `linear` multiplies bf16 bits fast)
+  5. Mamba-1
+After the model:
+ 10. the checkpoint's side files (tokenizer, stop ids, generation config)
+ 11. bf16 weights on a CPU (how `linear` multiplies bf16 bits fast)
 Appendix A: the GPU (CuPy + kernels.cu): the same layer loop on kernels, entered from Model.run only.
-Appendix B: the command line (`python phi4flash.py trace ...`).
+Appendix B: the command line (`python phi4flash.py trace ...`), and the traced search for the first
+non-finite layer that `generate` reports.
 Every array op of sections 1-9 goes through `xp` (NumPy here, CuPy on a GPU).
 
 Glossary (code name: meaning, size in the real 3.85B model)
@@ -275,61 +279,11 @@ def load(path, device="cpu"):
     return to_device(model) if device == "cuda" else model
 
 
-def read_side_files(model, folder):
-    """tokenizer_config.json, generation_config.json and tokenizer.json, when present; a damaged one
-    is a one-line error naming it."""
-    for name in ("tokenizer_config.json", "generation_config.json"):
-        path = os.path.join(folder, name)
-        if os.path.exists(path):
-            try:
-                with open(path, encoding="utf-8") as f:
-                    model.files[name] = json.load(f)
-            except OSError as e:
-                raise Phi4FlashError(f"{path}: cannot read it ({e.strerror or e})") from None
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise Phi4FlashError(f"{path}: not valid JSON ({e}); restore it from the original checkpoint "
-                                     "or convert it again") from None
-            if not isinstance(model.files[name], dict):
-                raise Phi4FlashError(f"{path}: expected a JSON object, got {type(model.files[name]).__name__}")
-    eos = model.files.get("generation_config.json", {}).get("eos_token_id")
-    if not (eos is None or type(eos) is int or isinstance(eos, list) and all(type(i) is int for i in eos)):
-        raise Phi4FlashError(f"{os.path.join(folder, 'generation_config.json')}: eos_token_id is {eos!r}; "
-                             "expected a token id or a list of them")
-    if os.path.exists(os.path.join(folder, "tokenizer.json")):
-        attach_tokenizer(model, os.path.join(folder, "tokenizer.json"))
-    else:
-        model.token_mask = np.ones(model.config.vocab_size, bool)
-        model.stop_ids = tuple(_as_list(model.files.get("generation_config.json", {}).get("eos_token_id")))
-
-
-def _as_list(x):
-    return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
-
-
-def attach_tokenizer(model, tokenizer_json):
-    """Tokenizer, the mask of ids that have a token, and the stop ids (eos of the generation config,
-    plus <|end|> and <|endoftext|> looked up by string: the config's bos/eos numbers are not trusted)."""
-    from tokenizers import Tokenizer
-    try:
-        tok = Tokenizer.from_file(tokenizer_json)
-    except Exception as e:  # the library's own error types: a bad file, or a format it does not know
-        raise Phi4FlashError(f"{tokenizer_json}: the tokenizers library cannot read it "
-                             f"({(str(e).strip() or type(e).__name__).splitlines()[0][:200]})") from None
-    model.tokenizer = tok
-    mask = np.zeros(model.config.vocab_size, bool)
-    ids = np.fromiter(tok.get_vocab(with_added_tokens=True).values(), dtype=np.int64)
-    mask[ids[ids < model.config.vocab_size]] = True
-    model.token_mask = mask
-    stops = _as_list(model.files.get("generation_config.json", {}).get("eos_token_id"))
-    stops += [tok.token_to_id(s) for s in ("<|end|>", "<|endoftext|>") if tok.token_to_id(s) is not None]
-    model.stop_ids = tuple(dict.fromkeys(int(s) for s in stops))
-
-
 # ----------------------------------------------------------------------------------------------
 # 3. Math helpers (all fp32)
 
 def linear(x, W, b=None):
-    """y = x·Wᵀ + b for W stored [out, in]: float32, or bf16 bits (uint16, section 10)."""
+    """y = x·Wᵀ + b for W stored [out, in]: float32, or bf16 bits (uint16, section 11)."""
     y = bf16_matmul(x, W) if W.dtype == np.uint16 else x @ W.T           # (T, out)
     return y if b is None else y + b
 
@@ -483,7 +437,7 @@ def differential_attention(q, k, v, mask, lam, lambda_init, subln, eps=1e-5):
     serve all 2G queries of the group, so a group's queries are stacked as the rows of one matrix:
     each K and V row is read once per call (decoding is bound by reading them).
     q (H, T, hd); k, v (H_kv, S, hd); mask (T, S) True where a key is visible -> (T, H·hd)."""
-    if _cpu.compiled_step and q.shape[1] == 1:                            # a bf16 decode step: section 10
+    if _cpu.compiled_step and q.shape[1] == 1:                            # a bf16 decode step: section 11
         return attention_row(q, k, v, mask, lam, lambda_init, subln, eps)
     xp = get_xp(q)
     H, T, hd = q.shape
@@ -761,7 +715,7 @@ class Model:
     prefill_chunk: int = PREFILL_CHUNK  # prompt tokens per run(); larger on a GPU (CUDA_PREFILL_CHUNK)
 
     def run(self, cache, ids, logits="last", trace=None):
-        """The layer loop on this model's device: extend() on the CPU (with the BLAS threads section 10
+        """The layer loop on this model's device: extend() on the CPU (with the BLAS threads section 11
         asks for), cuda_extend() on a GPU."""
         if self.device == "cuda":
             return cuda_extend(self, cache, ids, logits, trace)
@@ -851,24 +805,61 @@ def to_numpy(a):
     return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
 
 
-def nonfinite_message(model, ids):
-    """Why the logits are NaN/inf, in one line: the first traced tensor (in forward order) that is
-    not finite, from a full forward over the tokens this generation fed (at most the last 512)."""
-    ids = list(ids)[-512:]
-    trace = {}
-    with np.errstate(all="ignore"):
-        model.forward(ids, trace=trace)
-    first = next((name for _, _, names in trace_rows(model.config) for name in names
-                  if name in trace and not np.isfinite(trace[name]).all()), None)
-    if first is None:
-        return (f"generate: the logits are not finite (NaN/inf), yet a fresh forward over the last {len(ids)} tokens "
-                "is finite: the cached state overflowed")
-    return (f"generate: the logits are not finite (NaN/inf); a traced forward over the last {len(ids)} tokens "
-            f"first goes non-finite at {first}: check that layer's weights")
+# ----------------------------------------------------------------------------------------------
+# 10. The checkpoint's side files: the tokenizer, the stop ids, the generation config
+
+def read_side_files(model, folder):
+    """tokenizer_config.json, generation_config.json and tokenizer.json, when present; a damaged one
+    is a one-line error naming it."""
+    for name in ("tokenizer_config.json", "generation_config.json"):
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    model.files[name] = json.load(f)
+            except OSError as e:
+                raise Phi4FlashError(f"{path}: cannot read it ({e.strerror or e})") from None
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise Phi4FlashError(f"{path}: not valid JSON ({e}); restore it from the original checkpoint "
+                                     "or convert it again") from None
+            if not isinstance(model.files[name], dict):
+                raise Phi4FlashError(f"{path}: expected a JSON object, got {type(model.files[name]).__name__}")
+    eos = model.files.get("generation_config.json", {}).get("eos_token_id")
+    if not (eos is None or type(eos) is int or isinstance(eos, list) and all(type(i) is int for i in eos)):
+        raise Phi4FlashError(f"{os.path.join(folder, 'generation_config.json')}: eos_token_id is {eos!r}; "
+                             "expected a token id or a list of them")
+    if os.path.exists(os.path.join(folder, "tokenizer.json")):
+        attach_tokenizer(model, os.path.join(folder, "tokenizer.json"))
+    else:
+        model.token_mask = np.ones(model.config.vocab_size, bool)
+        model.stop_ids = tuple(_as_list(model.files.get("generation_config.json", {}).get("eos_token_id")))
+
+
+def _as_list(x):
+    return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def attach_tokenizer(model, tokenizer_json):
+    """Tokenizer, the mask of ids that have a token, and the stop ids (eos of the generation config,
+    plus <|end|> and <|endoftext|> looked up by string: the config's bos/eos numbers are not trusted)."""
+    from tokenizers import Tokenizer
+    try:
+        tok = Tokenizer.from_file(tokenizer_json)
+    except Exception as e:  # the library's own error types: a bad file, or a format it does not know
+        raise Phi4FlashError(f"{tokenizer_json}: the tokenizers library cannot read it "
+                             f"({(str(e).strip() or type(e).__name__).splitlines()[0][:200]})") from None
+    model.tokenizer = tok
+    mask = np.zeros(model.config.vocab_size, bool)
+    ids = np.fromiter(tok.get_vocab(with_added_tokens=True).values(), dtype=np.int64)
+    mask[ids[ids < model.config.vocab_size]] = True
+    model.token_mask = mask
+    stops = _as_list(model.files.get("generation_config.json", {}).get("eos_token_id"))
+    stops += [tok.token_to_id(s) for s in ("<|end|>", "<|endoftext|>") if tok.token_to_id(s) is not None]
+    model.stop_ids = tuple(dict.fromkeys(int(s) for s in stops))
 
 
 # ----------------------------------------------------------------------------------------------
-# 10. bf16 weights on a CPU
+# 11. bf16 weights on a CPU
 #
 # NumPy has no bf16 arithmetic. A bf16 number is the top half of an fp32, so its 16 bits shifted
 # into the high half of a uint32 are the fp32 value: the widening is exact. linear() multiplies bf16
@@ -1764,9 +1755,9 @@ def cuda_step_layers(model, cache, step):
     D, d_inner, N, d_conv = cfg.hidden_size, cfg.d_inner, cfg.mamba_d_state, cfg.mamba_d_conv
     H, H_kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     partials = (b["partial_m"], b["partial_l"], b["partial_acc"])
-    E = model.embed_tokens
-    _launch(embed_bf16 if E.dtype == np.uint16 else embed_f32, (_blocks(D, 256),), (256,),
-            (E, step.token, b["hidden"], np.int32(D)))
+    embed = model.embed_tokens                                            # (V, D), also the tied head
+    _launch(embed_bf16 if embed.dtype == np.uint16 else embed_f32, (_blocks(D, 256),), (256,),
+            (embed, step.token, b["hidden"], np.int32(D)))
     for i, (kind, layer) in enumerate(zip(cfg.layer_kinds, model.layers)):
         cuda_layer_norm(b["hidden"], layer["input_layernorm"], b["normed"], eps)
         if kind == "mamba":
@@ -1804,7 +1795,7 @@ def cuda_step_layers(model, cache, step):
         cuda_gemv(b["normed"], layer["mlp"]["fc1"], b["mlp"], GEMV_SWIGLU, out_features=cfg.intermediate_size)
         cuda_gemv(b["mlp"], layer["mlp"]["fc2"], b["hidden"], GEMV_RESIDUAL, aux=b["hidden"])
     cuda_layer_norm(b["hidden"], model.final_layernorm, b["normed"], eps)
-    return cuda_gemv(b["normed"], E, b["logits"])                         # (1, V), the tied head
+    return cuda_gemv(b["normed"], embed, b["logits"])                     # (1, V), the tied head
 
 
 def _graph_key(cache, step):
@@ -1890,6 +1881,22 @@ def _capture(model, cache, step, key):
 #   memory (T, d_inner)             layer L/2's scan output, read by every GMU
 #   shared_k, shared_v (H_kv, T, hd)  layer L/2+1's K/V, read by every cross-attention layer
 #   layers.{i}.attn_probs (2, T, T)   with --attn-probs i,j: the two softmax maps of differential head j
+
+def nonfinite_message(model, ids):
+    """Why the logits are NaN/inf, in one line: the first traced tensor (in forward order) that is
+    not finite, from a full forward over the tokens this generation fed (at most the last 512)."""
+    ids = list(ids)[-512:]
+    trace = {}
+    with np.errstate(all="ignore"):
+        model.forward(ids, trace=trace)
+    first = next((name for _, _, names in trace_rows(model.config) for name in names
+                  if name in trace and not np.isfinite(trace[name]).all()), None)
+    if first is None:
+        return (f"generate: the logits are not finite (NaN/inf), yet a fresh forward over the last {len(ids)} tokens "
+                "is finite: the cached state overflowed")
+    return (f"generate: the logits are not finite (NaN/inf); a traced forward over the last {len(ids)} tokens "
+            f"first goes non-finite at {first}: check that layer's weights")
+
 
 def trace_rows(cfg):
     """The trace table's rows in forward order: (label, kind, names made in that row, in order).

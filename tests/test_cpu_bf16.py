@@ -1,4 +1,4 @@
-"""bf16 weights on a CPU (phi4flash.py section 10): the compiled few-rows product against its NumPy
+"""bf16 weights on a CPU (phi4flash.py section 11): the compiled few-rows product against its NumPy
 twin and against float32 weights, the same logits with and without numba, the BLAS thread limit of
 a decode step, and flat memory over a long generation. Work and numbers only, no timings.
 
