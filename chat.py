@@ -626,6 +626,10 @@ def interactive(s, console, name):
             except ContextFull as e:
                 console.print(str(e), style="red", markup=False, highlight=False)
                 continue
+            except Phi4FlashError as e:  # NaN/inf logits: the turn is dropped, the model state too; the conversation stays
+                s.reset()
+                console.print(f"\nerror: {e}", style="red", markup=False, highlight=False)
+                continue
         console.print(stats_line(st), style="dim", markup=False, highlight=False)
 
 
@@ -673,7 +677,7 @@ def _first_line(e):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Chat with Phi-4-mini-flash-reasoning (phi4flash, NumPy). "
+    ap = phi4flash.OneLineParser(description="Chat with Phi-4-mini-flash-reasoning (phi4flash, NumPy). "
                                  "At the prompt, /help lists the commands.")
     ap.add_argument("model", metavar="MODEL", nargs="?", help="converted folder, Hugging Face snapshot folder, or the "
                     "repo id microsoft/Phi-4-mini-flash-reasoning found in the local Hugging Face cache "

@@ -17,7 +17,6 @@ kernel and λ vectors are always float32: they are tiny and feed fp32 statistics
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import hashlib
@@ -458,15 +457,14 @@ def convert(src, dst, dtype="bfloat16", force=False, show_progress=None, what="D
             if announce:
                 announce(dst, need)
             _write(src, tmp, cfg, found, plan, dtype, show_progress, extra_files or {})
-            if os.path.exists(dst):
-                old = tmp + ".old"
+            old = tmp + ".old" if os.path.exists(dst) else None
+            if old:
                 os.rename(dst, old)
                 try:
                     os.rename(tmp, dst)
                 except BaseException:
                     os.rename(old, dst)
                     raise
-                shutil.rmtree(old, ignore_errors=True)
             else:
                 os.rename(tmp, dst)
     except OSError as e:
@@ -480,6 +478,8 @@ def convert(src, dst, dtype="bfloat16", force=False, show_progress=None, what="D
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old:  # DST is the new conversion now; a signal from here on finds nothing to undo
+        shutil.rmtree(old, ignore_errors=True)
     return cfg
 
 
@@ -551,11 +551,19 @@ def cache_root():
 
 
 def is_converted(path):
+    """A complete converted folder: its model.safetensors says phi4flash in its metadata."""
     try:
         _, meta, _ = read_safetensors_header(os.path.join(path, "model.safetensors"))
     except (OSError, Phi4FlashError):
         return False
     return meta.get("format") == phi4flash.FORMAT
+
+
+def meant_as_converted(path):
+    """A folder the user gives that is a converted one, damaged or not: a model.safetensors and no
+    config.json (which every Hugging Face snapshot has). Loading it names what is wrong with it."""
+    return is_converted(path) or (os.path.isfile(os.path.join(path, "model.safetensors"))
+                                  and not os.path.exists(os.path.join(path, "config.json")))
 
 
 # The conversion cache. An entry is named after the content it was made from, never after times:
@@ -636,7 +644,7 @@ def resolve_model(path, dtype="bfloat16", show_progress=None):
     if not os.path.isdir(path):
         raise Phi4FlashError(f"MODEL {path}: not a folder (expected a converted folder, a Hugging Face snapshot "
                              f"or a repo id such as {HF_REPO_ID})")
-    if is_converted(path):
+    if meant_as_converted(path):
         return path
     root = cache_root()
     source, name = source_of(path)
@@ -666,7 +674,7 @@ def resolve_model(path, dtype="bfloat16", show_progress=None):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Convert a Hugging Face Phi-4-mini-flash folder for phi4flash.")
+    ap = phi4flash.OneLineParser(description="Convert a Hugging Face Phi-4-mini-flash folder for phi4flash.")
     ap.add_argument("src", metavar="SRC", help="Hugging Face snapshot folder, or a repo id downloaded into the local "
                     f"Hugging Face cache (e.g. {HF_REPO_ID})")
     ap.add_argument("dst", metavar="DST", help="output folder (must not exist unless --force)")

@@ -35,6 +35,7 @@ odd i > L/2+1 (the cross-decoder).
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -2123,11 +2124,18 @@ def trace_command(args):
     return 1
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's parser with errors in one line, `error: argument --x: ...`, exit code 2 (no usage
+    block: --help has it). Every command line of the project (trace, chat.py, convert.py) uses it."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
 def main(argv=None):
     """python phi4flash.py trace ... (see --help); returns the exit code: 0 ok, 1 a tensor over atol,
-    2 an error, 130 Ctrl-C."""
-    import argparse
-    ap = argparse.ArgumentParser(prog="phi4flash.py", description="Phi-4-mini-flash-reasoning (SambaY) in NumPy.")
+    2 an error, 130 Ctrl-C, 128 + the signal for SIGTERM / SIGHUP while a snapshot is converted."""
+    ap = OneLineParser(prog="phi4flash.py", description="Phi-4-mini-flash-reasoning (SambaY) in NumPy.")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     tp = sub.add_parser("trace", help="run one forward and print per-layer statistics; save or compare the intermediates",
                         description="Run one full forward over the tokens and print a table with one row per layer. "
@@ -2157,9 +2165,10 @@ def main(argv=None):
     except Phi4FlashError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: nothing was saved", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or convert.Interrupted (SIGTERM / SIGHUP while converting)
+        signum = getattr(e, "signum", None)
+        print(f"interrupted{f' ({e})' if signum else ''}: nothing was saved", file=sys.stderr)
+        return 128 + signum if signum else 130
 
 
 if __name__ == "__main__":

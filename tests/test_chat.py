@@ -5,6 +5,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -507,3 +508,23 @@ def test_terminal_save_keeps_an_existing_file_and_a_too_long_conversation_is_nam
     child.close()
     assert child.exitstatus == 0
     assert sorted(os.listdir(tmp_path)) == ["conversation.json", "long.json", "one.json", "other.json"]  # no partial file
+
+
+def test_terminal_nan_logits_end_the_turn_not_the_session(cache_dir, converted, tmp_path):
+    """Non-finite logits in an interactive turn: the one-line error, and the prompt again (the
+    conversation can still be saved); the turn and the model state are dropped."""
+    from test_failures import nan_weight
+    folder = tmp_path / "nan"
+    shutil.copytree(converted, folder)
+    nan_weight(folder)
+    child = spawn(cache_dir, str(folder), "--temp", "0", "-n", "4")
+    child.sendline("hi")
+    child.expect(r"error: generate: the logits are not finite \(NaN/inf\); .* first goes non-finite at layers\.3\.mixer_out")
+    child.expect(">>> ")
+    child.sendline("/stats")
+    child.expect("0 turns this conversation; the model state holds 0 of 4096")
+    child.expect(">>> ")
+    child.sendline("/bye")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0

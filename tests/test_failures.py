@@ -211,13 +211,29 @@ def test_a_signal_during_conversion_leaves_nothing(tmp_path, sig):
     assert tree(tmp_path) == before
 
 
-def test_sigterm_while_chat_converts_into_its_cache(tmp_path):
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP", "SIGINT"])
+def test_a_signal_while_chat_converts_into_its_cache(tmp_path, sig):
     cache = tmp_path / "cache"
     child = start_slow("chat.py", TINY, "--prompt", "hi", env={"PHI4FLASH_CACHE": str(cache)})
     assert len(partials(cache)) == 1
-    child.send_signal(signal.SIGTERM)
+    child.send_signal(getattr(signal, sig))
     _, err = child.communicate(timeout=30)
-    assert child.returncode == 143 and "Traceback" not in err and err.strip().endswith("interrupted (SIGTERM)"), err
+    code, said = (130, "interrupted") if sig == "SIGINT" else (128 + getattr(signal, sig), f"interrupted ({sig})")
+    assert child.returncode == code and "Traceback" not in err and err.strip().splitlines()[-1] == said, err
+    assert tree(cache) == []
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_a_signal_while_trace_converts_names_it(tmp_path, sig):
+    cache = tmp_path / "cache"
+    code = SLOW + ("import phi4flash\nsys.exit(phi4flash.main(['trace', {!r}, '--ids', '1,2']))".format(TINY))
+    child = subprocess.Popen([sys.executable, "-c", "import sys\n" + code], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PHI4FLASH_CACHE": str(cache)})
+    assert child.stdout.readline() == "writing\n", child.communicate()
+    child.send_signal(getattr(signal, sig))
+    _, err = child.communicate(timeout=30)
+    assert child.returncode == 128 + getattr(signal, sig) and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == f"interrupted ({sig}): nothing was saved", err
     assert tree(cache) == []
 
 
@@ -284,3 +300,60 @@ def test_chat_runs_without_an_optional_side_file(model_copy, tmp_path, name):
     os.remove(model_copy / name)
     r = chat(model_copy, tmp_path / "cache")
     assert r.returncode == 0 and r.stdout.strip(), r.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# A damaged or foreign converted file, bad weights, bad flags
+
+def test_a_damaged_converted_folder_is_named_not_taken_for_a_snapshot(model_copy, tmp_path):
+    """A truncated model.safetensors in a converted folder: chat and trace name that file (it is not a
+    snapshot missing its config.json), and no conversion starts."""
+    file = model_copy / "model.safetensors"
+    with open(file, "r+b") as f:
+        f.truncate(os.path.getsize(file) // 2)
+    before = tree(tmp_path)
+    one_error_line(chat(model_copy, tmp_path / "cache"), f"{file}: truncated")
+    one_error_line(run("phi4flash.py", "trace", model_copy, "--ids", "1,2", env={"PHI4FLASH_CACHE": str(tmp_path / "cache")}),
+                   f"{file}: truncated")
+    assert tree(tmp_path) == before
+
+
+def test_a_file_from_a_newer_phi4flash_says_upgrade_in_chat_and_trace(model_copy, tmp_path):
+    file = model_copy / "model.safetensors"
+    data = file.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = data[8:8 + n].replace(b'"format_version":"1"', b'"format_version":"9"')
+    assert len(header) == n
+    file.write_bytes(data[:8] + header + data[8 + n:])
+    for r in (chat(model_copy, tmp_path / "cache"), run("phi4flash.py", "trace", model_copy, "--ids", "1,2")):
+        one_error_line(r, f"{file}: converted with format version 9", "upgrade phi4flash")
+
+
+def nan_weight(folder, name="layers.3.attn.out_proj"):
+    """Write a NaN over the first element of tensor `name` of a converted folder, in place."""
+    import phi4flash
+    path = os.path.join(folder, "model.safetensors")
+    header, _, start = phi4flash.read_safetensors_header(path)
+    nan = {"BF16": b"\xc0\x7f", "F32": b"\x00\x00\xc0\x7f"}[header[name]["dtype"]]
+    with open(path, "r+b") as f:
+        f.seek(start + header[name]["data_offsets"][0])
+        f.write(nan)
+
+
+def test_chat_with_nan_weights_is_one_line_naming_the_layer(model_copy, tmp_path):
+    nan_weight(model_copy)
+    one_error_line(chat(model_copy, tmp_path / "cache"), "the logits are not finite", "layers.3.mixer_out")
+
+
+@pytest.mark.parametrize("script, args, words", [
+    ("chat.py", ["--top-p", "2"], "argument --top-p: expected a number in (0, 1], got '2'"),
+    ("chat.py", ["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    ("convert.py", [TINY], "the following arguments are required: DST"),
+    ("convert.py", [TINY, "x", "--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
+    ("phi4flash.py", ["trace", TINY], "one of the arguments --prompt --ids is required"),
+    ("phi4flash.py", ["trace", TINY, "--ids", "1", "--atol", "x"], "argument --atol: invalid float value: 'x'"),
+])
+def test_a_bad_flag_is_one_line(tmp_path, script, args, words):
+    before = tree(tmp_path)
+    one_error_line(run(script, *args), words)
+    assert tree(tmp_path) == before
