@@ -923,10 +923,10 @@ def compiled_gemv():
         def gemv_bf16_cpu(x, W, y):
             """y[t, o] = Σ_k x[t, k] · widen_bf16(W[o, k]) in fp32. The output features o go to the
             threads; each widened weight serves four rows of x at a time (then the rest one by one)."""
-            T, K = x.shape
+            T, K = x.shape                                                # x (T, K); W (out, K) bits; y (T, out)
             for o in numba.prange(W.shape[0]):
-                w = W[o]
-                for t in range(0, T - 3, 4):
+                w = W[o]                                                  # (K,) output feature o's weights
+                for t in range(0, T - 3, 4):                              # rows t..t+3 share each widened w[k]
                     a0 = a1 = a2 = a3 = numba.float32(0.0)
                     for k in range(K):
                         w_k = widen_bf16(w[k])

@@ -125,21 +125,46 @@ def test_bf16_logits_equal_fp32_logits(model, model_f32, ref, monkeypatch, path)
         assert maxdiff(greedy_decode(model, ids, 20)[1], greedy_decode(model_f32, ids, 20)[1]) <= 1e-5, p
 
 
-def test_phi4flash_numba_0_never_imports_numba_and_gives_the_same_logits(converted, model, ref, tmp_path):
-    """A process with PHI4FLASH_NUMBA=0 (as CI's NumPy-only path) decodes with NumPy alone."""
+@pytest.mark.parametrize("how", ["PHI4FLASH_NUMBA=0", "numba not installed"])
+def test_without_numba_the_same_logits_from_numpy_alone(converted, model, ref, tmp_path, how):
+    """A process with PHI4FLASH_NUMBA=0 (as CI's NumPy-only path), or one where `import numba` fails,
+    decodes with NumPy alone and gives the compiled path's logits."""
+    block = "sys.modules['numba'] = None\n" if how == "numba not installed" else ""   # import numba -> ImportError
     script = (
-        "import sys, numpy as np; sys.path.insert(0, sys.argv[1]); import phi4flash as pf\n"
+        "import sys, numpy as np; sys.path.insert(0, sys.argv[1])\n" + block + "import phi4flash as pf\n"
         "m = pf.load(sys.argv[2]); logits, cache = m.prefill([5, 68, 417]); rows = [logits]\n"
         "for t in (3, 9, 27): rows.append(m.step(cache, t))\n"
-        "np.save(sys.argv[3], np.array(rows)); print('numba' in sys.modules, pf.compiled_gemv())\n")
+        "np.save(sys.argv[3], np.array(rows)); print(sys.modules.get('numba') is not None, pf.compiled_gemv())\n")
     out = tmp_path / "logits.npy"
+    env = dict(os.environ, PHI4FLASH_NUMBA="0") if how == "PHI4FLASH_NUMBA=0" else dict(os.environ)
     r = subprocess.run([sys.executable, "-c", script, ROOT, converted, str(out)], capture_output=True, text=True,
-                       env=dict(os.environ, PHI4FLASH_NUMBA="0"), timeout=120)
+                       env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["False", "None"]
     logits, cache = model.prefill([5, 68, 417])
     want = [logits] + [model.step(cache, t) for t in (3, 9, 27)]
     assert np.abs(np.load(out) - np.array(want)).max() <= 1e-5
+
+
+def test_a_numba_that_cannot_cache_still_compiles(monkeypatch):
+    """_njit asks numba for an on-disk cache; where numba refuses one (no writable cache location, as
+    older numbas do at decoration time), the function is compiled for this process only."""
+    import numba
+    real = numba.njit
+
+    def refusing(*args, **kw):
+        if kw.get("cache"):
+            raise RuntimeError("cannot cache function: no locator available")
+        return real(*args, **kw)
+
+    def double(a):
+        out = np.empty_like(a)
+        for i in numba.prange(a.size):
+            out[i] = 2 * a[i]
+        return out
+
+    monkeypatch.setattr(numba, "njit", refusing)
+    assert pf._njit(numba, double)(np.arange(3, dtype=np.float32)).tolist() == [0, 2, 4]
 
 
 def test_a_decode_step_runs_blas_on_one_thread(model, model_f32, monkeypatch):
