@@ -686,16 +686,19 @@ def nucleus(probs, top_p):
     """Top-p: the smallest set of ids whose probabilities sum to at least top_p, most likely first.
     Only the k most likely ids are sorted, k growing until they hold top_p of the mass (the set
     takes the most likely first, so it is among them): a peaked distribution over 200K ids costs no
-    full sort."""
-    k = 256
+    full sort. A flat one jumps to it: k grows by the mass still missing, and past a quarter of the
+    vocabulary one sort of everything is cheaper than more partitions."""
+    V, k = probs.size, 256
     while True:
-        k = min(k, probs.size)
-        top = np.argpartition(probs, probs.size - k)[probs.size - k:] if k < probs.size else np.arange(k)
-        top = top[np.argsort(-probs[top])]                                # (k,) most likely first
+        if k >= V // 4:
+            top = np.argsort(-probs)                                      # (V,) most likely first
+        else:
+            top = np.argpartition(probs, V - k)[V - k:]                   # (k,) the k most likely
+            top = top[np.argsort(-probs[top])]                            # (k,) most likely first
         cum = np.cumsum(probs[top], dtype=np.float64)                     # (k,)
-        if cum[-1] >= top_p or k == probs.size:
-            return top[:min(int(np.searchsorted(cum, top_p)), k - 1) + 1]
-        k *= 16
+        if cum[-1] >= top_p or top.size == V:
+            return top[:min(int(np.searchsorted(cum, top_p)), top.size - 1) + 1]
+        k *= max(16, int(2 * top_p / cum[-1]))  # a flat distribution's k of 256 holds little of the mass
 
 
 PREFILL_CHUNK = 512  # prompt tokens per extend(): activations stay a few MB (cache-friendly), memory stays flat

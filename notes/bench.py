@@ -495,7 +495,8 @@ def main(argv=None):
         return 0
     cfg = SIZES[args.size]
     tmp = None
-    results = {"size": args.size, "dtype": args.dtype, "device": args.device, "cpus": os.cpu_count()}
+    results = {"size": args.size, "dtype": args.dtype, "device": args.device, "cpus": os.cpu_count(),
+               "loadavg_start": os.getloadavg()}  # others' work on the machine: a busy one reads slower
     global _cupy
     if args.device == "cuda":
         try:
@@ -573,6 +574,7 @@ def main(argv=None):
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
+    results["loadavg_end"] = os.getloadavg()
     report(results)
     if args.json:
         with open(args.json, "w") as f:
@@ -582,7 +584,8 @@ def main(argv=None):
 
 def report(r):
     print(f"size {r['size']}, {r['dtype']} weights ({r['weights_GB']:.2f} GB), device {r['device']}, {r['cpus']} CPUs; "
-          f"copy bandwidth {r['copy_GBps']:.1f} GB/s; load {r['load_s']:.3f} s")
+          f"copy bandwidth {r['copy_GBps']:.1f} GB/s; load {r['load_s']:.3f} s; load average "
+          f"{r['loadavg_start'][0]:.2f} at the start, {r['loadavg_end'][0]:.2f} at the end")
     if "peak_device_GB" in (r["decode"] or r["prefill"] or [{}])[0]:
         print("\npeak device memory (CuPy pools' high-water mark, GB): decode "
               + ", ".join(f"{d['context']}: {d['peak_device_GB']:.2f}" for d in r["decode"]) + "; prefill "

@@ -38,7 +38,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "notes")]
 import convert  # noqa: E402
 import phi4flash  # noqa: E402
 import synthetic  # noqa: E402
-from bench import weight_tensors  # noqa: E402
+from bench import copy_bandwidth, decode_bytes, decode_profile, weight_tensors  # noqa: E402
 
 
 def hf_config(args):
@@ -124,6 +124,10 @@ def phase_run(args, work):
         steps.append(time.perf_counter() - start)
     out["decode_s"] = steps
     out["rss"] = peak_rss()  # while the model is still mapped
+    out["copy_GBps"] = copy_bandwidth() / 1e9     # this run's own bandwidth, for the roofline
+    out["roofline_s"] = decode_bytes(model, args.prefill + args.decode // 2) / (out["copy_GBps"] * 1e9)
+    if args.profile:  # where a step's time goes (a second prefill of the same length, then timed steps)
+        out["profile"] = decode_profile(model, [args.prefill], args.profile)[args.prefill]
     out["logits_finite"] = bool(np.isfinite(logits).all())
     out["logits_std"] = float(np.std(logits))
     return out
@@ -135,7 +139,7 @@ PHASES = {"write": phase_write, "convert": phase_convert, "run": phase_run}
 def run_phase(name, args, work, config):
     """Run one phase in a fresh process; -> its result dict (with its peak RSS)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--phase", name, "--work", work, "--config", json.dumps(config),
-           "--prefill", str(args.prefill), "--decode", str(args.decode)]
+           "--prefill", str(args.prefill), "--decode", str(args.decode), "--profile", str(args.profile)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         sys.stderr.write(r.stderr)
@@ -155,6 +159,8 @@ def main(argv=None):
     ap.add_argument("--decode", type=int, default=16, help="decode steps timed one by one (default 16)")
     ap.add_argument("--tmp", default=os.environ.get("TMPDIR", "/tmp"), help="where the temporary folder goes")
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="also: where a decode step's time goes, over STEPS steps after a second prefill")
     ap.add_argument("--warm", action="store_true", help="leave files in the page cache between phases")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
     ap.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
@@ -246,6 +252,14 @@ def report(r):
     print("| phase | time | rate | peak RSS so far (its process) |\n|---|---|---|---|")
     for name, seconds, rate, rss in rows:
         print(f"| {name} | {seconds} | {rate} | {'' if rss is None else f'{rss / GB:.2f} GB'} |")
+    print(f"\ndecode roofline: {run['roofline_s']:.3f} s/token (the step's bytes at this run's copy bandwidth, "
+          f"{run['copy_GBps']:.1f} GB/s): the median step is {np.median(steps) / run['roofline_s']:.2f}x it")
+    if "profile" in run:
+        p = run["profile"]
+        print(f"\ndecode step at context {run['prefill_tokens']}: {p['total_ms']:.1f} ms (with sampling)\n"
+              "| part | ms | share |\n|---|---|---|")
+        for part, ms in p["parts_ms"].items():
+            print(f"| {part} | {ms:.1f} | {100 * ms / p['total_ms']:.1f}% |")
     rss = run["rss"]
     print(f"\nrun process after decoding: RSS {rss['VmRSS'] / GB:.2f} GB = weights mapped from the file "
           f"{rss['RssFile'] / GB:.2f} GB + its own memory {rss['RssAnon'] / GB:.2f} GB; last logits finite: "
