@@ -698,7 +698,7 @@ def nucleus(probs, top_p):
         cum = np.cumsum(probs[top], dtype=np.float64)                     # (k,)
         if cum[-1] >= top_p or top.size == V:
             return top[:min(int(np.searchsorted(cum, top_p)), top.size - 1) + 1]
-        k *= max(16, int(2 * top_p / cum[-1]))  # a flat distribution's k of 256 holds little of the mass
+        k *= max(16, int(2 * top_p / max(cum[-1], 1e-12)))  # the k most likely of a flat distribution hold little
 
 
 PREFILL_CHUNK = 512  # prompt tokens per extend(): activations stay a few MB (cache-friendly), memory stays flat
