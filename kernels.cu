@@ -677,9 +677,11 @@ extern "C" __global__ void kv_write(const float* k_new, const float* v_new, floa
 // Mapping: 8 warps per block; `splits` (1, 2, 4 or 8) consecutive warps share one output feature
 //   (split-K), so a small output (x_proj's 192 rows, out_proj, fc2) still gives every SM work:
 //   grid ceil(out_features / (8 / splits)). Warp part p of output o reads the 8-weight groups
-//   j = lane + 32·(p + splits·i), i = 0, 1, ..., of W's row (16 or 32 contiguous bytes per lane,
-//   GEMV_UNROLL = 4 groups loaded before any is used: 2 KB per warp in flight for bf16), widens them and multiplies by the matching x columns for
-//   every row of x at once (x is small and comes from L1/L2): each weight is read once per call.
+//   j = lane + 32·(p + splits·i), i = 0, 1, ..., of W's row (16 or 32 contiguous bytes per lane;
+//   GEMV_UNROLL groups loaded before any is used: 2 KB per warp in flight for bf16), widens them and
+//   multiplies by the matching x columns for every row of x at once (x is small and comes from
+//   L1/L2): each weight is read once per call. One row (a decode step) has its own instance, without
+//   the per-row predicates of up to GEMV_MAX_ROWS rows.
 //   When in_features is not a multiple of 8, or a pointer is not 16-byte aligned, lanes take single
 //   columns lane + 32·(p + splits·i) instead. Lane sums meet in a butterfly, the splits of an output
 //   in shared memory; then the epilogue. rows <= GEMV_MAX_ROWS.
@@ -688,6 +690,7 @@ extern "C" __global__ void kv_write(const float* k_new, const float* v_new, floa
 #define GEMV_WARPS 8
 #define GEMV_MAX_ROWS 8
 #define GEMV_UNROLL 4          // 8-weight groups in flight per lane: 64 bytes of bf16, 128 of fp32
+#define GEMV_UNROLL_ROWS 2     // the same for up to GEMV_MAX_ROWS rows (their sums take the registers)
 #define GEMV_PLAIN 0
 #define GEMV_RESIDUAL 1
 #define GEMV_SWIGLU 2
@@ -786,7 +789,7 @@ __device__ __forceinline__ void gemv_body(const float* x, const WT* W, const flo
 #pragma unroll
             for (int r = 0; r < 2; r++)
 #pragma unroll
-                for (int t = 0; t < ROWS; t++)      // constant indices keep sum[][] in registers
+                for (int t = 0; t < ROWS; t++)               // constant indices keep sum[][] in registers
                     if (r < n_w && t < rows) {
                         float total = 0.0f;
                         for (int p = 0; p < splits; p++) total += s_part[warp + p][t][r];
@@ -810,16 +813,23 @@ __device__ __forceinline__ void gemv_body(const float* x, const WT* W, const flo
     }
 }
 
+template <typename WT>
+__device__ __forceinline__ void gemv(const float* x, const WT* W, const float* bias, const float* aux, float* y,
+                                     int rows, int out_features, int in_features, int mode, int has_bias, int splits,
+                                     float (*s_part)[GEMV_MAX_ROWS][2]) {
+    if (rows == 1)  // a decode step: one row, no per-row predicates (they cost a quarter of its speed)
+        gemv_body<WT, 1, GEMV_UNROLL>(x, W, bias, aux, y, rows, out_features, in_features, mode, has_bias, splits,
+                                      s_part);
+    else
+        gemv_body<WT, GEMV_MAX_ROWS, GEMV_UNROLL_ROWS>(x, W, bias, aux, y, rows, out_features, in_features, mode,
+                                                       has_bias, splits, s_part);
+}
+
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * WARP, 4)
 gemv_bf16(const float* x, const unsigned short* W, const float* bias, const float* aux, float* y, int rows,
           int out_features, int in_features, int mode, int has_bias, int splits) {
     __shared__ float s_part[GEMV_WARPS][GEMV_MAX_ROWS][2];
-    if (rows == 1)  // a decode step: one row, no per-row predicates (they cost a quarter of its speed)
-        gemv_body<unsigned short, 1, GEMV_UNROLL>(x, W, bias, aux, y, rows, out_features, in_features, mode,
-                                                  has_bias, splits, s_part);
-    else
-        gemv_body<unsigned short, GEMV_MAX_ROWS, 2>(x, W, bias, aux, y, rows, out_features, in_features, mode,
-                                                    has_bias, splits, s_part);
+    gemv(x, W, bias, aux, y, rows, out_features, in_features, mode, has_bias, splits, s_part);
 }
 
 // (at least 2 blocks per SM, so up to 128 registers: ptxas spills fp32's 8-wide loads when it keeps 64)
@@ -827,12 +837,7 @@ extern "C" __global__ void __launch_bounds__(GEMV_WARPS * WARP, 2)
 gemv_f32(const float* x, const float* W, const float* bias, const float* aux, float* y, int rows,
          int out_features, int in_features, int mode, int has_bias, int splits) {
     __shared__ float s_part[GEMV_WARPS][GEMV_MAX_ROWS][2];
-    if (rows == 1)
-        gemv_body<float, 1, GEMV_UNROLL>(x, W, bias, aux, y, rows, out_features, in_features, mode, has_bias, splits,
-                                         s_part);
-    else
-        gemv_body<float, GEMV_MAX_ROWS, 2>(x, W, bias, aux, y, rows, out_features, in_features, mode, has_bias, splits,
-                                           s_part);
+    gemv(x, W, bias, aux, y, rows, out_features, in_features, mode, has_bias, splits, s_part);
 }
 
 // ================================================================================================

@@ -40,7 +40,7 @@ def short_warps(out_features, in_features, cols=1024):
 
 VARIANTS = {  # name -> ([(text in kernels.cu, replacement)], split policy)
     "base": ([], pf.gemv_splits),
-    "unroll2": ([("#define GEMV_UNROLL 4", "#define GEMV_UNROLL 2")], pf.gemv_splits),
+    "unroll2": ([("#define GEMV_UNROLL 4 ", "#define GEMV_UNROLL 2 ")], pf.gemv_splits),
     "minblocks3": ([(LB, LB.replace(", 4)", ", 3)"))], pf.gemv_splits),
     "no-L2-hint": ([(HINT, "#if 0")], pf.gemv_splits),                  # plain __ldg loads
     "no-one-row-path": ([(ONE_ROW, "    if (false)")], pf.gemv_splits),   # rows == 1 through the 8-row instance
