@@ -714,9 +714,9 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # while loading or converting: Ctrl-C, or SIGTERM / SIGHUP (convert.Interrupted)
-        signum = getattr(e, "signum", None)
-        print(f"\ninterrupted{f' ({e})' if signum else ''}", file=sys.stderr)
-        return 128 + signum if signum else 130
+        which, code = phi4flash.interruption(e)
+        print(f"\ninterrupted{which}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -688,8 +688,9 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGHUP (Interrupted)
-        print(f"interrupted{f' ({e})' if isinstance(e, Interrupted) else ''}: nothing was written", file=sys.stderr)
-        return 128 + e.signum if isinstance(e, Interrupted) else 130
+        which, code = phi4flash.interruption(e)
+        print(f"interrupted{which}: nothing was written", file=sys.stderr)
+        return code
     n = sum(math.prod(s) for s in phi4flash.tensor_shapes(cfg).values())
     print(f"wrote {os.path.join(args.dst, 'model.safetensors')}: {cfg.num_hidden_layers} layers, {n:,} parameters, {args.dtype}")
     return 0

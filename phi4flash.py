@@ -2135,6 +2135,13 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}\n")
 
 
+def interruption(e):
+    """A KeyboardInterrupt -> (" (SIGTERM)" or "", exit code): Ctrl-C exits 130; SIGTERM or SIGHUP,
+    which convert.py turns into its Interrupted while it writes, exits 128 + the signal's number."""
+    signum = getattr(e, "signum", None)
+    return (f" ({e})", 128 + signum) if signum else ("", 130)
+
+
 def main(argv=None):
     """python phi4flash.py trace ... (see --help); returns the exit code: 0 ok, 1 a tensor over atol,
     2 an error, 130 Ctrl-C, 128 + the signal for SIGTERM / SIGHUP while a snapshot is converted."""
@@ -2169,9 +2176,9 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C, or convert.Interrupted (SIGTERM / SIGHUP while converting)
-        signum = getattr(e, "signum", None)
-        print(f"interrupted{f' ({e})' if signum else ''}: nothing was saved", file=sys.stderr)
-        return 128 + signum if signum else 130
+        which, code = interruption(e)
+        print(f"interrupted{which}: nothing was saved", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":
