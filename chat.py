@@ -645,10 +645,10 @@ def one_shot(s, text, console, err):
     return 130 if st.stop.startswith("interrupted") else 0
 
 
-def open_model(path, device="cpu"):
-    """MODEL argument -> loaded model (converting a Hugging Face folder once, into the cache), checked
-    for what chat needs: a tokenizer, and a chat template that renders. Any problem is one
-    Phi4FlashError line naming the file."""
+def open_model(path, device="cpu", dtype=None, kv_dtype="float32"):
+    """MODEL argument -> loaded model (converting a Hugging Face folder once, into the cache, with its
+    matrices in `dtype`, default bfloat16), checked for what chat needs: a tokenizer, and a chat
+    template that renders. Any problem is one Phi4FlashError line naming the file or flag."""
     import convert
     if path is None:
         if not os.path.isdir(TINY):
@@ -657,8 +657,12 @@ def open_model(path, device="cpu"):
         print(f"note: no MODEL given, using the bundled tiny model: its weights are random, so its replies are "
               f"gibberish. For the real model: {REAL_MODEL_HINT}", file=sys.stderr)
         path = TINY
-    folder = convert.resolve_model(path)
-    model = phi4flash.load(folder, device=device)  # a damaged side file is load()'s one-line Phi4FlashError
+    folder = convert.resolve_model(path, dtype or "bfloat16")
+    model = phi4flash.load(folder, device=device, kv_dtype=kv_dtype)  # a damaged side file: load()'s one-line error
+    stored = phi4flash.read_safetensors_header(os.path.join(folder, "model.safetensors"))[1].get("weights_dtype")
+    if dtype and stored != dtype:  # a folder converted before keeps its own storage
+        raise Phi4FlashError(f"--dtype {dtype}: {path} is a converted folder whose matrices are {stored}; convert the "
+                             f"Hugging Face snapshot with --dtype {dtype}, or leave out --dtype")
     if model.tokenizer is None:
         raise Phi4FlashError(f"{os.path.join(folder, 'tokenizer.json')}: missing; chat needs the tokenizer (convert the "
                              "Hugging Face snapshot again, or copy its tokenizer.json there)")
@@ -692,6 +696,10 @@ def main(argv=None):
                     help="longest reply in tokens (default 32768, the model card's; capped by the context)")
     ap.add_argument("--hide-thinking", action="store_true", help="do not show the <think> part (/set think on shows it)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model runs (default cpu)")
+    ap.add_argument("--dtype", choices=phi4flash.WEIGHTS_DTYPES, help="how a Hugging Face snapshot is converted "
+                    "into the cache: bfloat16 (default, exact), float32, or int8 (groups of 32, 0.56x the bytes)")
+    ap.add_argument("--kv-dtype", choices=tuple(phi4flash.KV_DTYPES), default="float32",
+                    help="the K/V cache: float32 (default, exact) or bfloat16 (half the bytes read at long context)")
     args = ap.parse_args(argv)
     prompt = args.prompt
     if prompt is None and not sys.stdin.isatty():
@@ -703,7 +711,7 @@ def main(argv=None):
     from rich.console import Console
     console, err = Console(soft_wrap=True, highlight=False), Console(stderr=True, soft_wrap=True, highlight=False)
     try:
-        model = open_model(args.model, args.device)
+        model = open_model(args.model, args.device, args.dtype, args.kv_dtype)
         settings = Settings(args.temp, args.top_p, args.top_k, args.max_tokens, args.seed, not args.hide_thinking)
         s = Session(model, settings, system=args.system)
         if prompt is not None:

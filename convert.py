@@ -1,6 +1,6 @@
 """convert.py: a Hugging Face Phi-4-mini-flash folder -> one phi4flash safetensors file.
 
-    python convert.py SRC DST [--dtype bfloat16|float32] [--force]
+    python convert.py SRC DST [--dtype bfloat16|float32|int8] [--force]
 
 SRC is a snapshot folder (config.json, model.safetensors or model-0000K-of-0000N.safetensors +
 model.safetensors.index.json, tokenizer files, generation_config.json), or a repo id such as
@@ -12,8 +12,10 @@ lists, and DST appears only when the whole conversion succeeded.
 Layout choices: fused projections are split so every tensor has one meaning (see
 phi4flash.tensor_shapes); weights stay [out, in] as in the checkpoint, which is already the layout
 a batch-1 matrix-vector product reads row by row; bf16 is stored as bf16 (lossless for the real
-checkpoint) or widened to float32 (--dtype float32, twice the size). Norms, biases, A_log, D, the conv
-kernel and λ vectors are always float32: they are tiny and feed fp32 statistics.
+checkpoint), widened to float32 (--dtype float32, twice the size), or quantised to int8 in groups of
+32 inputs with one float32 scale each (--dtype int8, 0.56 times the size; phi4flash.py section 11).
+Norms, biases, A_log, D, the conv kernel and λ vectors are always float32: they are tiny and feed
+fp32 statistics.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from typing import NamedTuple
 import numpy as np
 
 import phi4flash
-from phi4flash import Config, Phi4FlashError, read_safetensors_header
+from phi4flash import Config, Phi4FlashError, f32_to_bf16, read_safetensors_header
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "added_tokens.json", "generation_config.json")
@@ -124,7 +126,7 @@ class Piece(NamedTuple):
     theirs: str    # the Hugging Face tensor it is cut from
     r0: int        # its rows [r0, r1) of that tensor
     r1: int
-    matrix: bool   # a linear weight: stored in --dtype; every other tensor is stored float32
+    matrix: bool   # a linear weight or the embedding: stored in --dtype; every other tensor is float32
 
 
 def hf_name(ours):
@@ -141,8 +143,7 @@ def conversion_plan(cfg):
         theirs = hf_name(ours)
         r0 = rows.get(theirs, 0)
         rows[theirs] = r0 + shape[0]
-        matrix = ours == "embed_tokens.weight" or ours.rsplit(".", 1)[-1] in phi4flash.LINEAR_WEIGHTS
-        plan.append(Piece(ours, theirs, r0, r0 + shape[0], matrix))
+        plan.append(Piece(ours, theirs, r0, r0 + shape[0], phi4flash.is_matrix(ours)))
     return plan
 
 
@@ -201,6 +202,9 @@ def find_tensors(src):
     return found
 
 
+SOURCE_DTYPES = ("BF16", "F16", "F32")  # what a Hugging Face checkpoint may hold (the real one: BF16)
+
+
 def validate(src):
     """Check SRC completely; -> (Config, tensors found, plan). Raises Phi4FlashError with one line."""
     if not os.path.isdir(src):
@@ -214,6 +218,8 @@ def validate(src):
         if name not in found:
             raise Phi4FlashError(f"{src}: tensor {name} is missing (expected shape {list(shape)})")
         path, info, _ = found[name]
+        if info["dtype"] not in SOURCE_DTYPES:
+            raise Phi4FlashError(f"{path}: tensor {name} has dtype {info['dtype']}; expected one of {', '.join(SOURCE_DTYPES)}")
         if tuple(info["shape"]) != shape:
             raise Phi4FlashError(f"{path}: tensor {name} has shape {info['shape']}, the config implies {list(shape)}")
     unknown = sorted(set(found) - set(expected))
@@ -225,12 +231,6 @@ def validate(src):
 
 # ----------------------------------------------------------------------------------------------
 # Writing: header first (every size is known), then each tensor in chunks of rows
-
-def f32_to_bf16(x):
-    """float32 -> bf16 bits, rounding to nearest even."""
-    u = x.view(np.uint32)
-    return ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)
-
 
 def _convert_rows(raw, src_dtype, to_bf16):
     if src_dtype == "BF16":
@@ -252,33 +252,55 @@ def _all_zero_bits(a):
     return not b[:64].any() and not b.any()
 
 
+class Stored(NamedTuple):
+    shape: tuple
+    dtype: str     # safetensors dtype: BF16, F32, or I8 (with NAME.scales, F32)
+    offset: int    # where its data starts, from the start of the data
+
+
+BYTES = {"BF16": 2, "F32": 4, "I8": 1}
+
+
 def converted_header(cfg, plan, dtype):
     """The safetensors header of a converted file, as bytes padded so the data starts 64-byte aligned;
-    -> (header bytes, [(our name, shape, stored as bf16)] in file order)."""
-    shapes, offset = phi4flash.tensor_shapes(cfg), 0
-    header = {"__metadata__": {"format": phi4flash.FORMAT, "format_version": phi4flash.FORMAT_VERSION,
+    -> (header bytes, {our name: Stored} in file order: phi4flash.stored_tensors, int8 scales included)."""
+    header = {"__metadata__": {"format": phi4flash.FORMAT, "format_version": phi4flash.format_version_for(dtype),
                                "config": json.dumps(_config_json(cfg)), "weights_dtype": dtype}}
-    layout = []
-    for piece in plan:
-        bf16, shape = piece.matrix and dtype == "bfloat16", shapes[piece.ours]
-        nbytes = math.prod(shape) * (2 if bf16 else 4)
-        header[piece.ours] = {"dtype": "BF16" if bf16 else "F32", "shape": list(shape),
-                              "data_offsets": [offset, offset + nbytes]}
-        layout.append((piece.ours, shape, bf16))
+    layout, offset = {}, 0
+    for name, (shape, stored) in phi4flash.stored_tensors(cfg, dtype).items():
+        nbytes = math.prod(shape) * BYTES[stored]
+        header[name] = {"dtype": stored, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        layout[name] = Stored(shape, stored, offset)
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-(8 + len(blob)) % 64)
     return len(blob).to_bytes(8, "little") + blob, layout
 
 
+def stays_bf16(cfg, plan, dtype):
+    """The matrices an int8 conversion keeps bf16 (their input width is not a multiple of the group)."""
+    layout = phi4flash.stored_tensors(cfg, dtype)
+    return [p.ours for p in plan if p.matrix and layout[p.ours][1] == "BF16"] if dtype == "int8" else []
+
+
 def write_converted(path, cfg, found, plan, dtype, progress=None):
+    """Stream every piece of the plan into `path`, a few MB of source rows at a time, in the layout
+    converted_header gives. An int8 matrix's chunk of rows is quantised (phi4flash.quantize_int8) and
+    its values and scales are written at their two places in the file."""
     header, layout = converted_header(cfg, plan, dtype)
+
+    def put(data, at):
+        out.seek(len(header) + at)
+        if not _all_zero_bits(data):          # else a hole instead of zeros
+            out.write(data.tobytes())
+
     with open(path, "wb") as out:
         out.write(header)
         files = {}
         try:
-            for (_, theirs, r0, r1, _), (_, _, bf16) in zip(plan, layout):
+            for ours, theirs, r0, r1, _ in plan:
                 file, info, start = found[theirs]
+                shape, stored, offset = layout[ours]
                 f = files.get(file) or files.setdefault(file, open(file, "rb"))
                 src_dtype = np.dtype(phi4flash.SAFETENSORS_DTYPES[info["dtype"]])
                 row = math.prod(info["shape"][1:]) if len(info["shape"]) > 1 else 1
@@ -289,14 +311,19 @@ def write_converted(path, cfg, found, plan, dtype, progress=None):
                     f.seek(start + info["data_offsets"][0] + a * row * src_dtype.itemsize)
                     if f.readinto(memoryview(raw).cast("B")) != raw.nbytes:
                         raise Phi4FlashError(f"{file}: truncated while reading {theirs}")
-                    rows = _convert_rows(raw, info["dtype"], bf16)
-                    if _all_zero_bits(rows):
-                        out.seek(rows.nbytes, os.SEEK_CUR)  # a hole instead of zeros
-                    else:
-                        out.write(rows.tobytes())
+                    rows = _convert_rows(raw, info["dtype"], stored == "BF16")
+                    if stored != "I8":
+                        put(rows, offset + (a - r0) * row * BYTES[stored])
+                    elif not _all_zero_bits(rows):  # zeros quantise to q = 0, s = 0: left as holes
+                        q, scales = phi4flash.quantize_int8(rows.reshape(n, row))  # (n, in) int8, (n, in/32) fp32
+                        if not np.isfinite(scales).all():
+                            raise Phi4FlashError(f"{file}: tensor {theirs} has a NaN or infinite weight in rows "
+                                                 f"{a}..{a + n - 1}; int8 cannot store it (convert with --dtype bfloat16)")
+                        put(q, offset + (a - r0) * row)
+                        put(scales, layout[ours + ".scales"].offset + (a - r0) * scales.shape[1] * 4)
                     if progress:
                         progress(raw.nbytes)
-            out.truncate()  # sets the length when the file ends in a hole (a seek past the end writes nothing)
+            out.truncate(len(header) + _data_bytes(layout))  # the full length, also when the file ends in a hole
         finally:
             for f in files.values():
                 f.close()
@@ -316,14 +343,14 @@ def size_text(n):
 
 
 def planned_bytes(cfg, plan, dtype):
-    """The length of the converted model.safetensors: its header and every tensor as stored (bf16 or
-    float32). 7.7 GB for the real model in bf16, 15.4 GB in float32."""
+    """The length of the converted model.safetensors: its header and every tensor as stored. For the
+    real model: 7.7 GB in bf16, 15.4 GB in float32, 4.3 GB in int8 (scales included)."""
     header, layout = converted_header(cfg, plan, dtype)
     return len(header) + _data_bytes(layout)
 
 
 def _data_bytes(layout):
-    return sum(math.prod(shape) * (2 if bf16 else 4) for _, shape, bf16 in layout)
+    return sum(math.prod(t.shape) * BYTES[t.dtype] for t in layout.values())
 
 
 def output_bytes(src, cfg, found, plan, dtype):
@@ -421,8 +448,8 @@ def convert(src, dst, dtype="bfloat16", force=False, show_progress=None, what="D
     def dst_error(text):
         return Phi4FlashError(f"{what} {dst}: {text}" + (f"; {hint}" if hint else ""))
 
-    if dtype not in ("bfloat16", "float32"):
-        raise Phi4FlashError(f"--dtype {dtype}: expected bfloat16 or float32")
+    if dtype not in phi4flash.WEIGHTS_DTYPES:
+        raise Phi4FlashError(f"--dtype {dtype}: expected {', '.join(phi4flash.WEIGHTS_DTYPES)}")
     if os.path.exists(dst) and not force:
         raise dst_error("already exists (use --force to replace it)")
     if os.path.exists(dst) and not os.path.isdir(dst):
@@ -435,6 +462,11 @@ def convert(src, dst, dtype="bfloat16", force=False, show_progress=None, what="D
     if _inside(real_src, real_dst):
         raise dst_error(f"contains SRC {src}; replacing it would delete the snapshot")
     cfg, found, plan = validate(src)
+    kept = stays_bf16(cfg, plan, dtype)
+    if kept:
+        print(f"note: {len(kept)} of the {sum(p.matrix for p in plan)} matrices stay bf16 in the int8 conversion, their "
+              f"input width not a multiple of {phi4flash.GROUP}: {', '.join(kept[:3])}{', ...' if len(kept) > 3 else ''}",
+              file=sys.stderr)
 
     parent = os.path.dirname(dst)
     try:
@@ -608,7 +640,7 @@ def _file_identity(path):
 
 def source_key(path, dtype):
     """The cache key of converting snapshot folder `path` to `dtype` (see above)."""
-    h = hashlib.sha256(f"{dtype} {phi4flash.FORMAT_VERSION}\n".encode())
+    h = hashlib.sha256(f"{dtype} {phi4flash.format_version_for(dtype)}\n".encode())
     for name in sorted(os.listdir(path)):
         file = os.path.join(path, name)
         if (name.endswith((".safetensors", ".json")) or name in TOKENIZER_FILES) and os.path.isfile(file):
@@ -678,8 +710,9 @@ def main(argv=None):
     ap.add_argument("src", metavar="SRC", help="Hugging Face snapshot folder, or a repo id downloaded into the local "
                     f"Hugging Face cache (e.g. {HF_REPO_ID})")
     ap.add_argument("dst", metavar="DST", help="output folder (must not exist unless --force)")
-    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
-                    help="storage of the weight matrices (default bfloat16: lossless for the bf16 checkpoint)")
+    ap.add_argument("--dtype", choices=phi4flash.WEIGHTS_DTYPES, default="bfloat16",
+                    help="storage of the weight matrices (default bfloat16: lossless for the bf16 checkpoint; "
+                    "int8: groups of 32 with a float32 scale, 0.56x the size, not exact)")
     ap.add_argument("--force", action="store_true", help="replace DST if it exists")
     args = ap.parse_args(argv)
     try:

@@ -8,7 +8,8 @@ Read top to bottom; the sections come in the paper's order, and `generate` (sect
   5. Mamba-1
 After the model:
  10. the checkpoint's side files (tokenizer, stop ids, generation config)
- 11. bf16 weights on a CPU (how `linear` multiplies bf16 bits fast)
+ 11. fewer bytes per token on a CPU: how `linear` multiplies bf16 bits and int8 groups fast, and
+     the bf16 K/V cache
 Appendix A: the GPU (CuPy + kernels.cu): the same layer loop on kernels, entered from Model.run only.
 Appendix B: the command line (`python phi4flash.py trace ...`), and the traced search for the first
 non-finite layer that `generate` reports.
@@ -49,7 +50,7 @@ from functools import cached_property
 import numpy as np
 
 FORMAT = "phi4flash"
-FORMAT_VERSION = "1"  # bump when the converted layout changes; load() refuses other versions
+FORMAT_VERSION = "2"  # the newest converted layout: 1 bf16/float32 matrices, 2 int8 groups too (section 11)
 
 
 class Phi4FlashError(ValueError):
@@ -155,9 +156,8 @@ def tensor_shapes(cfg):
     return shapes
 
 
-# Linear weights: what `linear` multiplies (and embed_tokens, the tied head). They stay as stored
-# (bf16 bits, or float32) and memory-mapped; every other tensor (norms, biases, conv taps, A_log, D, λ vectors) is widened to float32
-# once at load time.
+# Linear weights: what `linear` multiplies (and embed_tokens, the tied head). They stay as stored (bf16 bits,
+# int8 groups or float32), memory-mapped; norms, biases, conv taps, A_log, D and λ are widened to fp32 at load.
 LINEAR_WEIGHTS = {"fc1_gate", "fc1_up", "fc2", "in_proj_x", "in_proj_z", "x_proj_dt",
                   "x_proj_B", "x_proj_C", "dt_proj", "out_proj", "in_proj", "Wq", "Wk", "Wv"}
 
@@ -165,7 +165,7 @@ LINEAR_WEIGHTS = {"fc1_gate", "fc1_up", "fc2", "in_proj_x", "in_proj_z", "x_proj
 # ----------------------------------------------------------------------------------------------
 # 2. Loading: a converted folder holds ONE safetensors file, read through a memory map
 
-SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # bf16 kept as raw bits
+SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I8": np.int8}  # bf16: raw bits
 
 
 def read_safetensors_header(path):
@@ -185,7 +185,7 @@ def read_safetensors_header(path):
     metadata = header.pop("__metadata__", None) or {}
     for name, info in header.items():
         if info.get("dtype") not in SAFETENSORS_DTYPES:
-            raise Phi4FlashError(f"{path}: tensor {name} has dtype {info.get('dtype')}; expected one of F32, F16, BF16")
+            raise Phi4FlashError(f"{path}: tensor {name} has dtype {info.get('dtype')}; expected one of {', '.join(SAFETENSORS_DTYPES)}")
         begin, end = info["data_offsets"]
         nbytes = math.prod(info["shape"]) * np.dtype(SAFETENSORS_DTYPES[info["dtype"]]).itemsize
         if end - begin != nbytes:
@@ -225,9 +225,9 @@ def read_converted(file):
     if meta.get("format") != FORMAT:
         raise Phi4FlashError(f"{file}: not a phi4flash converted file (a Hugging Face checkpoint? run convert.py on its folder)")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if not (str(version).isdigit() and 1 <= int(version) <= int(FORMAT_VERSION)):
         newer = str(version).isdigit() and int(version) > int(FORMAT_VERSION)
-        raise Phi4FlashError(f"{file}: converted with format version {version}, this code reads version {FORMAT_VERSION}; "
+        raise Phi4FlashError(f"{file}: converted with format version {version}, this code reads versions 1 to {FORMAT_VERSION}; "
                              + ("upgrade phi4flash (pip install -U -e . in its clone)" if newer
                                 else "convert the original checkpoint again"))
     try:
@@ -236,22 +236,21 @@ def read_converted(file):
     except (KeyError, TypeError, ValueError) as e:
         raise Phi4FlashError(f"{file}: the model config in the metadata is missing or unreadable ({e!r}); "
                              "convert the original checkpoint again") from None
-    expected = tensor_shapes(cfg)
-    for name, shape in expected.items():
+    expected = stored_tensors(cfg, meta.get("weights_dtype"), file)   # {name: (shape, dtype)}, int8's scales too
+    for name, (shape, dtype) in expected.items():
         if name not in tensors:
             raise Phi4FlashError(f"{file}: tensor {name} is missing")
-        if tuple(tensors[name].shape) != shape:
-            raise Phi4FlashError(f"{file}: tensor {name} has shape {tuple(tensors[name].shape)}, expected {shape}")
+        if (tuple(tensors[name].shape), tensors[name].dtype) != (shape, SAFETENSORS_DTYPES[dtype]):
+            raise Phi4FlashError(f"{file}: tensor {name} is {stored_as(tensors[name])}, expected {dtype} {shape}")
     if set(tensors) - set(expected):
         raise Phi4FlashError(f"{file}: unexpected tensor {sorted(set(tensors) - set(expected))[0]}")
-    return cfg, tensors
+    return cfg, with_scales(tensors)                                      # int8 matrices paired with their scales
 
 
-def load(path, device="cpu"):
-    """Load a converted folder (see convert.py) -> Model (section 9). Linear weights stay memory-
-    mapped, so loading reads little more than the headers; device="cuda" copies them to the GPU."""
-    if device not in ("cpu", "cuda"):
-        raise Phi4FlashError(f"device {device!r}: expected 'cpu' or 'cuda'")
+def load(path, device="cpu", kv_dtype="float32"):
+    """Load a converted folder (convert.py) -> Model (section 9). Its matrices stay memory-mapped (loading reads
+    the headers); device="cuda" copies them to the GPU. kv_dtype: "float32" K/V (exact) or "bfloat16" (section 11)."""
+    check_load_options(device, kv_dtype)
     if device == "cuda":
         require_cupy()                          # fail in one line before reading anything
     path = os.fspath(path)
@@ -275,7 +274,7 @@ def load(path, device="cpu"):
         layers.append({"input_layernorm": group(p + "input_layernorm."),
                        "post_attention_layernorm": group(p + "post_attention_layernorm."),
                        "mlp": group(p + "mlp."), mixer: group(p + mixer + ".")})
-    model = Model(cfg, tensors["embed_tokens.weight"], group("final_layernorm."), layers, path=folder)
+    model = Model(cfg, tensors["embed_tokens.weight"], group("final_layernorm."), layers, path=folder, kv_dtype=kv_dtype)
     read_side_files(model, folder)
     return to_device(model) if device == "cuda" else model
 
@@ -284,8 +283,8 @@ def load(path, device="cpu"):
 # 3. Math helpers (all fp32)
 
 def linear(x, W, b=None):
-    """y = x·Wᵀ + b for W stored [out, in]: float32, or bf16 bits (uint16, section 11)."""
-    y = bf16_matmul(x, W) if W.dtype == np.uint16 else x @ W.T           # (T, out)
+    """y = x·Wᵀ + b for W stored [out, in]: float32, bf16 bits (uint16) or int8 groups (section 11)."""
+    y = x @ W.T if W.dtype == np.float32 else stored_matmul(x, W)        # (T, out)
     return y if b is None else y + b
 
 
@@ -446,11 +445,11 @@ def differential_attention(q, k, v, mask, lam, lambda_init, subln, eps=1e-5):
     G, n_groups = H // H_kv, H_kv // 2
     qs = q.reshape(n_groups, G, 2, T, hd).transpose(0, 2, 1, 3, 4)       # (H_kv/2, 2, G, T, hd)  head 2(gG+r)+s
     qs = qs.reshape(n_groups, 2, G * T, hd)                               # (H_kv/2, 2, G·T, hd)   rows (r, t)
-    ks = k.reshape(n_groups, 2, S, hd)                                    # (H_kv/2, 2, S, hd)     K head 2g+s
+    ks = f32(k).reshape(n_groups, 2, S, hd)                               # (H_kv/2, 2, S, hd)     K head 2g+s
     scores = qs @ ks.swapaxes(-1, -2) * (1.0 / math.sqrt(hd))             # (H_kv/2, 2, G·T, S)
     scores = xp.where(mask, scores.reshape(n_groups, 2, G, T, S), -xp.inf)  # (H_kv/2, 2, G, T, S)
     maps = softmax(scores).reshape(n_groups, 1, 2 * G * T, S)            # (H_kv/2, 1, 2·G·T, S)  rows (s, r, t)
-    vs = v.reshape(n_groups, 2, S, hd)                                    # (H_kv/2, 2, S, hd)     V heads 2g, 2g+1
+    vs = f32(v).reshape(n_groups, 2, S, hd)                               # (H_kv/2, 2, S, hd)     V heads 2g, 2g+1
     att = maps @ vs                                                       # (H_kv/2, 2, 2·G·T, hd) [g, V head, (s, r, t)]
     att = att.reshape(n_groups, 2, 2, G, T, hd).transpose(2, 0, 3, 4, 1, 5)  # (2, H_kv/2, G, T, 2, hd)
     att = att.reshape(2, n_groups, G, T, 2 * hd)                          # P_s·[v_2g ‖ v_2g+1] per stripe s
@@ -497,7 +496,7 @@ def self_attention(u, p, kv, pos, i, cfg, q_rows=slice(None)):
     (layer L/2+1 in prefill needs just the last token's output). u (T, D), pos (T,) -> (T_q, D)."""
     k_new = project_heads(u, p["Wk"], p["bk"], cfg.num_key_value_heads)  # (H_kv, T, hd)
     v_new = project_heads(u, p["Wv"], p["bv"], cfg.num_key_value_heads)  # (H_kv, T, hd)
-    k, v, kpos = (kv_ring if kv.window else kv_append)(kv, k_new, v_new, int(pos[0]))  # keys in view
+    k, v, kpos = (kv_ring if kv.window else kv_append)(kv, *kv_stored(kv, k_new, v_new), int(pos[0]))  # keys in view
     q = project_heads(u[q_rows], p["Wq"], p["bq"], cfg.num_attention_heads)  # (H, T_q, hd)
     lambda_init = lambda_init_for(i)
     o = attend(q, k, v, pos[q_rows], kpos, kv.window, diff_lambda(p, lambda_init), lambda_init, p["subln"])
@@ -529,7 +528,7 @@ def gmu(x, p, memory):
 
 @dataclass
 class KVCache:
-    k: object          # (H_kv, slots, hd)
+    k: object          # (H_kv, slots, hd) float32, or bf16 bits (uint16) with kv_dtype "bfloat16"
     v: object          # (H_kv, slots, hd)
     pos: object        # (slots,) the position held in each slot, -1 = empty
     window: int | None  # "swa": a ring of exactly W slots; None: the append buffer of layer L/2+1
@@ -548,9 +547,9 @@ class Cache:
         return self.kv[cfg.kv_layer]
 
 
-def empty_cache(cfg, capacity, xp=np):
-    """All zeros; layer L/2+1's buffer starts with `capacity` slots (it doubles when full)."""
-    cache = Cache()
+def empty_cache(cfg, capacity, xp=np, kv_dtype="float32"):
+    """All zeros; layer L/2+1's buffer starts with `capacity` slots (it doubles when full); K/V in kv_dtype."""
+    cache, kv_bits = Cache(), KV_DTYPES[kv_dtype]                       # float32, or bf16 bits (uint16)
     hd, H_kv = cfg.head_dim, cfg.num_key_value_heads
     for i, kind in enumerate(cfg.layer_kinds):
         if kind == "mamba":
@@ -559,7 +558,7 @@ def empty_cache(cfg, capacity, xp=np):
         elif kind in ("swa", "full"):
             window = cfg.sliding_window[i] if kind == "swa" else None
             slots = window or max(int(capacity), 1)
-            cache.kv[i] = KVCache(xp.zeros((H_kv, slots, hd), xp.float32), xp.zeros((H_kv, slots, hd), xp.float32),
+            cache.kv[i] = KVCache(xp.zeros((H_kv, slots, hd), kv_bits), xp.zeros((H_kv, slots, hd), kv_bits),
                                   xp.full(slots, -1, xp.int64), window)
     return cache
 
@@ -569,7 +568,7 @@ def kv_grow(kv, needed):
     amortised O(1)). The new slots are empty."""
     xp = get_xp(kv.k)
     grow = max(needed, 2 * kv.k.shape[1]) - kv.k.shape[1]
-    zeros = xp.zeros((kv.k.shape[0], grow, kv.k.shape[2]), xp.float32)   # (H_kv, grow, hd)
+    zeros = xp.zeros((kv.k.shape[0], grow, kv.k.shape[2]), kv.k.dtype)   # (H_kv, grow, hd)
     kv.k, kv.v = xp.concatenate([kv.k, zeros], axis=1), xp.concatenate([kv.v, zeros], axis=1)
     kv.pos = xp.concatenate([kv.pos, xp.full(grow, -1, xp.int64)])
 
@@ -609,7 +608,7 @@ def kv_ring(kv, k_new, v_new, start):
 
 def record(trace, name, x):
     if trace is not None:
-        trace[name] = to_numpy(x).copy()
+        trace[name] = f32(to_numpy(x)).copy()                            # bf16 K/V bits widened
 
 
 def extend(model, cache, ids, logits="last", trace=None):
@@ -707,7 +706,7 @@ PREFILL_CHUNK = 512  # prompt tokens per extend(): activations stay a few MB (ca
 @dataclass(eq=False)
 class Model:
     config: Config
-    embed_tokens: object          # (V, D), float32 or bf16 bits; also the tied LM head
+    embed_tokens: object          # (V, D), float32, bf16 bits or Int8Weight; also the tied LM head
     final_layernorm: dict         # weight, bias: (D,)
     layers: list                  # per layer {"input_layernorm", "post_attention_layernorm", "mlp", "mamba"|"attn"|"gmu"}
     tokenizer: object = None      # tokenizers.Tokenizer, when the folder has tokenizer.json
@@ -717,6 +716,7 @@ class Model:
     files: dict = field(default_factory=dict)  # tokenizer_config / generation_config JSON, when present
     device: str = "cpu"           # "cuda": run() takes appendix A's kernels instead of extend()
     prefill_chunk: int = PREFILL_CHUNK  # prompt tokens per run(); larger on a GPU (CUDA_PREFILL_CHUNK)
+    kv_dtype: str = "float32"     # the K/V cache: "float32" (exact) or "bfloat16" (bits, section 11)
 
     def run(self, cache, ids, logits="last", trace=None):
         """The layer loop on this model's device: extend() on the CPU (with the BLAS threads section 11
@@ -741,7 +741,7 @@ class Model:
 
     def new_cache(self, capacity=256):
         """An empty cache whose shared K/V has room for `capacity` tokens (it grows when full)."""
-        return empty_cache(self.config, capacity, get_xp(self.embed_tokens))
+        return empty_cache(self.config, capacity, get_xp(self.embed_tokens), self.kv_dtype)
 
     def prefill(self, ids, cache=None, logits=True, chunk=None):
         """Run the prompt (or a later chat turn) into `cache`: -> (last-token logits (V,), cache).
@@ -863,11 +863,15 @@ def attach_tokenizer(model, tokenizer_json):
 
 
 # ----------------------------------------------------------------------------------------------
-# 11. bf16 weights on a CPU
+# 11. Fewer bytes per token on a CPU: bf16 weights, int8 weights, a bf16 K/V cache
 #
-# NumPy has no bf16 arithmetic. A bf16 number is the top half of an fp32, so its 16 bits shifted
-# into the high half of a uint32 are the fp32 value: the widening is exact. linear() multiplies bf16
-# bits W in one of two ways:
+# A decode step reads every weight, and the K/V its attention layers look at, once: its time is
+# those bytes over the RAM bandwidth. This section stores them in fewer bytes and multiplies them
+# without ever widening a whole matrix.
+#
+# bf16 weights (convert.py's default). NumPy has no bf16 arithmetic. A bf16 number is the top half
+# of an fp32, so its 16 bits shifted into the high half of a uint32 are the fp32 value: the widening
+# is exact. linear() multiplies bf16 bits W in one of two ways:
 #   * a few rows of x (a decode step, a chunk of up to CPU_GEMV_ROWS tokens): gemv_bf16_cpu, compiled
 #     with numba, widens each weight inside the dot product, so every weight is read once, 2 bytes,
 #     at about the RAM bandwidth (decoding reads all of them per token: that is its floor);
@@ -877,12 +881,21 @@ def attach_tokenizer(model, tokenizer_json):
 # differs). gemv_bf16_reference is the compiled kernel's NumPy twin. In such a few-row step the
 # attention of a one-row query is compiled too (attention_row, whose twin is differential_attention),
 # and BLAS gets one thread (cpu_threads): numba's threads and BLAS's stall each other on 2 cores.
+# int8 weights (convert.py --dtype int8) and the bf16 K/V cache (load(..., kv_dtype="bfloat16"))
+# follow, under their own headings; they go the same two ways.
 
 CPU_GEMV_ROWS = 32        # up to this many rows take the compiled product (measured crossover: 32-64)
 USE_NUMBA = os.environ.get("PHI4FLASH_NUMBA", "1") != "0"
-_gemv = None              # the compiled kernel once built; False when numba is off or missing
+_nb = None                # numba once imported (with the intrinsics below); False when off or missing
+_gemv = None              # the compiled bf16 kernel once built
 _blas = None              # threadpoolctl's controller of the BLAS thread pool
 _scratch = threading.local()  # the blocks' fp32 buffer, one per thread so concurrent callers do not share it
+
+
+def stored_matmul(x, W):
+    """x·Wᵀ in fp32 for W stored as bf16 bits (uint16) or int8 groups (Int8Weight) [out, in].
+    x (T, in) -> (T, out)."""
+    return bf16_matmul(x, W) if W.dtype == np.uint16 else int8_matmul(x, W)
 
 
 def bf16_matmul(x, W):
@@ -901,12 +914,12 @@ def gemv_bf16_reference(x, W):
     return (x.astype(np.float64) @ bf16_to_f32(W).astype(np.float64).T).astype(np.float32)
 
 
-def compiled_gemv():
-    """gemv_bf16_cpu compiled by numba on first use (then cached on disk where numba can write), or
-    None when numba is off or missing."""
-    global _gemv, widen_bf16
-    if _gemv is None:
-        _gemv = False
+def _numba():
+    """numba, imported on first use, with two intrinsics defined: widen_bf16 (uint16 bits -> float32)
+    and as_f32 (a float32 as it is, bf16 bits widened); None when numba is off or missing."""
+    global _nb, widen_bf16, as_f32
+    if _nb is None:
+        _nb = False
         if not USE_NUMBA:
             return None
         try:
@@ -916,13 +929,32 @@ def compiled_gemv():
         except ImportError:
             return None
 
-        @intrinsic
-        def widen_bf16(typingctx, bits):  # uint16 -> float32; numba would promote uint32 << 16 to uint64
-            def codegen(context, builder, signature, args):
-                word = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
-                return builder.bitcast(word, ir.FloatType())
-            return numba.float32(numba.uint16), codegen
+        def widen(builder, bits):  # the 16 bits into the high half of a 32-bit word, read as a float
+            word = builder.shl(builder.zext(bits, ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+            return builder.bitcast(word, ir.FloatType())
 
+        @intrinsic
+        def widen_bf16(typingctx, bits):  # numba itself would promote uint32 << 16 to uint64
+            return numba.float32(numba.uint16), lambda context, builder, sig, args: widen(builder, args[0])
+
+        @intrinsic
+        def as_f32(typingctx, a):  # a K/V element of either cache: float32, or bf16 bits (uint16)
+            if a == numba.uint16:
+                return numba.float32(numba.uint16), lambda context, builder, sig, args: widen(builder, args[0])
+            return numba.float32(numba.float32), lambda context, builder, sig, args: args[0]
+
+        _nb = numba
+    return _nb or None
+
+
+def compiled_gemv():
+    """gemv_bf16_cpu compiled by numba on first use (then cached on disk where numba can write), or
+    None when numba is off or missing."""
+    global _gemv
+    numba = _numba()
+    if numba is None:
+        return None
+    if _gemv is None:
         def gemv_bf16_cpu(x, W, y):
             """y[t, o] = Σ_k x[t, k] · widen_bf16(W[o, k]) in fp32. The output features o go to the
             threads; each widened weight serves four rows of x at a time (then the rest one by one)."""
@@ -945,7 +977,7 @@ def compiled_gemv():
                     y[t, o] = acc
 
         _gemv = _njit(numba, gemv_bf16_cpu)
-    return _gemv or None
+    return _gemv
 
 
 def _njit(numba, fn):
@@ -960,12 +992,12 @@ def _njit(numba, fn):
 
 @contextlib.contextmanager
 def cpu_threads(model, T):
-    """How extend() feeding T tokens uses the cores. A bf16 model's few-row step is compiled work:
-    the products (gemv_bf16_cpu) and a decode step's attention (attention_row) run on numba's
-    threads, and BLAS gets one thread for what is left (numba's threads and BLAS's spinning ones
-    stall each other on a small machine). Anything else: BLAS as configured."""
+    """How extend() feeding T tokens uses the cores. A bf16 or int8 model's few-row step is compiled
+    work: the products (gemv_bf16_cpu, gemv_int8_cpu) and a decode step's attention (attention_row)
+    run on numba's threads, and BLAS gets one thread for what is left (numba's threads and BLAS's
+    spinning ones stall each other on a small machine). Anything else: BLAS as configured."""
     global _blas
-    if T > CPU_GEMV_ROWS or model.embed_tokens.dtype != np.uint16 or compiled_gemv() is None:
+    if T > CPU_GEMV_ROWS or model.embed_tokens.dtype == np.float32 or compiled_gemv() is None:
         yield
         return
     if _blas is None:
@@ -988,7 +1020,8 @@ _cpu = _CpuState()
 
 def attention_row(q, k, v, mask, lam, lambda_init, subln, eps):
     """differential_attention for ONE query row, compiled (attention_row_cpu): the KV groups go to
-    numba's threads, each reading its K and V rows once. Same arguments and result."""
+    numba's threads, each reading its K and V rows once (float32, or the bf16 cache's bits, widened
+    as they are read). Same arguments and result."""
     H, _, hd = q.shape
     out = np.empty((1, H * hd), np.float32)                               # (1, H·hd)
     _compiled_attention()(np.ascontiguousarray(q[:, 0]), _whole(k), _whole(v), k.shape[1], np.ascontiguousarray(mask[0]),
@@ -1012,10 +1045,11 @@ _row = None
 
 
 def _compiled_attention():
-    """attention_row_cpu compiled by numba on first use (cached as compiled_gemv's)."""
+    """attention_row_cpu compiled by numba on first use (cached as compiled_gemv's); numba compiles
+    one version for float32 K/V and one for bf16 bits."""
     global _row
     if _row is None:
-        import numba
+        numba = _numba()
 
         def attention_row_cpu(q, k, v, S, mask, lam, lambda_init, subln, eps, out):
             """Per KV group g: scores of its 2G queries against K heads 2g, 2g+1 (a key row read once
@@ -1036,7 +1070,7 @@ def _compiled_attention():
                             query = q[2 * (g * G + r) + s]
                             acc = numba.float32(0.0)
                             for d in range(hd):
-                                acc += query[d] * keys[j, d]
+                                acc += query[d] * as_f32(keys[j, d])
                             P[s, r, j] = acc * scale if mask[j] else -np.inf
                     for r in range(G):
                         top = -np.inf
@@ -1054,8 +1088,8 @@ def _compiled_attention():
                         for r in range(G):
                             p = P[s, r, j]
                             for d in range(hd):
-                                A[s, r, d] += p * v1[j, d]
-                                A[s, r, hd + d] += p * v2[j, d]
+                                A[s, r, d] += p * as_f32(v1[j, d])
+                                A[s, r, hd + d] += p * as_f32(v2[j, d])
                 for r in range(G):
                     ss = numba.float32(0.0)
                     for f in range(2 * hd):
@@ -1069,21 +1103,228 @@ def _compiled_attention():
     return _row
 
 
+def _scratch_rows(n, cols):
+    """This thread's reused 4-byte buffer, as (n, cols) uint32: a block of widened weights."""
+    if getattr(_scratch, "buf", np.empty(0)).size < n * cols:
+        _scratch.buf = np.empty(n * cols, np.uint32)
+    return _scratch.buf[:n * cols].reshape(n, cols)
+
+
+def _block_rows(T, cols):
+    """Weight rows per widened block: 16 MB of fp32 for 16 rows of x and more, else 1 MB (stays in L2)."""
+    return max(1, ((4 << 20) if T >= 16 else (256 << 10)) // cols)
+
+
 def bf16_matmul_blocks(x, W):
     """x·Wᵀ by widening a block of W's rows at a time into a reused fp32 buffer: only a few MB are
     ever fp32, and BLAS multiplies each block. x (T, in) -> (T, out)."""
     T, (rows, cols) = x.shape[0], W.shape
     y = np.empty((T, rows), np.float32)                                  # (T, out)
-    step = max(1, ((4 << 20) if T >= 16 else (256 << 10)) // cols)      # 16 MB of fp32 per block, or 1 MB (L2)
-    if getattr(_scratch, "buf", np.empty(0)).size < step * cols:
-        _scratch.buf = np.empty(step * cols, np.uint32)
+    step = _block_rows(T, cols)
     for r in range(0, rows, step):
         n = min(step, rows - r)
-        buf = _scratch.buf[:n * cols].reshape(n, cols)                    # (n, in)
+        buf = _scratch_rows(n, cols)                                      # (n, in)
         buf[...] = W[r:r + n]   # uint16 -> uint32: two contiguous passes beat one strided copy into the high halves
         buf <<= 16
         np.matmul(x, buf.view(np.float32).T, out=y[:, r:r + n])
     return y
+
+
+# --- int8 weights (convert.py --dtype int8)
+#
+# Each row of a matrix is cut into groups of GROUP = 32 consecutive inputs. A group keeps one fp32
+# scale and 32 int8 numbers:
+#     s = max|w| / 127        q = round(w / s), in [-127, 127]        w ≈ q · s
+# That is 1 byte per weight plus 4 per group, 1.125 bytes against bf16's 2: the real model's 7.7 GB
+# become 4.3 GB. Each weight is off by at most s/2, and s is set by its own group's largest weight,
+# so an outlier coarsens only the 31 weights that share its scale, not its whole row. The scales are
+# fp32 rather than fp16 (which would save 1/16 byte per weight): exact at any magnitude (fp16's
+# normal range ends at 6.1e-5, so a group of small weights would get a subnormal scale with few
+# significant bits), and numba and CuPy read them as they are (numba has no fp16 on a CPU). A matrix
+# whose input width is not a multiple of GROUP stays bf16; norms, biases, A_log, D, conv and λ stay
+# fp32. Products dequantise inside the dot product (gemv_int8_cpu, a few rows) or a block of rows
+# at a time for BLAS (int8_matmul_blocks), as bf16 widens; both equal x·(q·s)ᵀ in fp32.
+
+GROUP = 32
+WEIGHTS_DTYPES = ("bfloat16", "float32", "int8")  # convert.py --dtype: how a converted file stores its matrices
+
+
+@dataclass(frozen=True)
+class Int8Weight:
+    """A matrix [out, in] stored as int8 groups: W ≈ q · s. It has dtype and shape as an array has,
+    so linear() dispatches on it; indexing rows dequantises them (the embedding lookup)."""
+    q: np.ndarray               # (out, in) int8
+    scales: np.ndarray          # (out, in / GROUP) float32
+    dtype = np.dtype(np.int8)
+
+    @property
+    def shape(self):
+        return self.q.shape
+
+    @property
+    def nbytes(self):
+        return self.q.nbytes + self.scales.nbytes
+
+    def __getitem__(self, rows):
+        return dequantize_int8(self.q[rows], self.scales[rows])          # (T, in) for T ids
+
+
+def quantize_int8(w):
+    """fp32 rows w (n, in) -> (q (n, in) int8, scales (n, in/GROUP) fp32): the formula above, in
+    fp32 (a group of zeros gets s = 0 and q = 0; one with a NaN or inf gets a non-finite scale and
+    meaningless q, which convert.py checks for and refuses)."""
+    groups = w.reshape(w.shape[0], -1, GROUP)                            # (n, in/GROUP, GROUP)
+    scales = np.abs(groups).max(-1) / np.float32(127)                    # (n, in/GROUP)
+    q = np.rint(groups / np.where(scales > 0, scales, np.float32(1))[..., None])  # (n, in/GROUP, GROUP)
+    with np.errstate(invalid="ignore"):                                  # NaN -> int8: see above
+        return np.clip(q, -127, 127).astype(np.int8).reshape(w.shape), scales.astype(np.float32)
+
+
+def dequantize_int8(q, scales):
+    """q (..., in) int8, scales (..., in/GROUP) -> w = q · s, (..., in) fp32."""
+    return (q.reshape(*q.shape[:-1], -1, GROUP) * scales[..., None]).reshape(q.shape)
+
+
+def is_matrix(name):
+    """A linear weight or the tied embedding: stored as convert.py --dtype says (the rest is fp32)."""
+    return name == "embed_tokens.weight" or name.rsplit(".", 1)[-1] in LINEAR_WEIGHTS
+
+
+def stored_tensors(cfg, weights_dtype, where="converted file"):
+    """Every tensor of a converted file, as convert.py writes it: name -> (shape, safetensors dtype).
+    Matrices are BF16 or F32 as weights_dtype says; with "int8" those whose input width is a multiple
+    of GROUP are I8, each followed by NAME.scales (out, in/GROUP) F32. Everything else is F32."""
+    if weights_dtype not in WEIGHTS_DTYPES:
+        raise Phi4FlashError(f"{where}: its matrices are stored as {weights_dtype!r}; this code reads "
+                             f"{', '.join(WEIGHTS_DTYPES)} (upgrade phi4flash, or convert the checkpoint again)")
+    out = {}
+    for name, shape in tensor_shapes(cfg).items():
+        if not is_matrix(name):
+            out[name] = (shape, "F32")
+        elif weights_dtype == "int8" and shape[1] % GROUP == 0:
+            out[name], out[name + ".scales"] = (shape, "I8"), ((shape[0], shape[1] // GROUP), "F32")
+        else:
+            out[name] = (shape, "F32" if weights_dtype == "float32" else "BF16")
+    return out
+
+
+def format_version_for(weights_dtype):
+    """The format version a converted file is written with: the lowest that holds it, so that older
+    phi4flash versions still read bf16 and float32 conversions (version 2 added int8)."""
+    return "2" if weights_dtype == "int8" else "1"
+
+
+def stored_as(a):
+    """'I8 (64, 128)': a stored array's safetensors dtype and shape, for messages."""
+    names = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
+    return f"{names.get(a.dtype, a.dtype)} {tuple(a.shape)}"
+
+
+def with_scales(tensors):
+    """A converted file's {name: array} -> the same, with each int8 matrix and its NAME.scales
+    joined into one Int8Weight (read_converted has checked that both are there, with their shapes)."""
+    return {name: Int8Weight(a, tensors[name + ".scales"]) if a.dtype == np.int8 else a
+            for name, a in tensors.items() if not name.endswith(".scales")}
+
+
+_gemv_int8 = None
+
+
+def int8_matmul(x, W):
+    """x·Wᵀ for an Int8Weight W [out, in], in fp32: the compiled product for a few rows of x, else
+    dequantised blocks through BLAS. x (T, in) -> (T, out)."""
+    gemv = compiled_gemv_int8() if x.shape[0] <= CPU_GEMV_ROWS else None
+    if gemv is None:
+        return int8_matmul_blocks(x, W)
+    y = np.empty((x.shape[0], W.shape[0]), np.float32)                   # (T, out)
+    gemv(np.ascontiguousarray(x, np.float32), W.q, W.scales, y)
+    return y
+
+
+def gemv_int8_reference(x, q, scales):
+    """The compiled kernel's twin: y[t, o] = Σ_k x[t, k] · q[o, k] · s[o, k // GROUP], in NumPy
+    (float64 sums, as gemv_bf16_reference). x (T, in), q (out, in) -> (T, out)."""
+    return (x.astype(np.float64) @ dequantize_int8(q, scales).astype(np.float64).T).astype(np.float32)
+
+
+def compiled_gemv_int8():
+    """gemv_int8_cpu compiled by numba on first use (cached as compiled_gemv's), or None."""
+    global _gemv_int8
+    numba = _numba()
+    if numba is None:
+        return None
+    if _gemv_int8 is None:
+        def gemv_int8_cpu(x, q, scales, y):
+            """y[t, o] = Σ_k x[t, k] · q[o, k] · scales[o, k // GROUP] in fp32: each int8 weight is
+            dequantised inside the dot product and read once, 1 byte. Threads and rows as gemv_bf16_cpu."""
+            T, K = x.shape                                                # x (T, K); q (out, K); y (T, out)
+            for o in numba.prange(q.shape[0]):
+                w, s = q[o], scales[o]                                    # (K,) int8, (K / GROUP,) fp32
+                for t in range(0, T - 3, 4):
+                    a0 = a1 = a2 = a3 = numba.float32(0.0)
+                    for k in range(K):
+                        w_k = numba.float32(w[k]) * s[k // GROUP]
+                        a0 += x[t, k] * w_k
+                        a1 += x[t + 1, k] * w_k
+                        a2 += x[t + 2, k] * w_k
+                        a3 += x[t + 3, k] * w_k
+                    y[t, o], y[t + 1, o], y[t + 2, o], y[t + 3, o] = a0, a1, a2, a3
+                for t in range(T - T % 4, T):
+                    acc = numba.float32(0.0)
+                    for k in range(K):
+                        acc += numba.float32(w[k]) * x[t, k] * s[k // GROUP]
+                    y[t, o] = acc
+
+        _gemv_int8 = _njit(numba, gemv_int8_cpu)
+    return _gemv_int8
+
+
+def int8_matmul_blocks(x, W):
+    """x·Wᵀ by dequantising a block of W's rows at a time (q · s, one pass) into the reused fp32
+    buffer; BLAS multiplies each block. x (T, in) -> (T, out)."""
+    T, (rows, cols) = x.shape[0], W.shape
+    y = np.empty((T, rows), np.float32)                                  # (T, out)
+    step = _block_rows(T, cols)
+    for r in range(0, rows, step):
+        n = min(step, rows - r)
+        buf = _scratch_rows(n, cols).view(np.float32)                     # (n, in)
+        np.multiply(W.q[r:r + n].reshape(n, -1, GROUP), W.scales[r:r + n, :, None], out=buf.reshape(n, -1, GROUP))
+        np.matmul(x, buf.T, out=y[:, r:r + n])
+    return y
+
+
+# --- The bf16 K/V cache (load(..., kv_dtype="bfloat16"); chat.py --kv-dtype bfloat16)
+#
+# The shared K/V is read at every step by layer L/2+1 and every cross-attention layer (8 layers of
+# the real model): 10 KiB per context token each in fp32, 2.7 GB per step at 32K context, as much as
+# the int8 weights. Kept as bf16 it is half that. K and V are rounded once, when written into the
+# rings and the shared buffer (kv_stored: round to nearest even, the converter's f32_to_bf16), and
+# widened exactly where they are read: f32() in differential_attention, as_f32 in attention_row_cpu,
+# which reads the bits directly. Only that rounding (≤ 2⁻⁹ relative per element) differs from fp32,
+# and cached decoding still equals a full recompute with the same option: both read rounded K/V.
+
+KV_DTYPES = {"float32": np.float32, "bfloat16": np.uint16}  # kv_dtype -> what the cache's K/V arrays hold
+
+
+def f32_to_bf16(x):
+    """float32 -> bf16 bits (uint16), rounding to nearest even: add 0x7FFF plus the lowest kept bit,
+    keep the top half. A NaN stays a NaN (the rounding's carry would turn some into inf or zero)."""
+    xp = get_xp(x)
+    u = x.view(xp.uint32)
+    bits = ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(xp.uint16)
+    return xp.where((u & 0x7FFFFFFF) > 0x7F800000, (u >> 16).astype(xp.uint16) | 0x0040, bits)
+
+
+def kv_stored(kv, k, v):
+    """New K/V (H_kv, T, hd) as the cache `kv` stores them: fp32 as they are, or bf16 bits."""
+    return (k, v) if kv.k.dtype == np.float32 else (f32_to_bf16(k), f32_to_bf16(v))
+
+
+def check_load_options(device, kv_dtype):
+    """load()'s options: a one-line Phi4FlashError naming the one that is not among its choices."""
+    for name, value, choices in (("device", device, ("cpu", "cuda")), ("kv_dtype", kv_dtype, tuple(KV_DTYPES))):
+        if not isinstance(value, str) or value not in choices:
+            raise Phi4FlashError(f"{name} {value!r}: expected {' or '.join(map(repr, choices))}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1167,6 +1408,10 @@ def to_device(model):
     """Copy every weight to the GPU: bf16 bits stay uint16, float32 stays float32."""
     cupy = require_cupy()
     check_cuda_config(model.config)
+    if model.kv_dtype != "float32" or isinstance(model.embed_tokens, Int8Weight) or any(
+            isinstance(a, Int8Weight) for layer in model.layers for group in layer.values() for a in group.values()):
+        raise Phi4FlashError("device 'cuda': int8 weights and the bfloat16 K/V cache run on the CPU only so far; "
+                             "use a bfloat16 or float32 conversion and kv_dtype 'float32' on a GPU")
     model.embed_tokens = cupy.asarray(model.embed_tokens)
     model.final_layernorm = {k: cupy.asarray(a) for k, a in model.final_layernorm.items()}
     model.layers = [{group: {k: cupy.asarray(a) for k, a in params.items()} for group, params in layer.items()}

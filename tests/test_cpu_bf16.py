@@ -29,7 +29,7 @@ def bf16_bits(a):
 @pytest.fixture
 def numba_off(monkeypatch):
     """The NumPy-only path, as with PHI4FLASH_NUMBA=0 or without numba."""
-    monkeypatch.setattr(pf, "_gemv", False)
+    monkeypatch.setattr(pf, "_nb", False)
 
 
 def relative(got, want):
@@ -118,7 +118,7 @@ def test_bf16_logits_equal_fp32_logits(model, model_f32, ref, monkeypatch, path)
     """The same model stored as bf16 bits (default) and as their exact fp32 widening: forward over
     every prompt (p0, p1 of 5 and 23 tokens take the compiled product, p2 of 41 the blocks) and 20 decode steps."""
     if path == "numpy":
-        monkeypatch.setattr(pf, "_gemv", False)
+        monkeypatch.setattr(pf, "_nb", False)
     for p in PROMPTS:
         ids = ref[f"{p}_input_ids"]
         assert np.abs(model.forward(ids) - model_f32.forward(ids)).max() <= 1e-5, p

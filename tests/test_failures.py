@@ -349,7 +349,7 @@ def test_chat_with_nan_weights_is_one_line_naming_the_layer(model_copy, tmp_path
     ("chat.py", ["--top-p", "2"], "argument --top-p: expected a number in (0, 1], got '2'"),
     ("chat.py", ["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
     ("convert.py", [TINY], "the following arguments are required: DST"),
-    ("convert.py", [TINY, "x", "--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
+    ("convert.py", [TINY, "x", "--dtype", "int4"], "argument --dtype: invalid choice: 'int4'"),
     ("phi4flash.py", ["trace", TINY], "one of the arguments --prompt --ids is required"),
     ("phi4flash.py", ["trace", TINY, "--ids", "1", "--atol", "x"], "argument --atol: invalid float value: 'x'"),
 ])
