@@ -1280,15 +1280,17 @@ def compiled_gemv_int8():
 
 
 def int8_matmul_blocks(x, W):
-    """x·Wᵀ by dequantising a block of W's rows at a time (q · s, one pass) into the reused fp32
-    buffer; BLAS multiplies each block. x (T, in) -> (T, out)."""
+    """x·Wᵀ by dequantising a block of W's rows at a time (q · s) into the reused fp32 buffer; BLAS
+    multiplies each block. x (T, in) -> (T, out)."""
     T, (rows, cols) = x.shape[0], W.shape
     y = np.empty((T, rows), np.float32)                                  # (T, out)
     step = _block_rows(T, cols)
     for r in range(0, rows, step):
         n = min(step, rows - r)
         buf = _scratch_rows(n, cols).view(np.float32)                     # (n, in)
-        np.multiply(W.q[r:r + n].reshape(n, -1, GROUP), W.scales[r:r + n, :, None], out=buf.reshape(n, -1, GROUP))
+        buf[...] = W.q[r:r + n]                                           # int8 -> fp32, exact
+        groups = buf.reshape(n, -1, GROUP)                                # (n, in/GROUP, GROUP)
+        groups *= W.scales[r:r + n, :, None]                              # q · s
         np.matmul(x, buf.T, out=y[:, r:r + n])
     return y
 

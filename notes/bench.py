@@ -3,6 +3,7 @@ load time and memory. Nothing to download: the checkpoint is generated into a te
 
     python notes/bench.py --size mid --dtype float32
     python notes/bench.py --size mid --dtype bfloat16
+    python notes/bench.py --size 169m --dtype int8 --kv-dtype bfloat16
     python notes/bench.py --size real --dtype bfloat16 --contexts 512 --prefill 512 --steps 4
     python notes/bench.py --size real --dtype bfloat16 --device cuda --contexts 512,2048,8192,32768 --prefill 2048,8192,32768
 
@@ -11,10 +12,11 @@ bandwidth is a device-to-device copy, every timing is bracketed by a device sync
 peak device memory is the high-water mark of CuPy's memory pools (emptied before each phase).
 PHI4FLASH_CUDA_GRAPHS=0 times the decode step without CUDA graphs.
 
-Roofline: a decode step must read every weight once (the tied embedding as the LM head), the
-sliding-window rings, the shared K/V once per layer that attends over it (layer L/2+1 and every
-cross-attention layer) and the Mamba states. Its floor is those bytes divided by the RAM bandwidth
-measured in the same run (a STREAM-style copy: bytes read + bytes written per second).
+Roofline: a decode step must read every weight once (the tied embedding as the LM head; int8
+matrices with their scales), the sliding-window rings, the shared K/V once per layer that attends
+over it (layer L/2+1 and every cross-attention layer; 4 or 2 bytes a number with --kv-dtype) and the
+Mamba states. Its floor is those bytes divided by the RAM bandwidth measured in the same run (a
+STREAM-style copy: bytes read + bytes written per second).
 """
 from __future__ import annotations
 
@@ -51,16 +53,20 @@ SIZES = {
 
 
 def write_random_model(folder, cfg, dtype, seed=0):
-    """A converted folder with random weights scaled so activations stay O(1) through every layer."""
+    """A converted folder with random weights scaled so activations stay O(1) through every layer
+    (int8 matrices: those weights quantised as convert.py quantises)."""
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)
     plan = convert.conversion_plan(cfg)
     header, layout = convert.converted_header(cfg, plan, dtype)
     with open(os.path.join(folder, "model.safetensors"), "wb") as f:
         f.write(header)
-        for name, shape, bf16 in layout:
+        for name, (shape, stored, offset) in layout.items():
+            if name.endswith(".scales"):
+                continue                                                # written with its matrix
             last = name.rsplit(".", 1)[-1]
-            rows = max(1, (8 << 20) // math.prod(shape[1:] or (1,)))
+            row = math.prod(shape[1:] or (1,))
+            rows = max(1, (8 << 20) // row)
             for r in range(0, shape[0], rows):
                 n = min(rows, shape[0] - r)
                 part = (n, *shape[1:])
@@ -79,7 +85,36 @@ def write_random_model(folder, cfg, dtype, seed=0):
                     fan_in = shape[1] if len(shape) > 1 else 1
                     a = rng.standard_normal(part, dtype=np.float32) / np.float32(math.sqrt(fan_in))
                 a = np.ascontiguousarray(a, np.float32)
-                f.write((convert.f32_to_bf16(a) if bf16 else a).tobytes())
+                f.seek(len(header) + offset + r * row * convert.BYTES[stored])
+                if stored == "I8":
+                    q, scales = phi4flash.quantize_int8(a)
+                    f.write(q.tobytes())
+                    f.seek(len(header) + layout[name + ".scales"].offset + r * scales.shape[1] * 4)
+                    f.write(scales.tobytes())
+                else:
+                    f.write((phi4flash.f32_to_bf16(a) if stored == "BF16" else a).tobytes())
+
+
+def synthetic_cache(model, n, extra, seed=0):
+    """A cache that has seen n tokens, its K/V random instead of computed (at the real size a real
+    32K-token prefill takes ~17 minutes on 2 cores; a decode step reads the same bytes either way):
+    every ring holds the last W positions, the shared buffer n of them, room for `extra` more."""
+    rng = np.random.default_rng(seed)
+    cache = model.new_cache(n + extra)
+    for kv in cache.kv.values():
+        slots = kv.k.shape[1] if kv.window else n
+        for buf in (kv.k, kv.v):
+            for a in range(0, slots, 4096):                            # a few MB at a time
+                b = min(slots, a + 4096)
+                noise = rng.standard_normal((buf.shape[0], b - a, buf.shape[2]), dtype=np.float32)
+                buf[:, a:b] = phi4flash.kv_stored(kv, noise, noise)[0]
+        positions = np.arange(max(0, n - slots), n)
+        kv.pos[positions % slots if kv.window else positions] = positions
+        kv.length = n
+    for i in cache.ssm_state:
+        cache.ssm_state[i][...] = 0.1 * rng.standard_normal(cache.ssm_state[i].shape, dtype=np.float32)
+    cache.length = n
+    return cache
 
 
 def copy_bandwidth(nbytes=512 << 20, repeats=5):
@@ -194,20 +229,24 @@ def decode_bytes(model, context):
     swa = kinds.count("swa")
     readers = 1 + kinds.count("cross")  # layer L/2+1 and every cross-attention layer read the shared K/V
     window = max(w for w in cfg.sliding_window if w) if swa else 0
-    kv = swa * 2 * H_kv * min(context, window) * hd * 4 + readers * 2 * H_kv * context * hd * 4
+    number = np.dtype(phi4flash.KV_DTYPES[model.kv_dtype]).itemsize  # bytes per K/V number: 4, or 2 (bf16)
+    kv = (swa * 2 * H_kv * min(context, window) * hd + readers * 2 * H_kv * context * hd) * number
     states = kinds.count("mamba") * 2 * (cfg.d_inner * cfg.mamba_d_state + (cfg.mamba_d_conv - 1) * cfg.d_inner) * 4
     return weights + kv + states
 
 
 def weight_tensors(model):
-    """Every weight array of a loaded model, once: on a GPU the split projections are row views of
-    the fused matrices (fuse_for_decode), and only the fused ones are counted."""
-    yield model.embed_tokens
+    """Every weight array of a loaded model, once (an int8 matrix as its values and its scales): on a
+    GPU the split projections are row views of the fused matrices (fuse_for_decode), and only the
+    fused ones are counted."""
+    def arrays(a):
+        return (a.q, a.scales) if isinstance(a, phi4flash.Int8Weight) else (a,)
+    yield from arrays(model.embed_tokens)
     yield from model.final_layernorm.values()
     for layer in model.layers:
         for group in layer.values():
-            arrays = list(group.values())
-            yield from (a for a in arrays if not any(a.base is b for b in arrays))
+            found = [b for a in group.values() for b in arrays(a)]
+            yield from (a for a in found if not any(a.base is b for b in found))
 
 
 def bf16_profile(rows=10240, cols=2560, repeats=5):
@@ -248,6 +287,49 @@ def bf16_profile(rows=10240, cols=2560, repeats=5):
     gb = lambda t: mats[0].nbytes / t / 1e6  # noqa: E731
     for T in xs:
         print(f"| {T} | {blas[T]:.2f} | {fast[T]:.2f} ({gb(fast[T]):.1f}) | {blocks[T]:.2f} ({gb(blocks[T]):.1f}) |")
+
+
+def int8_profile(rows=10240, cols=2560, repeats=5):
+    """bf16_profile for int8 weights: on the same shapes and the same 8 cycled matrices (their int8
+    form, 236 MB with the scales), the compiled int8 product (gemv_int8_cpu) and the dequantised
+    blocks through BLAS, next to the compiled bf16 product, for 1 to 128 rows."""
+    rng = np.random.default_rng(0)
+    f32s = [rng.standard_normal((rows, cols), dtype=np.float32) for _ in range(8)]
+    mats = [phi4flash.f32_to_bf16(w) for w in f32s]
+    int8s = [phi4flash.Int8Weight(*phi4flash.quantize_int8(w)) for w in f32s]
+    del f32s
+    bf16, int8 = phi4flash.compiled_gemv(), phi4flash.compiled_gemv_int8()
+
+    def ms(fn, arrays, x):
+        fn(x, arrays[0])
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for a in arrays:
+                fn(x, a)
+            best = min(best, time.perf_counter() - t)
+        return 1e3 * best / len(arrays)
+
+    from threadpoolctl import threadpool_limits
+    bw = copy_bandwidth()
+    nbytes = int8s[0].nbytes
+    print(f"products with a {rows}x{cols} matrix read from RAM; copy bandwidth {bw / 1e9:.1f} GB/s; the int8 floor "
+          f"(values + scales, {nbytes / 1e6:.1f} MB) at that rate: {1e3 * nbytes / bw:.2f} ms, bf16's "
+          f"{1e3 * mats[0].nbytes / bw:.2f} ms\n")
+    xs = {T: rng.standard_normal((T, cols), dtype=np.float32) for T in (1, 4, 16, 32, 64, 128, 512)}
+    blocks = {T: ms(phi4flash.int8_matmul_blocks, int8s, x) for T, x in xs.items()}
+    bf16_blocks = {T: ms(phi4flash.bf16_matmul_blocks, mats, x) for T, x in xs.items()}
+    with threadpool_limits(1, "blas"):  # as a compiled step runs
+        fast = {T: ms(lambda x, W: int8(x, W.q, W.scales, np.empty((x.shape[0], rows), np.float32)), int8s, x)
+                for T, x in xs.items() if T <= 128}
+        fast16 = {T: ms(lambda x, W: bf16(x, W, np.empty((x.shape[0], rows), np.float32)), mats, x)
+                  for T, x in xs.items() if T <= 128}
+    print("| rows | compiled int8 ms (GB/s) | compiled bf16 ms (GB/s) | int8 blocks + BLAS ms | bf16 blocks + BLAS ms |\n"
+          "|---|---|---|---|---|")
+    for T in xs:
+        compiled = (f"{fast[T]:.2f} ({nbytes / fast[T] / 1e6:.1f}) | {fast16[T]:.2f} ({mats[0].nbytes / fast16[T] / 1e6:.1f})"
+                    if T in fast else "| ")
+        print(f"| {T} | {compiled} | {blocks[T]:.2f} | {bf16_blocks[T]:.2f} |")
 
 
 def numba_startup():
@@ -299,8 +381,8 @@ def decode_profile(model, contexts, steps):
     sampling at temperature 0.6 / top-p 0.95 over the whole vocabulary, as chat does."""
     pf = phi4flash
     head = model.embed_tokens
-    parts = {"linear": lambda x, W, b=None: ("LM head" if W is head else
-                                              "weights (bf16)" if W.dtype == np.uint16 else "weights (fp32)"),
+    parts = {"linear": lambda x, W, b=None: ("LM head" if W is head else "weights (bf16)" if W.dtype == np.uint16
+                                              else "weights (int8)" if W.dtype == np.int8 else "weights (fp32)"),
              "layer_norm": "LayerNorms", "causal_conv1d": "Mamba conv", "selective_scan": "Mamba scan",
              "mamba": "Mamba elementwise", "mlp": "MLP SwiGLU elementwise", "gmu": "GMU elementwise",
              "attend": lambda q, k, v, qpos, kpos, window, *a: "sliding-window attention" if window else
@@ -471,7 +553,8 @@ def print_kernels(r):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), default="mid")
-    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weight matrices in RAM")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "int8"), default="float32", help="weight matrices in RAM")
+    ap.add_argument("--kv-dtype", choices=tuple(phi4flash.KV_DTYPES), default="float32", help="the K/V cache")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--contexts", default="512,2048", help="decode contexts, comma-separated")
     ap.add_argument("--prefill", default="512,2048,8192", help="prefill lengths, comma-separated")
@@ -479,6 +562,7 @@ def main(argv=None):
     ap.add_argument("--model", help="use this converted folder instead of generating one")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--bf16-profile", action="store_true", help="only: where a bf16 weight's time goes (CPU)")
+    ap.add_argument("--int8-profile", action="store_true", help="only: the same for an int8 weight, beside bf16 (CPU)")
     ap.add_argument("--numba-startup", action="store_true", help="only: numba's import, compile and first-call times")
     ap.add_argument("--kernels", action="store_true",
                     help="also: each kernel's time and GB/s in a decode step (from its header's traffic formula)")
@@ -490,12 +574,16 @@ def main(argv=None):
     if args.bf16_profile:
         bf16_profile()
         return 0
+    if args.int8_profile:
+        int8_profile()
+        return 0
     if args.numba_startup:
         numba_startup()
         return 0
     cfg = SIZES[args.size]
     tmp = None
-    results = {"size": args.size, "dtype": args.dtype, "device": args.device, "cpus": os.cpu_count(),
+    results = {"size": args.size, "dtype": args.dtype, "kv_dtype": args.kv_dtype, "device": args.device,
+               "cpus": os.cpu_count(), "command": "python notes/bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "loadavg_start": os.getloadavg()}  # others' work on the machine: a busy one reads slower
     global _cupy
     if args.device == "cuda":
@@ -523,7 +611,7 @@ def main(argv=None):
             bw = device_copy_bandwidth() if _cupy is not None else copy_bandwidth()
             reset_peak_rss()
             t = time.perf_counter()
-            model = phi4flash.load(folder, device=args.device)
+            model = phi4flash.load(folder, device=args.device, kv_dtype=args.kv_dtype)
             results["load_s"] = time.perf_counter() - t
         results["copy_GBps"] = bw / 1e9
         results["weights_GB"] = sum(t.nbytes for t in weight_tensors(model)) / 1e9
@@ -583,7 +671,8 @@ def main(argv=None):
 
 
 def report(r):
-    print(f"size {r['size']}, {r['dtype']} weights ({r['weights_GB']:.2f} GB), device {r['device']}, {r['cpus']} CPUs; "
+    print(f"size {r['size']}, {r['dtype']} weights ({r['weights_GB']:.2f} GB), {r.get('kv_dtype', 'float32')} K/V, "
+          f"device {r['device']}, {r['cpus']} CPUs; "
           f"copy bandwidth {r['copy_GBps']:.1f} GB/s; load {r['load_s']:.3f} s; load average "
           f"{r['loadavg_start'][0]:.2f} at the start, {r['loadavg_end'][0]:.2f} at the end")
     if "peak_device_GB" in (r["decode"] or r["prefill"] or [{}])[0]:

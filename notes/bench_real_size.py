@@ -1,8 +1,9 @@
 """The full-size benchmark of issue 7: a genuinely 7.7 GB random bf16 checkpoint, converted and run on
-this machine with the weights kept bf16 in RAM. Nothing to download.
+this machine with the weights kept bf16 in RAM (or int8: --dtype). Nothing to download.
 
     python notes/bench_real_size.py --json notes/results/cpu-real-size-end-to-end.json   # the real size: 7.7 GB
     python notes/bench_real_size.py --layers 8 --hidden 512 --decode 4         # a reduced run (~290 MB)
+    python notes/bench_real_size.py --dtype bfloat16,int8 --long-context 32768 --kv-dtypes float32,bfloat16
 
 Phases, each in its own process so each reports its own peak RSS (VmHWM):
   write    a Hugging Face snapshot with the real names and shapes (two bf16 shards + index, the tiny
@@ -11,7 +12,10 @@ Phases, each in its own process so each reports its own peak RSS (VmHWM):
   convert  convert.convert(snapshot, converted): seconds, MB/s of source, peak RSS;
   run      phi4flash.load (memory-mapped: headers only), then every weight page read into RAM (the
            bf16-in-RAM state: weights stay bf16, compute is fp32), a prefill of --prefill tokens and
-           --decode greedy steps through the cache: seconds, s/token, peak RSS.
+           --decode greedy steps through the cache: seconds, s/token, peak RSS. With --long-context N,
+           then --decode steps after N tokens for each of --kv-dtypes; that cache is filled with
+           random K/V (bench.synthetic_cache): a real prefill of 32K tokens would take ~17 minutes.
+With several --dtype values the snapshot is written once and convert and run go once per dtype.
 
 By default each file is flushed and dropped from the page cache before the next phase reads it, so
 convert and the page-in read from disk as after a reboot (--warm keeps them cached). Needs free disk
@@ -21,6 +25,7 @@ also on error or Ctrl-C (--keep keeps it).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -38,7 +43,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "notes")]
 import convert  # noqa: E402
 import phi4flash  # noqa: E402
 import synthetic  # noqa: E402
-from bench import copy_bandwidth, decode_bytes, decode_profile, weight_tensors  # noqa: E402
+from bench import copy_bandwidth, decode_bytes, decode_profile, synthetic_cache, weight_tensors  # noqa: E402
 
 
 def hf_config(args):
@@ -88,10 +93,11 @@ def phase_write(args, work):
 
 def phase_convert(args, work):
     start = time.perf_counter()
-    convert.convert(os.path.join(work, "snapshot"), os.path.join(work, "converted"), show_progress=False)
+    out = os.path.join(work, f"converted-{args.dtype}")
+    convert.convert(os.path.join(work, "snapshot"), out, dtype=args.dtype, show_progress=False)
     seconds = time.perf_counter() - start
     return {"s": seconds, "source_bytes": synthetic_bytes(os.path.join(work, "snapshot")),
-            "output_bytes": os.path.getsize(os.path.join(work, "converted", "model.safetensors"))}
+            "output_bytes": os.path.getsize(os.path.join(out, "model.safetensors"))}
 
 
 def synthetic_bytes(folder):
@@ -101,7 +107,7 @@ def synthetic_bytes(folder):
 def phase_run(args, work):
     out = {}
     start = time.perf_counter()
-    model = phi4flash.load(os.path.join(work, "converted"))
+    model = phi4flash.load(os.path.join(work, f"converted-{args.dtype}"))
     out["load_s"] = time.perf_counter() - start
     out["prefill_tokens"] = args.prefill
     start = time.perf_counter()
@@ -130,6 +136,21 @@ def phase_run(args, work):
         out["profile"] = decode_profile(model, [args.prefill], args.profile)[args.prefill]
     out["logits_finite"] = bool(np.isfinite(logits).all())
     out["logits_std"] = float(np.std(logits))
+    del cache
+    out["long"] = []
+    for kv_dtype in filter(None, args.kv_dtypes.split(",") if args.long_context else []):
+        other = dataclasses.replace(model, kv_dtype=kv_dtype)
+        cache = synthetic_cache(other, args.long_context, args.decode + 2)
+        token, steps = 1, []
+        for n in range(args.decode + 1):
+            start = time.perf_counter()
+            token = int(np.argmax(other.step(cache, token)))
+            if n:                                  # the first step touches the new cache's pages
+                steps.append(time.perf_counter() - start)
+        out["long"].append({"context": args.long_context, "kv_dtype": kv_dtype, "decode_s": steps,
+                            "roofline_s": decode_bytes(other, args.long_context + args.decode // 2) / (out["copy_GBps"] * 1e9),
+                            "cache_filled": "random K/V (synthetic_cache), no prefill"})
+        del cache
     return out
 
 
@@ -139,7 +160,8 @@ PHASES = {"write": phase_write, "convert": phase_convert, "run": phase_run}
 def run_phase(name, args, work, config):
     """Run one phase in a fresh process; -> its result dict (with its peak RSS)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--phase", name, "--work", work, "--config", json.dumps(config),
-           "--prefill", str(args.prefill), "--decode", str(args.decode), "--profile", str(args.profile)]
+           "--prefill", str(args.prefill), "--decode", str(args.decode), "--profile", str(args.profile),
+           "--dtype", args.dtype, "--long-context", str(args.long_context), "--kv-dtypes", args.kv_dtypes]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         sys.stderr.write(r.stderr)
@@ -161,6 +183,12 @@ def main(argv=None):
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="also: where a decode step's time goes, over STEPS steps after a second prefill")
+    ap.add_argument("--dtype", default="bfloat16", help="the conversion's --dtype, or several, comma-separated "
+                    "(bfloat16, float32, int8; default bfloat16)")
+    ap.add_argument("--long-context", type=int, default=0, metavar="N",
+                    help="also: --decode steps after N tokens of random K/V (no prefill), for each --kv-dtypes")
+    ap.add_argument("--kv-dtypes", default="float32", help="K/V caches for --long-context, comma-separated "
+                    "(float32, bfloat16; default float32)")
     ap.add_argument("--warm", action="store_true", help="leave files in the page cache between phases")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
     ap.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
@@ -179,28 +207,44 @@ def main(argv=None):
                          f"(the tokenizer has the real special-token ids)")
     if args.prefill < 1 or args.decode < 1:
         raise SystemExit("error: --prefill and --decode: expected at least 1")
+    dtypes = args.dtype.split(",")
+    for d in dtypes:
+        if d not in phi4flash.WEIGHTS_DTYPES:
+            raise SystemExit(f"error: --dtype {d}: expected {', '.join(phi4flash.WEIGHTS_DTYPES)}")
+    for d in filter(None, args.kv_dtypes.split(",")):
+        if d not in phi4flash.KV_DTYPES:
+            raise SystemExit(f"error: --kv-dtypes {d}: expected {', '.join(phi4flash.KV_DTYPES)}")
     config = hf_config(args)
     cfg = convert.config_from_hf(config)
     params = sum(math.prod(s) for s in convert.hf_tensor_shapes(cfg).values())
     if not os.path.isdir(args.tmp):
         raise SystemExit(f"error: --tmp {args.tmp}: not a folder")
-    need = 2 * 2 * params + (256 << 20)  # the bf16 snapshot and the bf16 conversion, plus slack
+    stored = {"bfloat16": 2, "float32": 4, "int8": 1.125}
+    need = int(2 * params + sum(stored[d] for d in dtypes) * params) + (256 << 20)  # the snapshot, the conversions
     free = shutil.disk_usage(args.tmp).free
     if free < need:
         raise SystemExit(f"error: --tmp {args.tmp}: {free / 1e9:.1f} GB free, this run needs {need / 1e9:.1f} GB")
     work = tempfile.mkdtemp(prefix="phi4flash-bench-real-size-", dir=args.tmp)
     results = {"command": " ".join([os.path.relpath(__file__, ROOT)] + (argv if argv is not None else sys.argv[1:])),
                "config": {"layers": args.layers, "hidden": args.hidden, "vocab": args.vocab, "parameters": params},
-               "machine": machine(), "cold": not args.warm}
+               "machine": machine(), "cold": not args.warm,
+               "loadavg_start": os.getloadavg()}  # others' work on the machine: a busy one reads slower
     try:
         results["write"] = run_phase("write", args, work, config)
         if not args.warm:
             drop_from_page_cache(os.path.join(work, "snapshot"))
-        results["convert"] = run_phase("convert", args, work, config)
-        shutil.rmtree(os.path.join(work, "snapshot"))  # not needed any more: frees half the disk
-        if not args.warm:
-            drop_from_page_cache(os.path.join(work, "converted"))
-        results["run"] = run_phase("run", args, work, config)
+        results["dtypes"] = {}
+        for dtype in dtypes:
+            args.dtype = dtype
+            results["dtypes"][dtype] = {"convert": run_phase("convert", args, work, config)}
+            if not args.warm:
+                drop_from_page_cache(os.path.join(work, "snapshot"))
+        shutil.rmtree(os.path.join(work, "snapshot"))  # not needed any more: frees disk
+        for dtype in dtypes:
+            args.dtype = dtype
+            if not args.warm:
+                drop_from_page_cache(os.path.join(work, f"converted-{dtype}"))
+            results["dtypes"][dtype]["run"] = run_phase("run", args, work, config)
     except KeyboardInterrupt:
         raise SystemExit("interrupted: the temporary folder is removed")
     finally:
@@ -208,6 +252,7 @@ def main(argv=None):
             print(f"kept {work}", file=sys.stderr)
         else:
             shutil.rmtree(work, ignore_errors=True)
+    results["loadavg_end"] = os.getloadavg()
     report(results)
     if args.json:
         with open(args.json, "w") as f:
@@ -232,38 +277,48 @@ def machine():
 
 def report(r):
     GB, MB = 1e9, 1e6
-    c, m, w, cv, run = r["config"], r["machine"], r["write"], r["convert"], r["run"]
-    steps = np.array(run["decode_s"])
+    c, m, w = r["config"], r["machine"], r["write"]
+    runs = r.get("dtypes") or {"bfloat16": {"convert": r["convert"], "run": r["run"]}}  # older results: one dtype
     print(f"{c['layers']} layers, hidden {c['hidden']}, vocab {c['vocab']}: {c['parameters']:,} parameters "
           f"({w['bytes'] / GB:.2f} GB bf16); {m['cpus']} CPUs, {m['ram_bytes'] / 2**30:.1f} GiB RAM, numpy {m['numpy']}, "
-          f"commit {m['commit']}; {'cold' if r['cold'] else 'warm'} page cache between phases")
-    print(f"command: python {r['command']}\n")
-    rows = [
-        ("write snapshot", f"{w['s']:.1f} s", f"{w['bytes'] / MB / w['s']:.0f} MB/s", w["rss"]["VmHWM"]),
-        ("convert", f"{cv['s']:.1f} s", f"{cv['source_bytes'] / MB / cv['s']:.0f} MB/s of source", cv["rss"]["VmHWM"]),
-        ("load (mmap, headers)", f"{run['load_s']:.3f} s", "", None),
-        ("page-in (weights into RAM)", f"{run['page_in_s']:.1f} s",
-         f"{run['weights_bytes'] / MB / run['page_in_s']:.0f} MB/s", run["rss_page_in"]["VmHWM"]),
-        (f"prefill {run['prefill_tokens']} tokens", f"{run['prefill_s']:.2f} s",
-         f"{run['prefill_tokens'] / run['prefill_s']:.1f} tok/s", run["rss_prefill"]["VmHWM"]),
-        (f"decode {len(steps)} steps", f"{np.median(steps):.3f} s/token (median)",
-         f"mean {steps.mean():.3f}, first {steps[0]:.3f}, min {steps.min():.3f}, max {steps.max():.3f}", run["rss"]["VmHWM"]),
-    ]
-    print("| phase | time | rate | peak RSS so far (its process) |\n|---|---|---|---|")
-    for name, seconds, rate, rss in rows:
-        print(f"| {name} | {seconds} | {rate} | {'' if rss is None else f'{rss / GB:.2f} GB'} |")
-    print(f"\ndecode roofline: {run['roofline_s']:.3f} s/token (the step's bytes at this run's copy bandwidth, "
-          f"{run['copy_GBps']:.1f} GB/s): the median step is {np.median(steps) / run['roofline_s']:.2f}x it")
-    if "profile" in run:
-        p = run["profile"]
-        print(f"\ndecode step at context {run['prefill_tokens']}: {p['total_ms']:.1f} ms (with sampling)\n"
-              "| part | ms | share |\n|---|---|---|")
-        for part, ms in p["parts_ms"].items():
-            print(f"| {part} | {ms:.1f} | {100 * ms / p['total_ms']:.1f}% |")
-    rss = run["rss"]
-    print(f"\nrun process after decoding: RSS {rss['VmRSS'] / GB:.2f} GB = weights mapped from the file "
-          f"{rss['RssFile'] / GB:.2f} GB + its own memory {rss['RssAnon'] / GB:.2f} GB; last logits finite: "
-          f"{run['logits_finite']} (std {run['logits_std']:.3f})")
+          f"commit {m['commit']}; {'cold' if r['cold'] else 'warm'} page cache between phases"
+          + (f"; load average {r['loadavg_start'][0]:.2f} at the start, {r['loadavg_end'][0]:.2f} at the end"
+             if "loadavg_start" in r else ""))
+    print(f"command: python {r['command']}")
+    for dtype, both in runs.items():
+        cv, run = both["convert"], both["run"]
+        steps = np.array(run["decode_s"])
+        print(f"\n**{dtype} weights** ({cv['output_bytes'] / GB:.2f} GB converted file)\n")
+        rows = [
+            ("write snapshot", f"{w['s']:.1f} s", f"{w['bytes'] / MB / w['s']:.0f} MB/s", w["rss"]["VmHWM"]),
+            ("convert", f"{cv['s']:.1f} s", f"{cv['source_bytes'] / MB / cv['s']:.0f} MB/s of source", cv["rss"]["VmHWM"]),
+            ("load (mmap, headers)", f"{run['load_s']:.3f} s", "", None),
+            ("page-in (weights into RAM)", f"{run['page_in_s']:.1f} s",
+             f"{run['weights_bytes'] / MB / run['page_in_s']:.0f} MB/s", run["rss_page_in"]["VmHWM"]),
+            (f"prefill {run['prefill_tokens']} tokens", f"{run['prefill_s']:.2f} s",
+             f"{run['prefill_tokens'] / run['prefill_s']:.1f} tok/s", run["rss_prefill"]["VmHWM"]),
+            (f"decode {len(steps)} steps", f"{np.median(steps):.3f} s/token (median)",
+             f"mean {steps.mean():.3f}, first {steps[0]:.3f}, min {steps.min():.3f}, max {steps.max():.3f}", run["rss"]["VmHWM"]),
+        ]
+        print("| phase | time | rate | peak RSS so far (its process) |\n|---|---|---|---|")
+        for name, seconds, rate, rss in rows:
+            print(f"| {name} | {seconds} | {rate} | {'' if rss is None else f'{rss / GB:.2f} GB'} |")
+        print(f"\ndecode roofline: {run['roofline_s']:.3f} s/token (the step's bytes at this run's copy bandwidth, "
+              f"{run['copy_GBps']:.1f} GB/s): the median step is {np.median(steps) / run['roofline_s']:.2f}x it")
+        for long in run.get("long", []):
+            t = float(np.median(long["decode_s"]))
+            print(f"decode at context {long['context']} ({long['cache_filled']}), {long['kv_dtype']} K/V: {t:.3f} s/token "
+                  f"(median of {len(long['decode_s'])}), roofline {long['roofline_s']:.3f}: {t / long['roofline_s']:.2f}x")
+        if "profile" in run:
+            p = run["profile"]
+            print(f"\ndecode step at context {run['prefill_tokens']}: {p['total_ms']:.1f} ms (with sampling)\n"
+                  "| part | ms | share |\n|---|---|---|")
+            for part, ms in p["parts_ms"].items():
+                print(f"| {part} | {ms:.1f} | {100 * ms / p['total_ms']:.1f}% |")
+        rss = run["rss"]
+        print(f"\nrun process after decoding: RSS {rss['VmRSS'] / GB:.2f} GB = weights mapped from the file "
+              f"{rss['RssFile'] / GB:.2f} GB + its own memory {rss['RssAnon'] / GB:.2f} GB; last logits finite: "
+              f"{run['logits_finite']} (std {run['logits_std']:.3f})")
 
 
 if __name__ == "__main__":
