@@ -205,6 +205,12 @@ def validate(src):
     """Check SRC completely; -> (Config, tensors found, plan). Raises Phi4FlashError with one line."""
     if not os.path.isdir(src):
         raise Phi4FlashError(f"SRC {src}: not a folder (expected a Hugging Face snapshot folder)")
+    repo, _ = source_of(src)  # a snapshot in the Hugging Face cache: how to download a file it lost again
+    again = (f"download it again with: {download_command(os.path.basename(repo)[len('models--'):].replace('--', '/'))}"
+             if repo != os.path.realpath(src) else "download or copy that file again")
+    for name in sorted(os.listdir(src)):  # a link whose blob is gone is named, never taken for an absent file
+        if name.endswith((".json", ".safetensors")) or name in TOKENIZER_FILES:
+            phi4flash.check_not_dangling(os.path.join(src, name), again)
     cfg = config_from_hf(_read_json(os.path.join(src, "config.json")), os.path.join(src, "config.json"))
     if not os.path.isfile(os.path.join(src, "tokenizer.json")):
         raise Phi4FlashError(f"{os.path.join(src, 'tokenizer.json')}: missing (the tokenizer is needed to chat)")
@@ -563,7 +569,7 @@ def meant_as_converted(path):
     """A folder the user gives that is a converted one, damaged or not: a model.safetensors and no
     config.json (which every Hugging Face snapshot has). Loading it names what is wrong with it."""
     return is_converted(path) or (os.path.isfile(os.path.join(path, "model.safetensors"))
-                                  and not os.path.exists(os.path.join(path, "config.json")))
+                                  and not os.path.lexists(os.path.join(path, "config.json")))
 
 
 # The conversion cache. An entry is named after the content it was made from, never after times:

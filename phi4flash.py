@@ -914,7 +914,11 @@ def tokenizer_of(model):
 
 def read_side_files(model, folder):
     """tokenizer_config.json, generation_config.json and tokenizer.json, when present; a damaged one
-    is a one-line error naming it."""
+    is a one-line error naming it. A link whose target is gone (a Hugging Face cache that lost a blob)
+    is such an error too, never taken for an absent file: without tokenizer_config.json the chat
+    template would silently vanish."""
+    for name in ("tokenizer_config.json", "generation_config.json", "tokenizer.json"):
+        check_not_dangling(os.path.join(folder, name))
     for name in ("tokenizer_config.json", "generation_config.json"):
         path = os.path.join(folder, name)
         if os.path.exists(path):
@@ -937,6 +941,13 @@ def read_side_files(model, folder):
     else:
         model.token_mask = np.ones(model.config.vocab_size, bool)
         model.stop_ids = tuple(_as_list(model.files.get("generation_config.json", {}).get("eos_token_id")))
+
+
+def check_not_dangling(path, again="download or copy that file again"):
+    """A one-line error when `path` is a symbolic link whose target does not exist."""
+    if os.path.islink(path) and not os.path.exists(path):
+        raise Phi4FlashError(f"{path}: a broken link: its target {os.readlink(path)} is missing (a Hugging Face "
+                             f"cache whose file was deleted?); {again}")
 
 
 def _as_list(x):

@@ -1,0 +1,94 @@
+"""Nothing a user types, loads or runs side by side crashes a session or loses a conversation (issue 20),
+tried as a user would: the programs run as child processes or in a pseudo-terminal, on real files, with
+real concurrent processes. Each case checks the one line that names the file or argument, the exit code,
+that there is no traceback, that nothing partial is left on disk, and that the conversation (and its model
+state) or the cache entry is intact.
+
+The Python API's argument checks are in test_load_errors.py; StreamDecoder's rule is checked here on the
+tokenizer itself and in a running chat."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pexpect
+import pytest
+
+import chat
+import phi4flash
+from conftest import ROOT, TINY, copy_snapshot
+from test_chat import spawn, suffix_tokens, turn_stats
+from test_failures import one_error_line, partials, run, start_slow, tree
+from test_hf_cache import REPO, fake_hub
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("phi4flash-cache")
+
+
+def chat_bytes(*args, stdin=None, cache, env=None):
+    """chat.py with arguments and stdin given as bytes (a command line and a pipe carry bytes, not text)."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, "chat.py"), *args], input=stdin, capture_output=True,
+                          cwd=ROOT, env={**os.environ, "PHI4FLASH_CACHE": str(cache), **(env or {})}, timeout=120)
+
+
+def one_line(r, *words, code=2):
+    err = r.stderr.decode("utf-8", "replace")
+    assert r.returncode == code and "Traceback" not in err, err
+    lines = [line for line in err.strip().splitlines() if not line.startswith("note: ")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+def stats(child):
+    """/stats -> (turns, tokens the model state holds)."""
+    child.sendline("/stats")
+    child.expect(r"(\d+) turns? this conversation; the model state holds (\d+) of")
+    turns, held = map(int, child.match.groups())
+    child.expect(">>> ")
+    return turns, held
+
+
+def bye(child):
+    child.sendline("/bye")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. Snapshots with dangling symlinks
+
+@pytest.mark.parametrize("name", ["tokenizer_config.json", "generation_config.json", "tokenizer.json",
+                                  "model.safetensors", "config.json"])
+def test_a_file_whose_blob_was_deleted_is_named(tmp_path, name):
+    """A Hugging Face cache whose blob was deleted leaves a dangling link in the snapshot: chat and convert name
+    it, with the command that downloads it again, instead of taking it for an absent optional file (the chat
+    template vanished with tokenizer_config.json)."""
+    hub, cache = tmp_path / "hub", tmp_path / "cache"
+    snapshot = fake_hub(hub)
+    os.remove(os.path.realpath(os.path.join(snapshot, name)))
+    env = {"HF_HUB_CACHE": str(hub), "PHI4FLASH_CACHE": str(cache)}
+    words = [f"{os.path.join(snapshot, name)}: a broken link: its target ", " is missing",
+             f"download it again with: hf download {REPO}"]
+    one_error_line(run("chat.py", REPO, "--prompt", "hi", env=env), *words)
+    one_error_line(run("convert.py", REPO, tmp_path / "out", env=env), *words)
+    one_error_line(run("phi4flash.py", "trace", REPO, "--ids", "1,2", env=env), *words)
+    assert sorted(os.listdir(tmp_path)) == ["hub"]  # no cache entry, no output, nothing partial
+
+
+def test_a_converted_folder_with_a_dangling_side_file_is_named(converted, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(converted, folder)
+    os.remove(folder / "tokenizer_config.json")
+    os.symlink(tmp_path / "gone.json", folder / "tokenizer_config.json")
+    with pytest.raises(phi4flash.Phi4FlashError, match=re.escape(f"{folder / 'tokenizer_config.json'}: a broken link: "
+                                                                 f"its target {tmp_path / 'gone.json'} is missing")):
+        phi4flash.load(folder)
+    one_error_line(run("chat.py", folder, "--prompt", "hi", env={"PHI4FLASH_CACHE": str(tmp_path / "cache")}),
+                   "tokenizer_config.json: a broken link")
