@@ -2188,14 +2188,26 @@ def save_npz(path, arrays):
             os.remove(tmp)
 
 
-def _convert_module():
-    """convert.py, which sits next to this file in a clone (it finds and converts Hugging Face folders)."""
+def trace_model(model):
+    """MODEL -> a converted folder. One (or its model.safetensors) is used as it is, which needs nothing
+    but this file, so it works from a `pip install .`. A Hugging Face snapshot or a repo id goes to
+    convert.py's resolve_model, which sits next to this file in a clone (a pip install has no convert.py)."""
+    file = os.path.join(model, "model.safetensors") if os.path.isdir(model) else model
+    if os.path.isfile(file):  # converted: no config.json (every snapshot has one; load names what else is wrong), or says so
+        if not os.path.lexists(os.path.join(os.path.dirname(file), "config.json")):
+            return model
+        with contextlib.suppress(OSError, Phi4FlashError):
+            if read_safetensors_header(file)[1].get("format") == FORMAT:
+                return model
     here = os.path.dirname(os.path.abspath(__file__))
     if not os.path.isfile(os.path.join(here, "convert.py")):
-        raise Phi4FlashError(f"MODEL: convert.py is not next to {__file__}; run the trace from a clone of phi4flash")
+        what = "a Hugging Face snapshot" if os.path.isdir(model) else "not a folder; a repo id"
+        raise Phi4FlashError(f"MODEL {model}: {what} needs convert.py to be converted first, and convert.py is not "
+                             f"next to {__file__} (a pip install has only the library); in a clone of phi4flash run: "
+                             f"python convert.py {model} CONVERTED, then trace CONVERTED")
     sys.path.insert(0, here)
     import convert
-    return convert
+    return convert.resolve_model(model)
 
 
 def trace_command(args):
@@ -2204,7 +2216,7 @@ def trace_command(args):
     ref = _load_npz(args.compare) if args.compare else None          # bad arguments fail before the model loads
     ids = _parse_ids(args.ids) if args.prompt is None else None
     attn_probs = _parse_attn_probs(args.attn_probs) if args.attn_probs else None
-    model = load(_convert_module().resolve_model(args.model))
+    model = load(trace_model(args.model))
     if args.prompt is not None:
         if model.tokenizer is None:
             raise Phi4FlashError(f"MODEL {args.model}: no tokenizer.json, so --prompt cannot be encoded; pass --ids")
