@@ -62,6 +62,45 @@ def bye(child):
 
 
 # ----------------------------------------------------------------------------------------------
+# 3. Two processes converting the same snapshot at once
+
+def test_processes_converting_the_same_snapshot_take_turns_and_share_one_entry(tmp_path):
+    """A chat converts a new snapshot (slowly, so the others surely start while it writes); two more chats
+    on the same snapshot start meanwhile. They wait for it, say so, and use its entry: all three answer the
+    same, and the cache holds one complete entry and nothing partial."""
+    src, cache = copy_snapshot(tmp_path / "snapshot"), tmp_path / "cache"
+    args = (src, "--prompt", "hi", "--temp", "0", "-n", "4")
+    env = {**os.environ, "PHI4FLASH_CACHE": str(cache)}
+    first = start_slow("chat.py", *args, env={"PHI4FLASH_CACHE": str(cache)})
+    others = [subprocess.Popen([sys.executable, os.path.join(ROOT, "chat.py"), *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env) for _ in range(2)]
+    out = [p.communicate(timeout=120) for p in [first] + others]
+    assert [p.returncode for p in [first] + others] == [0, 0, 0], [e for _, e in out]
+    assert all("Traceback" not in e for _, e in out)
+    (entry,) = os.listdir(cache)
+    assert f"note: converting {src} once into {cache / entry} " in out[0][1]
+    for _, err in out[1:]:
+        assert f"note: another process is converting into {cache}; waiting for it to finish" in err, err
+        assert f"note: using {cache / entry}, which the other process converted" in err, err
+        assert "note: converting" not in err
+    assert out[0][0] == out[1][0] == out[2][0] and out[0][0].strip()
+    assert phi4flash.load(cache / entry).config.num_hidden_layers == 8 and partials(cache) == []
+
+
+def test_two_converts_into_one_dst_at_once(tmp_path):
+    """convert.py SRC DST twice at once, no --force: the one that finishes first writes DST; the other says
+    DST appeared meanwhile, in one line (not 'Directory not empty'), and leaves nothing behind."""
+    dst = tmp_path / "out"
+    slow = start_slow("convert.py", TINY, dst)
+    fast = run("convert.py", TINY, dst)
+    assert fast.returncode == 0, fast.stderr
+    _, err = slow.communicate(timeout=120)
+    slow_result = subprocess.CompletedProcess(slow.args, slow.returncode, "", err)
+    one_error_line(slow_result, f"DST {dst}: already exists: another process wrote it while this one converted")
+    assert phi4flash.load(dst).config.num_hidden_layers == 8 and partials(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------------------------
 # 8. Snapshots with dangling symlinks
 
 @pytest.mark.parametrize("name", ["tokenizer_config.json", "generation_config.json", "tokenizer.json",
