@@ -12,6 +12,7 @@ only its own new tokens; see `chat_turn`.
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import json
 import math
@@ -55,32 +56,67 @@ def render_prompt(model, messages, add_generation_prompt=True):
 # Streaming text: byte-level tokens can end in the middle of a UTF-8 character
 
 class StreamDecoder:
-    """Turns token ids into text as they arrive, holding back an incomplete UTF-8 character, so the
-    pieces concatenate to exactly tokenizer.decode(all ids). tokenizers' DecodeStream does the work:
-    it returns None while the text so far ends in an incomplete character."""
+    """Turns token ids into text as they arrive, so that the pieces concatenate to exactly
+    tokenizer.decode(all ids) and the screen never falls behind the model.
+
+    Phi-4's tokenizer is byte-level: each token stands for some bytes of UTF-8 text, and a character
+    can be split across tokens. The bytes go through an incremental UTF-8 decoder, which holds back
+    only the start of a character that its next bytes can still complete (at most 3 bytes) and shows
+    bytes that can never form one at once as U+FFFD, as tokenizer.decode shows them. For a tokenizer of
+    another kind, tokenizers' DecodeStream holds text back while it ends in an incomplete character."""
 
     def __init__(self, tokenizer):
-        from tokenizers.decoders import DecodeStream
-        self.tok, self.stream = tokenizer, DecodeStream(skip_special_tokens=False)
-        self.ids, self.shown, self.held = [], 0, False  # shown: characters returned; held: a token since
+        from tokenizers import decoders
+        self.tok, self.ids = tokenizer, []
+        if isinstance(tokenizer.decoder, decoders.ByteLevel):
+            self.utf8, self.bytes = codecs.getincrementaldecoder("utf-8")("replace"), {}  # bytes: id -> its bytes
+        else:
+            self.utf8, self.stream, self.shown, self.held = None, decoders.DecodeStream(skip_special_tokens=False), 0, False
 
     def push(self, token):
         """-> the new text this token completes ('' while a character is still incomplete)."""
         self.ids.append(token)
+        if self.utf8:
+            return self.utf8.decode(self.token_bytes(token))
         piece = self.stream.step(self.tok, token)
         self.held = piece is None
         self.shown += len(piece or "")
         return piece or ""
 
+    def token_bytes(self, token):
+        """The bytes a token stands for: each character of its vocabulary entry is one byte (BYTE_OF);
+        an entry with other characters (an added token) stands for its own UTF-8."""
+        if token not in self.bytes:
+            entry = self.tok.id_to_token(token) or ""
+            try:
+                self.bytes[token] = bytes(BYTE_OF[c] for c in entry)
+            except KeyError:
+                self.bytes[token] = entry.encode()
+        return self.bytes[token]
+
     def flush(self):
         """-> what is still held at the end of the reply: bytes that never completed a character, shown
-        as U+FFFD exactly as tokenizer.decode shows them (one decode of the reply, only in that case)."""
+        as U+FFFD exactly as tokenizer.decode shows them."""
+        if self.utf8:
+            return self.utf8.decode(b"", final=True)
         if not self.held:
             return ""
         self.held = False
         text = self.tok.decode(self.ids, skip_special_tokens=False)
         piece, self.shown = text[self.shown:], len(text)
         return piece
+
+
+def byte_level_alphabet():
+    """The byte-level vocabulary's alphabet: character -> the byte it stands for. The bytes that are
+    printable characters stand for themselves; the others (controls, space, 127-160, 173) are moved,
+    in order, to the characters from U+0100 on."""
+    kept = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    moved = [b for b in range(256) if b not in kept]
+    return {**{chr(b): b for b in kept}, **{chr(256 + i): b for i, b in enumerate(moved)}}
+
+
+BYTE_OF = byte_level_alphabet()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -101,6 +101,92 @@ def test_two_converts_into_one_dst_at_once(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# 4. Streaming bytes that never form a character
+
+def byte_token(model, byte):
+    """The id of the token that stands for one byte."""
+    return next(i for i in range(model.config.vocab_size) if model.tokenizer.id_to_token(i) is not None
+                and chat.StreamDecoder(model.tokenizer).token_bytes(i) == bytes([byte]))
+
+
+def test_bytes_that_cannot_form_a_character_show_at_once(model):
+    """The stream decoder used to hold every token while the text ended in U+FFFD: a run of invalid bytes froze
+    the screen for the whole run. Now only the start of a character its next bytes can still complete is held
+    (at most 3 tokens), and the pieces still join to exactly tokenizer.decode."""
+    import numpy as np
+    tok = model.tokenizer
+    ff, lead, cont = byte_token(model, 0xFF), byte_token(model, 0xE2), byte_token(model, 0x82)
+    dec = chat.StreamDecoder(tok)
+    assert [dec.push(t) for t in [ff] * 5] == ["\ufffd"] * 5       # never part of a character: shown at once
+    assert [dec.push(t) for t in [lead, cont]] == ["", ""]          # the start of '€' (E2 82 AC): held...
+    assert dec.push(ff) == "\ufffd\ufffd"                           # ...until a byte that cannot continue it
+    assert dec.push(byte_token(model, 0x41)) == "A" and dec.flush() == ""
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # random bytes: nothing is held longer than 3 tokens, and the text is decode()'s
+        ids = rng.choice([ff, lead, cont, byte_token(model, 0xAC), byte_token(model, 0xF0), byte_token(model, 0x9F),
+                          byte_token(model, 0x41)], 60).tolist()
+        dec, pieces, held = chat.StreamDecoder(tok), [], 0
+        for t in ids:
+            pieces.append(dec.push(t))
+            held = 0 if pieces[-1] else held + 1
+            assert held <= 3
+        assert "".join(pieces + [dec.flush()]) == tok.decode(ids, skip_special_tokens=False)
+
+
+SLOW_STEPS = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+import phi4flash
+step = phi4flash.Model.step
+def slow(self, cache, token):
+    time.sleep(0.01)
+    slow.calls += 1
+    with open({counter!r} + ".new", "w") as f:
+        f.write(str(slow.calls))
+    os.replace({counter!r} + ".new", {counter!r})  # never read half-written
+    return step(self, cache, token)
+slow.calls = 0
+phi4flash.Model.step = slow
+{more}
+sys.argv = ["chat.py", *{args!r}]
+import runpy
+runpy.run_path({chat!r}, run_name="__main__")
+"""
+
+
+def slow_chat(tmp_path, cache, *args, more="", spawn_it=False):
+    """chat.py whose decode steps take 10 ms each and are counted in tmp_path/steps."""
+    code = SLOW_STEPS.format(root=ROOT, counter=str(tmp_path / "steps"), more=more, args=list(args),
+                             chat=os.path.join(ROOT, "chat.py"))
+    env = {**os.environ, "PHI4FLASH_CACHE": str(cache), "TERM": "xterm"}
+    if spawn_it:
+        child = pexpect.spawn(sys.executable, ["-c", code], cwd=ROOT, env=env, encoding="utf-8", timeout=60,
+                              dimensions=(50, 200))
+        child.expect(">>> ")
+        return child
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                            env=env)
+
+
+def test_a_reply_of_invalid_bytes_streams_while_it_is_made(cache_dir, model, tmp_path):
+    """A model that emits only 0xFF bytes (sampling is replaced): the U+FFFD appear while the reply is made,
+    not all at once at its end. The steps counted when the first 20 arrive prove it."""
+    ff = byte_token(model, 0xFF)
+    p = slow_chat(tmp_path, cache_dir, "--prompt", "hi", "-n", "300",
+                  more=f"phi4flash.sample = lambda *args: {ff}")
+    shown = b""
+    while shown.count("\ufffd".encode()) < 20:
+        piece = os.read(p.stdout.fileno(), 4096)
+        assert piece, p.communicate()
+        shown += piece
+    steps_then = int((tmp_path / "steps").read_text())
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    assert steps_then < 100, steps_then  # shown after ~20 of the 299 steps, not after all of them
+    assert (shown + out).decode() == "\ufffd" * 300 + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
 # 8. Snapshots with dangling symlinks
 
 @pytest.mark.parametrize("name", ["tokenizer_config.json", "generation_config.json", "tokenizer.json",
