@@ -62,6 +62,129 @@ def bye(child):
 
 
 # ----------------------------------------------------------------------------------------------
+# 1. Input that is not text
+
+def test_invalid_utf8_in_a_one_shot_prompt_is_one_line(cache_dir):
+    r = chat_bytes("--temp", "0", "-n", "2", stdin=b"hi \xff there\n", cache=cache_dir)
+    assert one_line(r) == "error: stdin: not valid UTF-8 text (byte 0xff at character 4)" and r.stdout == b""
+    r = chat_bytes("--prompt", b"caf\xe9?", "--temp", "0", "-n", "2", cache=cache_dir)
+    assert one_line(r) == "error: --prompt: not valid UTF-8 text (byte 0xe9 at character 4)" and r.stdout == b""
+    r = chat_bytes("--prompt", "hi", "--system", b"be \xc3", cache=cache_dir)
+    assert one_line(r) == "error: --system: not valid UTF-8 text (byte 0xc3 at character 4)"
+    r = chat_bytes("--temp", "0", "-n", "2", stdin="café\n".encode(), cache=cache_dir)  # valid UTF-8 still works
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+
+
+def test_invalid_utf8_typed_at_the_prompt_is_refused_and_the_conversation_kept(cache_dir, model):
+    child = pexpect.spawn(sys.executable, [os.path.join(ROOT, "chat.py"), "--temp", "0", "-n", "8"], cwd=ROOT,
+                          env={**os.environ, "PHI4FLASH_CACHE": str(cache_dir), "TERM": "xterm"}, encoding="utf-8",
+                          codec_errors="replace", timeout=60, dimensions=(50, 200))  # the terminal echoes the bad bytes
+    child.expect(">>> ")
+    child.sendline("hello")
+    turn_stats(child)
+    before = stats(child)
+    os.write(child.child_fd, b"caf\xff au lait\r")  # typed: a byte that is never UTF-8 (readline passes it on)
+    child.expect(r"not sent: this message is not valid UTF-8 text \(byte 0xff at character 4\); the conversation is "
+                 r"unchanged")
+    child.expect(">>> ")
+    os.write(child.child_fd, b"/system be \xff\r")
+    child.expect(r"/system: the text is not valid UTF-8 text \(byte 0xff at character 4\); the system text is unchanged")
+    child.expect(">>> ")
+    assert stats(child) == before == (1, before[1])
+    child.sendline("more")  # the model state was kept: this turn reads only its own tokens
+    prompt, reused, _, _ = turn_stats(child)
+    assert reused == before[1] and prompt in (suffix_tokens(model, "more"), suffix_tokens(model, "more", after_end=False))
+    bye(child)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. /load of any JSON a user can hand it
+
+def vm(pid, field):
+    """A field of /proc/PID/status in MB (VmRSS: memory held now; VmHWM: the most it ever held)."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) // 1024
+    raise KeyError(field)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads memory use from /proc")
+def test_load_refuses_what_is_not_a_conversation_and_keeps_the_one_in_memory(cache_dir, model, tmp_path):
+    bad = {
+        "nested.json": ("[" * 5000 + "]" * 5000, "JSON nested far deeper than a conversation is"),
+        "types.json": (json.dumps({"system": 3, "messages": []}), 'expected {"system": text, "messages"'),
+        "content.json": (json.dumps({"messages": [{"role": "user", "content": 5}]}), "message 0 is not"),
+        "role.json": (json.dumps([{"role": "robot", "content": "x"}]), "message 0 is not"),
+        "latin1.json": (b'{"messages": [{"role": "user", "content": "caf\xe9"}]}', "not UTF-8 text (byte 0xe9 at offset 46)"),
+        "surrogate.json": ('{"messages": [{"role": "user", "content": "\\udcff"}]}',
+                           "message 0: its content is not valid UTF-8 text"),
+        "syntax.json": ('{"messages": [', "not JSON (Expecting value"),
+    }
+    for name, (content, _) in bad.items():
+        (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    with open(tmp_path / "huge.json", "wb") as f:  # 50 MB long (a hole: no disk used); refused before it is read
+        f.truncate(50_000_000)
+    (tmp_path / "folder").mkdir()
+    os.mkfifo(tmp_path / "fifo")  # opening it would wait for a writer forever
+    child = spawn(cache_dir, "--temp", "0", "-n", "8")
+    child.sendline("hello")
+    turn_stats(child)
+    before, hwm = stats(child), vm(child.pid, "VmHWM")
+    for name, (_, words) in bad.items():
+        child.sendline(f"/load {tmp_path / name}")
+        child.expect(f"/load: {re.escape(str(tmp_path / name))}: {re.escape(words)}")
+        child.expect(">>> ")
+    child.sendline(f"/load {tmp_path / 'huge.json'}")
+    child.expect(r"/load: .*huge\.json: 50\.0 MB, larger than a conversation file can be \(at most 1\.0 MB: more text "
+                 r"than the context holds\)")
+    child.sendline(f"/load {tmp_path / 'folder'}")
+    child.expect(r"/load: .*folder: a folder, not a conversation file")
+    child.sendline(f"/load {tmp_path / 'fifo'}")
+    child.expect(r"/load: .*fifo: not a regular file")
+    child.expect(">>> ")
+    assert stats(child) == before  # the conversation and its model state are what they were
+    assert vm(child.pid, "VmHWM") < hwm + 50  # nothing was parsed or tokenized that was large
+
+    # Just under the limit, and far longer than the context: loaded (so the line says it cannot be continued), and the
+    # memory that tokenizing it took is given back.
+    rss = vm(child.pid, "VmRSS")
+    long = tmp_path / "long.json"
+    long.write_text(json.dumps({"messages": [{"role": "user", "content": "word " * 200_000}]}))
+    assert 1_000_000 < long.stat().st_size < 1 << 20
+    child.sendline(f"/load {long}")
+    child.expect(r"loaded 1 message: (\d+) tokens, more than the 4096-token context holds, so it cannot be continued")
+    child.expect(">>> ")
+    assert vm(child.pid, "VmRSS") < rss + 64, (rss, vm(child.pid, "VmRSS"), vm(child.pid, "VmHWM"))
+    bye(child)
+
+
+def test_a_conversation_known_to_be_too_long_is_not_tokenized_again(model, tmp_path):
+    """Every refused turn after /load of a conversation longer than the context used to tokenize all of it
+    again: the count /load made is remembered while the conversation is the same."""
+    long = tmp_path / "long.json"
+    long.write_text(json.dumps({"messages": [{"role": "user", "content": "word " * 5000}]}))
+    s = chat.Session(model, chat.Settings(temp=0.0, max_tokens=8))
+    chat.command(s, f"/load {long}", chat_console())
+    calls = []
+    model_encode = type(model).encode
+    type(model).encode = lambda self, text: calls.append(len(text)) or model_encode(self, text)
+    try:
+        for _ in range(3):
+            with pytest.raises(chat.ContextFull, match="the conversation so far .* it cannot be continued"):
+                chat.chat_turn(s, "more", None, None)
+    finally:
+        type(model).encode = model_encode
+    assert calls == [] and len(s.messages) == 1
+
+
+def chat_console():
+    import io
+
+    from rich.console import Console
+    return Console(file=io.StringIO(), width=200)
+
+
+# ----------------------------------------------------------------------------------------------
 # 3. Two processes converting the same snapshot at once
 
 def test_processes_converting_the_same_snapshot_take_turns_and_share_one_entry(tmp_path):
@@ -185,6 +308,89 @@ def test_a_reply_of_invalid_bytes_streams_while_it_is_made(cache_dir, model, tmp
     assert steps_then < 100, steps_then  # shown after ~20 of the 299 steps, not after all of them
     assert (shown + out).decode() == "\ufffd" * 300 + "\n"
 
+
+# ----------------------------------------------------------------------------------------------
+# 6. Chat input edge cases
+
+def test_pasted_or_quoted_text_starting_with_a_slash_is_a_message(cache_dir, model):
+    child = spawn(cache_dir, "--temp", "0", "-n", "4")
+    child.send("/usr/bin/python3 crashed\nwhat does that mean?\n")  # a paste: both lines arrive at once
+    text = "/usr/bin/python3 crashed\nwhat does that mean?"
+    assert turn_stats(child)[0] == len(model.encode(chat.render_prompt(model, [{"role": "user", "content": text}])))
+    child.sendline('"""/etc/hosts"""')
+    prompt = turn_stats(child)[0]
+    assert prompt in (suffix_tokens(model, "/etc/hosts"), suffix_tokens(model, "/etc/hosts", after_end=False))
+    assert stats(child)[0] == 2
+    child.sendline("/usr/bin")  # typed alone: a command, and the line says how to send it as a message
+    child.expect(r'unknown command /usr/bin; /help lists the commands \(a message that starts with / goes between """\)')
+    child.expect(">>> ")
+    bye(child)
+
+
+def test_keys_typed_while_a_reply_streams_are_neither_shown_nor_run(cache_dir, tmp_path):
+    child = slow_chat(tmp_path, cache_dir, "--temp", "0", "-n", "300", spawn_it=True)
+    child.sendline("hi")  # greedy "hi" runs past 300 tokens; at 10 ms a step the reply takes 3 s
+    child.expect("hi\r\n")
+    child.expect(r"\S{10}")  # the reply is streaming
+    child.send("/bye\r")  # typed now: must not show up in the reply, nor quit afterwards
+    child.expect(r"\[\d+ prompt tokens .*?300 generated[^\]]*\]")
+    assert int((tmp_path / "steps").read_text()) == 299  # the whole reply ran after the keys were typed
+    assert "/bye" not in child.before
+    child.expect(">>> ")
+    child.sendline("/stats")  # still running: /bye was thrown away
+    child.expect("1 turn this conversation")
+    child.expect(">>> ")
+    bye(child)
+
+
+def test_save_and_load_expand_the_home_folder_and_name_a_folder(cache_dir, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    child = pexpect.spawn(sys.executable, [os.path.join(ROOT, "chat.py"), "--temp", "0", "-n", "4"], cwd=ROOT,
+                          env={**os.environ, "PHI4FLASH_CACHE": str(cache_dir), "TERM": "xterm", "HOME": str(home)},
+                          encoding="utf-8", timeout=60, dimensions=(50, 200))
+    child.expect(">>> ")
+    child.sendline("hi")
+    turn_stats(child)
+    child.sendline("/save ~/conversation.json")
+    child.expect(f"saved 2 messages to {re.escape(str(home / 'conversation.json'))}")
+    assert json.loads((home / "conversation.json").read_text())["messages"][0]["content"] == "hi"
+    for name in ("/save", "/save!"):
+        child.sendline(f"{name} {home}")
+        child.expect(f"{re.escape(name)}: {re.escape(str(home))} is a folder; give a file name, like "
+                     f"{re.escape(str(home / 'conversation.json'))}")
+    child.sendline("/clear")
+    child.expect("new conversation")  # (two lines typed at once would be one pasted message)
+    child.sendline("/load ~/conversation.json")
+    child.expect(r"loaded 2 messages \(\d+ of the 4096 context tokens\)")
+    child.expect(">>> ")
+    bye(child)
+    assert sorted(os.listdir(home)) == ["conversation.json"]  # nothing else written, nothing partial
+
+
+def test_a_message_longer_than_the_whole_context_is_not_told_to_clear(cache_dir, model):
+    """After a turn, a message that no context could hold: /clear would not help, so the line does not offer it."""
+    child = spawn(cache_dir, "--temp", "0", "-n", "4")
+    child.sendline("hi")
+    turn_stats(child)
+    held = stats(child)[1]
+    lines = ["word " * 200] * 25  # ~5000 tokens, typed as a quoted block of lines a terminal takes
+    child.sendline('"""' + lines[0])
+    for line in lines[1:]:
+        child.expect(r"\.\.\. ")
+        child.sendline(line)
+    child.expect(r"\.\.\. ")
+    child.sendline('"""')
+    n = len(model.encode(chat.render_prompt(model, [{"role": "user", "content": "\n".join(lines).strip()}])))
+    child.expect(f"context full: this message is {n} tokens \\(plus at least one for the reply\\), more than the "
+                 "whole 4096-token context; shorten the message(\x1b\\[0m)?\r\n")
+    child.expect(">>> ")
+    assert stats(child) == (1, held)
+    bye(child)
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. The trace of a converted folder needs no converter: see test_packaging.py
 
 # ----------------------------------------------------------------------------------------------
 # 8. Snapshots with dangling symlinks
