@@ -24,6 +24,8 @@ import sys
 import time
 from dataclasses import dataclass, field, fields
 
+import numpy as np
+
 import phi4flash
 from phi4flash import Phi4FlashError
 
@@ -472,7 +474,8 @@ def plural(n, word):
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def stats_line(st):
+def stats_line(st, one_shot=False):
+    """The line after a reply. one_shot: the process ends with it, so nothing is kept and there is no /command."""
     prompt = f"{st.prompt_tokens} prompt tokens"
     if st.reused:
         prompt += f" (+{st.reused} reused)"
@@ -489,6 +492,9 @@ def stats_line(st):
     note = {"end": "", "interrupted": "interrupted (the partial reply is kept)",
             "max_tokens": "stopped at max_tokens (-n, /set max_tokens)",
             "context": "stopped: the context is full, /clear starts a new conversation"}[st.stop]
+    if one_shot:
+        note = {"interrupted": "interrupted", "max_tokens": "stopped at max_tokens (-n)",
+                "context": "stopped: the context is full"}.get(st.stop, note)
     return "[" + " · ".join(p for p in parts + [note] if p) + "]"
 
 
@@ -804,7 +810,7 @@ def one_shot(s, text, console, err):
         except ContextFull as e:
             err.print(f"error: {e}", markup=False, highlight=False)
             return 2
-    err.print(stats_line(st), style="dim", markup=False, highlight=False)
+    err.print(stats_line(st, one_shot=True), style="dim", markup=False, highlight=False)
     return 130 if st.stop.startswith("interrupted") else 0
 
 
@@ -833,6 +839,22 @@ def open_model(path, device="cpu"):
         raise Phi4FlashError(f"{os.path.join(folder, 'tokenizer_config.json')}: its chat_template does not render "
                              f"({where}{type(e).__name__}: {_first_line(e)})") from None
     return model
+
+
+def warm_up(model):
+    """One token and one decode step through the model before the first turn, so that the first turn's
+    numbers (prefill speed, time to the first token) are the model's own: on a CPU, numba compiles the
+    kernels of section 11 when they are first used (seconds on a fresh clone; later runs read its
+    cache). Said once on stderr when it takes long."""
+    if model.device != "cpu" or model.embed_tokens.dtype == np.float32:  # float32 weights use no compiled kernel
+        return
+    t0 = time.perf_counter()
+    _, cache = model.prefill([0], model.new_cache(2))
+    model.step(cache, 0)
+    if time.perf_counter() - t0 > 1:
+        print(f"note: the first pass through the model took {time.perf_counter() - t0:.1f} s (numba compiles the CPU "
+              "kernels on a first run, then reads them from its cache); the turns' numbers leave it out",
+              file=sys.stderr, flush=True)
 
 
 def _first_line(e):
@@ -873,6 +895,7 @@ def main(argv=None):
         model = open_model(args.model, args.device)
         settings = Settings(args.temp, args.top_p, args.top_k, args.max_tokens, args.seed, not args.hide_thinking)
         s = Session(model, settings, system=args.system)
+        warm_up(model)
         if prompt is not None:
             return one_shot(s, prompt.strip(), console, err)
         name = os.path.basename(os.path.normpath(args.model)) if args.model else "tiny random model"

@@ -536,7 +536,7 @@ class KVCache:
     length: int = 0    # positions written so far
 
 
-@dataclass
+@dataclass(repr=False)
 class Cache:
     length: int = 0                                   # tokens the model has seen
     conv_state: dict = field(default_factory=dict)    # Mamba layer i -> (d_conv-1, d_inner): last raw inputs, oldest first
@@ -546,6 +546,11 @@ class Cache:
 
     def shared(self, cfg):  # the K/V every cross-attention layer reads
         return self.kv[cfg.kv_layer]
+
+    def __repr__(self):  # a summary: the default prints every state array
+        slots = next((kv.k.shape[1] for kv in self.kv.values() if kv.window is None), 0)
+        return (f"Cache(length {self.length}, {len(self.ssm_state)} Mamba states, {len(self.kv)} K/V buffers, "
+                f"shared K/V of {slots} slots)")
 
 
 def empty_cache(cfg, capacity, xp=np):
@@ -704,7 +709,7 @@ def nucleus(probs, top_p):
 PREFILL_CHUNK = 512  # prompt tokens per extend(): activations stay a few MB (cache-friendly), memory stays flat
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)
 class Model:
     config: Config
     embed_tokens: object          # (V, D), float32 or bf16 bits; also the tied LM head
@@ -717,6 +722,11 @@ class Model:
     files: dict = field(default_factory=dict)  # tokenizer_config / generation_config JSON, when present
     device: str = "cpu"           # "cuda": run() takes appendix A's kernels instead of extend()
     prefill_chunk: int = PREFILL_CHUNK  # prompt tokens per run(); larger on a GPU (CUDA_PREFILL_CHUNK)
+
+    def __repr__(self):  # a summary: the default prints every weight
+        c, weights = self.config, {"uint16": "bf16"}.get(str(self.embed_tokens.dtype), str(self.embed_tokens.dtype))
+        return (f"Model({c.num_hidden_layers} layers, hidden {c.hidden_size}, vocab {c.vocab_size}, context "
+                f"{c.context_length}, {weights} weights, {self.device}, {self.path!r})")
 
     def run(self, cache, ids, logits="last", trace=None):
         """The layer loop on this model's device: extend() on the CPU (with the BLAS threads section 11
@@ -2213,6 +2223,8 @@ def trace_model(model):
 def trace_command(args):
     from rich.console import Console
     console = Console()
+    if not console.is_terminal:  # a file or a pipe: the table at its full width, not squeezed into 80 columns
+        console = Console(width=1000)
     ref = _load_npz(args.compare) if args.compare else None          # bad arguments fail before the model loads
     ids = _parse_ids(args.ids) if args.prompt is None else None
     attn_probs = _parse_attn_probs(args.attn_probs) if args.attn_probs else None
