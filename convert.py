@@ -43,6 +43,7 @@ from phi4flash import Config, Phi4FlashError, read_safetensors_header
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "added_tokens.json", "generation_config.json")
 CHUNK_BYTES = 32 << 20  # source bytes read per step: peak memory is a few of these, never a tensor
+PROGRESS_BYTES = 64 << 20  # a conversion reading more shows a progress bar (on a terminal)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -542,14 +543,15 @@ def convert(src, dst, dtype="bfloat16", force=False, show_progress=None, what="D
 def _write(src, tmp, cfg, found, plan, dtype, show_progress, extra_files):
     total = sum((p.r1 - p.r0) * math.prod(found[p.theirs][1]["shape"][1:] or [1])
                 * np.dtype(phi4flash.SAFETENSORS_DTYPES[found[p.theirs][1]["dtype"]]).itemsize for p in plan)
-    show = total > (64 << 20) if show_progress is None else show_progress
+    # A bar only on a terminal: in a file or a pipe it is a line cut to 80 columns (the note says it all)
+    show = total > PROGRESS_BYTES and sys.stderr.isatty() if show_progress is None else show_progress
     if show:
         from rich.console import Console
         from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
         with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
                       TransferSpeedColumn(), TimeRemainingColumn(), transient=False,
                       console=Console(stderr=True)) as bar:
-            task = bar.add_task(f"converting {os.path.basename(src)}", total=total)
+            task = bar.add_task(f"converting {source_of(src)[1]}", total=total)  # a hub snapshot: its repo's name
             write_converted(os.path.join(tmp, "model.safetensors"), cfg, found, plan, dtype,
                             lambda n: bar.advance(task, n))
     else:

@@ -469,3 +469,22 @@ def test_a_slow_first_pass_is_said_once_and_left_out_of_the_first_turn(cache_dir
     assert p.returncode == 0, err
     notes = [i for i, line in enumerate(lines) if line.startswith("note: the first pass through the model took ")]
     assert len(notes) == 1 and notes[0] < len(lines) - 1 and lines[-1].startswith("[")  # before the turn's stats line
+
+
+def test_the_conversion_bar_names_the_repo_and_only_shows_on_a_terminal(tmp_path):
+    """A hub snapshot's folder is named by its revision (40 hex digits): the bar names the repo. In a file or a
+    pipe the bar was a line cut to 80 columns; there it is left out (the note says what is converted)."""
+    hub = tmp_path / "hub"
+    fake_hub(hub)
+    env = {**os.environ, "HF_HUB_CACHE": str(hub)}
+    code = (f"import sys\nsys.path.insert(0, {ROOT!r})\nimport convert\nconvert.PROGRESS_BYTES = 0  # a bar for any size\n"
+            "sys.exit(convert.main(sys.argv[1:]))")
+    child = pexpect.spawn(sys.executable, ["-c", code, REPO, str(tmp_path / "a")], env=env, encoding="utf-8",
+                          timeout=60, dimensions=(50, 200))
+    child.expect(r"converting Phi-4-mini-flash-reasoning\s.*━")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    r = subprocess.run([sys.executable, "-c", code, REPO, str(tmp_path / "b")], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
