@@ -12,15 +12,19 @@ only its own new tokens; see `chat_turn`.
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import json
 import math
 import os
 import select
 import signal
+import stat
 import sys
 import time
 from dataclasses import dataclass, field, fields
+
+import numpy as np
 
 import phi4flash
 from phi4flash import Phi4FlashError
@@ -55,32 +59,67 @@ def render_prompt(model, messages, add_generation_prompt=True):
 # Streaming text: byte-level tokens can end in the middle of a UTF-8 character
 
 class StreamDecoder:
-    """Turns token ids into text as they arrive, holding back an incomplete UTF-8 character, so the
-    pieces concatenate to exactly tokenizer.decode(all ids). tokenizers' DecodeStream does the work:
-    it returns None while the text so far ends in an incomplete character."""
+    """Turns token ids into text as they arrive, so that the pieces concatenate to exactly
+    tokenizer.decode(all ids) and the screen never falls behind the model.
+
+    Phi-4's tokenizer is byte-level: each token stands for some bytes of UTF-8 text, and a character
+    can be split across tokens. The bytes go through an incremental UTF-8 decoder, which holds back
+    only the start of a character that its next bytes can still complete (at most 3 bytes) and shows
+    bytes that can never form one at once as U+FFFD, as tokenizer.decode shows them. For a tokenizer of
+    another kind, tokenizers' DecodeStream holds text back while it ends in an incomplete character."""
 
     def __init__(self, tokenizer):
-        from tokenizers.decoders import DecodeStream
-        self.tok, self.stream = tokenizer, DecodeStream(skip_special_tokens=False)
-        self.ids, self.shown, self.held = [], 0, False  # shown: characters returned; held: a token since
+        from tokenizers import decoders
+        self.tok, self.ids = tokenizer, []
+        if isinstance(tokenizer.decoder, decoders.ByteLevel):
+            self.utf8, self.bytes = codecs.getincrementaldecoder("utf-8")("replace"), {}  # bytes: id -> its bytes
+        else:
+            self.utf8, self.stream, self.shown, self.held = None, decoders.DecodeStream(skip_special_tokens=False), 0, False
 
     def push(self, token):
         """-> the new text this token completes ('' while a character is still incomplete)."""
         self.ids.append(token)
+        if self.utf8:
+            return self.utf8.decode(self.token_bytes(token))
         piece = self.stream.step(self.tok, token)
         self.held = piece is None
         self.shown += len(piece or "")
         return piece or ""
 
+    def token_bytes(self, token):
+        """The bytes a token stands for: each character of its vocabulary entry is one byte (BYTE_OF);
+        an entry with other characters (an added token) stands for its own UTF-8."""
+        if token not in self.bytes:
+            entry = self.tok.id_to_token(token) or ""
+            try:
+                self.bytes[token] = bytes(BYTE_OF[c] for c in entry)
+            except KeyError:
+                self.bytes[token] = entry.encode()
+        return self.bytes[token]
+
     def flush(self):
         """-> what is still held at the end of the reply: bytes that never completed a character, shown
-        as U+FFFD exactly as tokenizer.decode shows them (one decode of the reply, only in that case)."""
+        as U+FFFD exactly as tokenizer.decode shows them."""
+        if self.utf8:
+            return self.utf8.decode(b"", final=True)
         if not self.held:
             return ""
         self.held = False
         text = self.tok.decode(self.ids, skip_special_tokens=False)
         piece, self.shown = text[self.shown:], len(text)
         return piece
+
+
+def byte_level_alphabet():
+    """The byte-level vocabulary's alphabet: character -> the byte it stands for. The bytes that are
+    printable characters stand for themselves; the others (controls, space, 127-160, 173) are moved,
+    in order, to the characters from U+0100 on."""
+    kept = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    moved = [b for b in range(256) if b not in kept]
+    return {**{chr(b): b for b in kept}, **{chr(256 + i): b for i, b in enumerate(moved)}}
+
+
+BYTE_OF = byte_level_alphabet()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,6 +289,7 @@ class Session:
     seen: str = ""             # the text of the tokens in `cache`: the prompts it read, the replies it wrote
     turns: int = 0
     last: TurnStats = None
+    counted: tuple = None      # ((system, number of messages), tokens): history_tokens remembers its last count
 
     def conversation(self):
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
@@ -292,7 +332,7 @@ def chat_turn(s, user_text, view, ctrl_c):
     its tokens. Ctrl-C while the prompt is read drops the message and the state (rebuilt next turn)."""
     user = {"role": "user", "content": user_text}
     prompt = render_prompt(s.model, s.conversation() + [user])
-    st, new_ids, max_new = plan_turn(s, prompt)
+    st, new_ids, max_new = plan_turn(s, prompt, user)
     t0 = time.perf_counter()
     last_chunk = read_prompt(s, new_ids, view, ctrl_c)
     if last_chunk is None:
@@ -308,41 +348,62 @@ def chat_turn(s, user_text, view, ctrl_c):
     return st
 
 
-def plan_turn(s, prompt):
+def plan_turn(s, prompt, user):
     """What this turn reads, and how long its reply may be -> (TurnStats, new ids, max new tokens).
     Keeps the cache when the rendered conversation starts with its text, else starts a new one;
     raises ContextFull when not even one reply token fits."""
     model, context = s.model, s.model.config.context_length
     reuse = s.cache is not None and prompt.startswith(s.seen)
+    if not reuse and s.messages and history_tokens(s) >= context - 1:  # known too long: no need to tokenize it again
+        raise ContextFull(context_full_message(s, user, 0, None))
     st = TurnStats(reused=s.cache.length if reuse else 0, rebuilt=s.cache is not None and not reuse)
     new_ids = model.encode(prompt[len(s.seen):] if reuse else prompt)
     st.prompt_tokens = len(new_ids)
     room = context - st.reused - len(new_ids)
     if room < 1:
-        raise ContextFull(context_full_message(s, st.reused, len(new_ids)))
+        raise ContextFull(context_full_message(s, user, st.reused, len(new_ids)))
     max_new = min(s.settings.max_tokens, room)
     if not reuse:
         s.cache, s.seen = model.new_cache(min(context, len(new_ids) + max_new)), ""
     return st, new_ids, max_new
 
 
-def context_full_message(s, reused, new_tokens):
+def context_full_message(s, user, reused, new_tokens):
     """Why a turn does not fit, naming what is too long: the conversation so far (a /load, a long
-    system text) when it is by itself, else this message."""
+    system text) when it is by itself; the message, when even a new conversation could not hold it
+    (so /clear is not offered); else this turn, in what is left of the context."""
     model, context = s.model, s.model.config.context_length
-    if reused:
-        where = f"only {context - reused} of the {context}-token context are left; /clear starts a new conversation"
-    else:
-        earlier = conversation_tokens(model, s.conversation())
+    system = " or the system text" if s.system else ""
+    if not reused:
+        earlier = history_tokens(s)
         if earlier >= context - 1:
             what = (f"the conversation so far ({plural(len(s.messages), 'message')}"
                     f"{' and the system text' if s.system else ''})" if s.messages else "the system text")
             return (f"context full: {what} is {earlier} tokens by itself, the context holds {context}; "
                     + ("it cannot be continued, /clear starts a new conversation" if s.messages
                        else "shorten the system text (/system TEXT)"))
-        where = (f"the context holds {context}; shorten the message" + (" or the system text" if s.system else "")
-                 + (", or /clear the conversation" if s.messages else ""))
+        if not s.messages:  # the first turn: the message and the system text are all there is
+            return (f"context full: this turn is {new_tokens} tokens (plus at least one for the reply), the context "
+                    f"holds {context}; shorten the message{system}")
+    fresh = len(model.encode(render_prompt(model, s.conversation()[:1 if s.system else 0] + [user])))
+    if fresh >= context:  # what the turn would be after /clear: it does not fit either
+        return (f"context full: this message is {fresh} tokens{' with the system text' if s.system else ''} (plus at "
+                f"least one for the reply), more than the whole {context}-token context; shorten the message{system}")
+    if reused:
+        where = f"only {context - reused} of the {context}-token context are left; /clear starts a new conversation"
+    else:
+        where = f"the context holds {context}; shorten the message{system}, or /clear the conversation"
     return f"context full: this turn is {new_tokens} tokens (plus at least one for the reply), {where}"
+
+
+def history_tokens(s):
+    """conversation_tokens of the conversation so far, remembered while it is the same (it only grows by
+    appending, and /load says what it loaded): a conversation too long to continue is tokenized once,
+    not again at every turn it refuses."""
+    key = (s.system, len(s.messages))
+    if s.counted is None or s.counted[0] != key:
+        s.counted = (key, conversation_tokens(s.model, s.conversation()))
+    return s.counted[1]
 
 
 def read_prompt(s, new_ids, view, ctrl_c):
@@ -413,7 +474,8 @@ def plural(n, word):
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def stats_line(st):
+def stats_line(st, one_shot=False):
+    """The line after a reply. one_shot: the process ends with it, so nothing is kept and there is no /command."""
     prompt = f"{st.prompt_tokens} prompt tokens"
     if st.reused:
         prompt += f" (+{st.reused} reused)"
@@ -430,6 +492,9 @@ def stats_line(st):
     note = {"end": "", "interrupted": "interrupted (the partial reply is kept)",
             "max_tokens": "stopped at max_tokens (-n, /set max_tokens)",
             "context": "stopped: the context is full, /clear starts a new conversation"}[st.stop]
+    if one_shot:
+        note = {"interrupted": "interrupted", "max_tokens": "stopped at max_tokens (-n)",
+                "context": "stopped: the context is full"}.get(st.stop, note)
     return "[" + " · ".join(p for p in parts + [note] if p) + "]"
 
 
@@ -463,24 +528,53 @@ def save_conversation(path, system, messages):
         raise
 
 
-def load_conversation(path):
-    """A /save file (or a plain [{"role", "content"}] list) -> (system text, messages)."""
+def load_limit(model):
+    """The largest file /load reads: 16 bytes for each token of the context (text takes about 4 bytes a token),
+    and at least 1 MiB. A conversation the context can hold is far smaller, and a bigger file is refused
+    before it is read: parsing and tokenizing it would take seconds to minutes and gigabytes of memory."""
+    return max(1 << 20, 16 * model.config.context_length)
+
+
+def load_conversation(path, limit):
+    """A /save file (or a plain [{"role", "content"}] list) -> (system text, messages). The file is checked
+    completely first (its size, encoding, JSON, nesting and types); what is wrong is one Phi4FlashError
+    line, and nothing in the session has changed."""
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise Phi4FlashError(f"{path}: cannot read a conversation ({e})")
-    system, messages = (data.get("system") or "", data.get("messages")) if isinstance(data, dict) else ("", data)
-    if not isinstance(messages, list) or not isinstance(system, str):
+        info = os.stat(path)
+        if stat.S_ISDIR(info.st_mode):
+            raise Phi4FlashError(f"{path}: a folder, not a conversation file")
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or a device would block, or never end
+            raise Phi4FlashError(f"{path}: not a regular file")
+        with open(path, "rb") as f:
+            raw = f.read(limit + 1)
+    except OSError as e:
+        raise Phi4FlashError(f"{path}: cannot read it ({e.strerror or e})") from None
+    if len(raw) > limit:
+        raise Phi4FlashError(f"{path}: {max(info.st_size, len(raw)) / 1e6:.1f} MB, larger than a conversation file can be "
+                             f"(at most {limit / 1e6:.1f} MB: more text than the context holds)")
+    try:
+        data = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise Phi4FlashError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise Phi4FlashError(f"{path}: not JSON ({e})") from None
+    except RecursionError:
+        raise Phi4FlashError(f"{path}: JSON nested far deeper than a conversation is") from None
+    system, messages = (data.get("system"), data.get("messages")) if isinstance(data, dict) else (None, data)
+    if not isinstance(messages, list) or not isinstance(system, (str, type(None))):
         raise Phi4FlashError(f"{path}: expected {{\"system\": text, \"messages\": [{{\"role\", \"content\"}}, ...]}}")
-    out = []
+    system, out = system or "", []
     for i, m in enumerate(messages):
         if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)):
             raise Phi4FlashError(f"{path}: message {i} is not {{\"role\": system|user|assistant, \"content\": text}}")
+        if phi4flash.invalid_utf8(m["content"]):  # JSON can spell a lone surrogate (\\udc80); no tokenizer takes it
+            raise Phi4FlashError(f"{path}: message {i}: its content is {phi4flash.invalid_utf8(m['content'])}")
         if m["role"] == "system":
             system = m["content"]
         else:
             out.append({"role": m["role"], "content": m["content"]})
+    if phi4flash.invalid_utf8(system):
+        raise Phi4FlashError(f"{path}: the system text is {phi4flash.invalid_utf8(system)}")
     return system, out
 
 
@@ -488,7 +582,7 @@ def command(s, line, console):
     """Run one slash command; -> True to quit."""
     name, _, arg = line.partition(" ")
     arg = arg.strip()
-    say = lambda text, style="dim": console.print(text, style=style, markup=False, highlight=False)  # noqa: E731
+    say = lambda text, style="dim": console.print(shown(text), style=style, markup=False, highlight=False)  # noqa: E731
     if name in ("/exit", "/bye"):
         return True
     if name == "/help":
@@ -500,6 +594,8 @@ def command(s, line, console):
     elif name == "/system":
         if not arg:
             say(f"system text: {s.system!r}" if s.system else "no system text")
+        elif phi4flash.invalid_utf8(arg):
+            say(f"/system: the text is {phi4flash.invalid_utf8(arg)}; the system text is unchanged", style="red")
         else:
             s.system = arg
             say("system text set; the next turn re-reads the conversation with it")
@@ -527,32 +623,63 @@ def command(s, line, console):
         if not arg:
             say(f"{name} needs a FILE", style="red")
         elif name.startswith("/save"):
-            if name == "/save" and os.path.lexists(arg):
-                say(f"/save: {arg} already exists (kept); /save! {arg} replaces it", style="red")
-                return False
-            try:
-                save_conversation(arg, s.system, s.messages)
-                say(f"saved {plural(len(s.messages), 'message')} to {arg}")
-            except OSError as e:
-                say(f"/save: cannot write {arg} ({e.strerror})", style="red")
+            save_command(s, name, os.path.expanduser(arg), say)
         else:
-            try:
-                s.system, s.messages = load_conversation(arg)
-            except Phi4FlashError as e:
-                say(f"/load: {e}", style="red")
-                return False
-            s.turns, s.last = sum(m["role"] == "user" for m in s.messages), None
-            s.reset()
-            context, used = s.model.config.context_length, conversation_tokens(s.model, s.conversation())
-            if used >= context - 1:
-                say(f"loaded {plural(len(s.messages), 'message')}: {used} tokens, more than the {context}-token context "
-                    "holds, so it cannot be continued; /clear starts a new conversation", style="red")
-            else:
-                say(f"loaded {plural(len(s.messages), 'message')} ({used} of the {context} context tokens); "
-                    "the next turn reads them once")
+            load_command(s, os.path.expanduser(arg), say)
     else:
-        say(f"unknown command {name}; /help lists the commands", style="red")
+        say(f"unknown command {name}; /help lists the commands (a message that starts with / goes between \"\"\")",
+            style="red")
     return False
+
+
+def save_command(s, name, path, say):
+    if os.path.isdir(path):
+        say(f"{name}: {path} is a folder; give a file name, like {os.path.join(path, 'conversation.json')}", style="red")
+    elif name == "/save" and os.path.lexists(path):
+        say(f"/save: {path} already exists (kept); /save! {path} replaces it", style="red")
+    else:
+        try:
+            save_conversation(path, s.system, s.messages)
+            say(f"saved {plural(len(s.messages), 'message')} to {path}")
+        except OSError as e:
+            say(f"/save: cannot write {path} ({e.strerror})", style="red")
+
+
+def load_command(s, path, say):
+    """/load: the file is read and checked, and its tokens counted, before the session's conversation is
+    replaced; any problem leaves the session as it was."""
+    model, context = s.model, s.model.config.context_length
+    try:
+        system, messages = load_conversation(path, load_limit(model))
+        conversation = ([{"role": "system", "content": system}] if system else []) + messages
+        try:
+            used = conversation_tokens(model, conversation)
+        except Exception as e:  # the checkpoint's template may refuse it (roles out of order, say)
+            raise Phi4FlashError(f"{path}: the chat template cannot render it ({type(e).__name__}: "
+                                 f"{(str(e).strip().splitlines() or [''])[0]})") from None
+    except Phi4FlashError as e:
+        say(f"/load: {e}", style="red")
+        return
+    finally:
+        give_back_memory()  # what parsing and tokenizing a big file took
+    s.system, s.messages, s.counted = system, messages, ((system, len(messages)), used)
+    s.turns, s.last = sum(m["role"] == "user" for m in messages), None
+    s.reset()
+    if used >= context - 1:
+        say(f"loaded {plural(len(messages), 'message')}: {used} tokens, more than the {context}-token context "
+            "holds, so it cannot be continued; /clear starts a new conversation", style="red")
+    else:
+        say(f"loaded {plural(len(messages), 'message')} ({used} of the {context} context tokens); "
+            "the next turn reads them once")
+
+
+def give_back_memory():
+    """Return the memory the allocator keeps after a big job to the system. glibc keeps what the
+    tokenizer's threads freed in their own arenas (a 1 MB text takes ~250 MB to tokenize on the tiny
+    model's vocabulary); malloc_trim gives it back. Elsewhere there is no malloc_trim, and nothing to do."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def settings_value(settings, name):
@@ -571,17 +698,19 @@ PROMPT = ">>> "
 
 
 def read_message():
-    """One message: a line; lines pasted together (they arrive at once); or a \"\"\" block."""
+    """One message: a line; lines pasted together (they arrive at once); or a \"\"\" block. -> (text,
+    whether it can be a command): only a single typed line can; pasted or quoted text starting with /
+    (a path, say) is a message."""
     line = input(PROMPT)
     if line.lstrip().startswith('"""'):
         body = line.lstrip()[3:]
         while not body.rstrip().endswith('"""'):
             body += "\n" + input("... ")
-        return body.rstrip()[:-3]
+        return body.rstrip()[:-3], False
     lines = [line]
     while line_waiting():  # a paste: the next lines are already there
         lines.append(input(""))
-    return "\n".join(lines)
+    return "\n".join(lines), len(lines) == 1
 
 
 def line_waiting():
@@ -591,17 +720,45 @@ def line_waiting():
         return False
 
 
+@contextlib.contextmanager
+def keys_held_off():
+    """While a reply is made, keys typed on the terminal are not echoed into it, and what was typed is
+    thrown away when it ends, so that it cannot run as a message or a command afterwards. Ctrl-C still
+    works: it is a signal, not input. Does nothing when stdin is not a terminal."""
+    try:
+        import termios
+    except ImportError:  # not POSIX
+        yield
+        return
+    try:
+        fd = sys.stdin.fileno()
+        saved = termios.tcgetattr(fd)
+    except (OSError, ValueError, termios.error):  # not a terminal
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] &= ~termios.ECHO                                       # the local modes: no echo
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcflush(fd, termios.TCIFLUSH)                       # what was typed meanwhile: gone
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
+
+
 def interactive(s, console, name):
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    console.print(f"phi4flash · {name} · context {s.model.config.context_length} tokens · "
+    console.print(f"phi4flash · {shown(name)} · context {s.model.config.context_length} tokens · "
                   f"/help for commands, Ctrl-D to quit", style="bold", markup=False, highlight=False)
+    say = lambda text, style="red": console.print(text, style=style, markup=False, highlight=False)  # noqa: E731
     ctrl_c_at_prompt = False
     while True:
         try:
-            text = read_message().strip()
+            text, can_be_command = read_message()
+            text = text.strip()
         except EOFError:
             console.print()
             return 0
@@ -612,25 +769,37 @@ def interactive(s, console, name):
             ctrl_c_at_prompt = True
             console.print("\n(Ctrl-C again, Ctrl-D or /bye quits)", style="dim")
             continue
+        except UnicodeDecodeError as e:  # a terminal whose encoding Python decodes strictly
+            say(f"not sent: this message is not valid UTF-8 text (byte 0x{e.object[e.start]:02x}); the conversation "
+                "is unchanged")
+            continue
         ctrl_c_at_prompt = False
         if not text:
             continue
-        if text.startswith("/"):
+        if can_be_command and text.startswith("/"):
             if command(s, text, console):
                 return 0
             continue
+        if phi4flash.invalid_utf8(text):  # bytes the terminal sent that are not UTF-8: Python keeps them as surrogates
+            say(f"not sent: this message is {phi4flash.invalid_utf8(text)}; the conversation is unchanged")
+            continue
         view = ReplyView(console, s.settings.think)
-        with CtrlC() as ctrl_c:
+        with CtrlC() as ctrl_c, keys_held_off():
             try:
                 st = chat_turn(s, text, view, ctrl_c)
             except ContextFull as e:
-                console.print(str(e), style="red", markup=False, highlight=False)
+                say(str(e))
                 continue
             except Phi4FlashError as e:  # NaN/inf logits: the turn is dropped, the model state too; the conversation stays
                 s.reset()
-                console.print(f"\nerror: {e}", style="red", markup=False, highlight=False)
+                say(f"\nerror: {e}")
                 continue
         console.print(stats_line(st), style="dim", markup=False, highlight=False)
+
+
+def shown(text):
+    """User text (a path, a command) as it can be printed: bytes that were not UTF-8 as escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def one_shot(s, text, console, err):
@@ -641,7 +810,7 @@ def one_shot(s, text, console, err):
         except ContextFull as e:
             err.print(f"error: {e}", markup=False, highlight=False)
             return 2
-    err.print(stats_line(st), style="dim", markup=False, highlight=False)
+    err.print(stats_line(st, one_shot=True), style="dim", markup=False, highlight=False)
     return 130 if st.stop.startswith("interrupted") else 0
 
 
@@ -676,6 +845,22 @@ def open_model(path, device="cpu", dtype=None, kv_dtype="float32"):
     return model
 
 
+def warm_up(model):
+    """One token and one decode step through the model before the first turn, so that the first turn's
+    numbers (prefill speed, time to the first token) are the model's own: on a CPU, numba compiles the
+    kernels of section 11 when they are first used (seconds on a fresh clone; later runs read its
+    cache). Said once on stderr when it takes long."""
+    if model.device != "cpu" or model.embed_tokens.dtype == np.float32:  # float32 weights use no compiled kernel
+        return
+    t0 = time.perf_counter()
+    _, cache = model.prefill([0], model.new_cache(2))
+    model.step(cache, 0)
+    if time.perf_counter() - t0 > 1:
+        print(f"note: the first pass through the model took {time.perf_counter() - t0:.1f} s (numba compiles the CPU "
+              "kernels on a first run, then reads them from its cache); the turns' numbers leave it out",
+              file=sys.stderr, flush=True)
+
+
 def _first_line(e):
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
@@ -701,12 +886,16 @@ def main(argv=None):
     ap.add_argument("--kv-dtype", choices=tuple(phi4flash.KV_DTYPES), default="float32",
                     help="the K/V cache: float32 (default, exact) or bfloat16 (half the bytes read at long context)")
     args = ap.parse_args(argv)
-    prompt = args.prompt
-    if prompt is None and not sys.stdin.isatty():
-        prompt = sys.stdin.read()
+    prompt, where = args.prompt, "--prompt"
+    if prompt is None and not sys.stdin.isatty():  # bytes, decoded here: invalid UTF-8 is named below, not a crash
+        prompt, where = sys.stdin.buffer.read().decode("utf-8", "surrogateescape"), "stdin"
     if prompt is not None and not prompt.strip():
         print("error: --prompt / stdin: expected a question, got empty text", file=sys.stderr)
         return 2
+    for name, text in ((where, prompt or ""), ("--system", args.system)):  # a command line keeps bad bytes as surrogates
+        if phi4flash.invalid_utf8(text):
+            print(f"error: {name}: {phi4flash.invalid_utf8(text)}", file=sys.stderr)
+            return 2
 
     from rich.console import Console
     console, err = Console(soft_wrap=True, highlight=False), Console(stderr=True, soft_wrap=True, highlight=False)
@@ -714,6 +903,7 @@ def main(argv=None):
         model = open_model(args.model, args.device, args.dtype, args.kv_dtype)
         settings = Settings(args.temp, args.top_p, args.top_k, args.max_tokens, args.seed, not args.hide_thinking)
         s = Session(model, settings, system=args.system)
+        warm_up(model)
         if prompt is not None:
             return one_shot(s, prompt.strip(), console, err)
         name = os.path.basename(os.path.normpath(args.model)) if args.model else "tiny random model"

@@ -32,6 +32,11 @@ import sys
 import threading
 from typing import NamedTuple
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: conversions are not locked against each other
+    fcntl = None
+
 import numpy as np
 
 import phi4flash
@@ -40,6 +45,7 @@ from phi4flash import Config, Phi4FlashError, f32_to_bf16, read_safetensors_head
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "added_tokens.json", "generation_config.json")
 CHUNK_BYTES = 32 << 20  # source bytes read per step: peak memory is a few of these, never a tensor
+PROGRESS_BYTES = 64 << 20  # a conversion reading more shows a progress bar (on a terminal)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,6 +215,12 @@ def validate(src):
     """Check SRC completely; -> (Config, tensors found, plan). Raises Phi4FlashError with one line."""
     if not os.path.isdir(src):
         raise Phi4FlashError(f"SRC {src}: not a folder (expected a Hugging Face snapshot folder)")
+    repo, _ = source_of(src)  # a snapshot in the Hugging Face cache: how to download a file it lost again
+    again = (f"download it again with: {download_command(os.path.basename(repo)[len('models--'):].replace('--', '/'))}"
+             if repo != os.path.realpath(src) else "download or copy that file again")
+    for name in sorted(os.listdir(src)):  # a link whose blob is gone is named, never taken for an absent file
+        if name.endswith((".json", ".safetensors")) or name in TOKENIZER_FILES:
+            phi4flash.check_not_dangling(os.path.join(src, name), again)
     cfg = config_from_hf(_read_json(os.path.join(src, "config.json")), os.path.join(src, "config.json"))
     if not os.path.isfile(os.path.join(src, "tokenizer.json")):
         raise Phi4FlashError(f"{os.path.join(src, 'tokenizer.json')}: missing (the tokenizer is needed to chat)")
@@ -435,6 +447,47 @@ def _inside(path, folder):
     return os.path.commonpath([path, folder]) == folder
 
 
+# Two processes may convert into one folder at once: two chats started together on a new snapshot,
+# a chat and a trace. They take turns: each holds an exclusive flock on the folder itself while it
+# looks for what it needs and, when that is not there yet, makes it. The second one waits (and says
+# so), then finds the first one's entry and uses it. Locking the folder, not a lock file, leaves
+# nothing behind; the kernel releases the lock of a process that dies.
+_HELD = set()  # the folders this process holds locked (resolve_model's convert() locks its folder again)
+
+
+@contextlib.contextmanager
+def folder_lock(folder, waiting=None):
+    """Hold `folder` locked against other processes; waiting() is called once if one holds it already.
+    A folder that cannot be opened (not there, not POSIX) or locked (a filesystem without flock) is
+    not locked: whatever then fails is reported by the code that writes."""
+    key, fd = os.path.realpath(folder), None
+    if fcntl is not None and key not in _HELD:
+        with contextlib.suppress(OSError):
+            fd = os.open(folder, os.O_RDONLY)
+    if fd is not None:
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if waiting:
+                    waiting()
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a filesystem without flock: go on unlocked
+            os.close(fd)
+            fd = None
+        except BaseException:  # Ctrl-C while waiting
+            os.close(fd)
+            raise
+    if fd is not None:
+        _HELD.add(key)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            _HELD.discard(key)
+            os.close(fd)  # releases the lock
+
+
 def convert(src, dst, dtype="bfloat16", force=False, show_progress=None, what="DST", hint="", announce=None,
             extra_files=None):
     """Validate SRC (a snapshot folder, or a repo id found in the local Hugging Face cache), then write
@@ -489,16 +542,20 @@ def convert(src, dst, dtype="bfloat16", force=False, show_progress=None, what="D
             if announce:
                 announce(dst, need)
             _write(src, tmp, cfg, found, plan, dtype, show_progress, extra_files or {})
-            old = tmp + ".old" if os.path.exists(dst) else None
-            if old:
-                os.rename(dst, old)
-                try:
+            with folder_lock(parent):  # another conversion into the same DST may finish at the same time
+                if os.path.exists(dst) and not force:
+                    raise dst_error("already exists: another process wrote it while this one converted (use --force "
+                                    "to replace it)")
+                old = tmp + ".old" if os.path.exists(dst) else None
+                if old:
+                    os.rename(dst, old)
+                    try:
+                        os.rename(tmp, dst)
+                    except BaseException:
+                        os.rename(old, dst)
+                        raise
+                else:
                     os.rename(tmp, dst)
-                except BaseException:
-                    os.rename(old, dst)
-                    raise
-            else:
-                os.rename(tmp, dst)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
@@ -518,14 +575,15 @@ def convert(src, dst, dtype="bfloat16", force=False, show_progress=None, what="D
 def _write(src, tmp, cfg, found, plan, dtype, show_progress, extra_files):
     total = sum((p.r1 - p.r0) * math.prod(found[p.theirs][1]["shape"][1:] or [1])
                 * np.dtype(phi4flash.SAFETENSORS_DTYPES[found[p.theirs][1]["dtype"]]).itemsize for p in plan)
-    show = total > (64 << 20) if show_progress is None else show_progress
+    # A bar only on a terminal: in a file or a pipe it is a line cut to 80 columns (the note says it all)
+    show = total > PROGRESS_BYTES and sys.stderr.isatty() if show_progress is None else show_progress
     if show:
         from rich.console import Console
         from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
         with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
                       TransferSpeedColumn(), TimeRemainingColumn(), transient=False,
                       console=Console(stderr=True)) as bar:
-            task = bar.add_task(f"converting {os.path.basename(src)}", total=total)
+            task = bar.add_task(f"converting {source_of(src)[1]}", total=total)  # a hub snapshot: its repo's name
             write_converted(os.path.join(tmp, "model.safetensors"), cfg, found, plan, dtype,
                             lambda n: bar.advance(task, n))
     else:
@@ -595,7 +653,7 @@ def meant_as_converted(path):
     """A folder the user gives that is a converted one, damaged or not: a model.safetensors and no
     config.json (which every Hugging Face snapshot has). Loading it names what is wrong with it."""
     return is_converted(path) or (os.path.isfile(os.path.join(path, "model.safetensors"))
-                                  and not os.path.exists(os.path.join(path, "config.json")))
+                                  and not os.path.lexists(os.path.join(path, "config.json")))
 
 
 # The conversion cache. An entry is named after the content it was made from, never after times:
@@ -681,11 +739,35 @@ def resolve_model(path, dtype="bfloat16", show_progress=None):
     root = cache_root()
     source, name = source_of(path)
     key = source_key(path, dtype)
+    entry = cached_entry(root, key)
+    if entry:
+        return entry
+    validate(path)  # a bad snapshot is its one line before anything is made or waited for
+    with contextlib.suppress(OSError):  # to lock it; a folder that cannot be made is convert()'s one-line error
+        os.makedirs(root, exist_ok=True)
+
+    def waiting():
+        print(f"note: another process is converting into {root}; waiting for it to finish", file=sys.stderr, flush=True)
+
+    with folder_lock(root, waiting):
+        entry = cached_entry(root, key)  # the process we waited for may have made it
+        if entry:
+            print(f"note: using {entry}, which the other process converted", file=sys.stderr)
+            return entry
+        return _convert_into_cache(path, root, source, name, key, dtype, show_progress)
+
+
+def cached_entry(root, key):
+    """The complete entry of content `key` in the cache folder, whatever its name (the same content converted
+    from this folder or another), or None."""
     made = [os.path.join(root, e) for e in (sorted(os.listdir(root)) if os.path.isdir(root) else [])
             if e.endswith(f"-{key[:16]}") and not e.startswith(".")]
-    for entry in made:  # the same content converted before, from this folder or another
-        if is_converted(entry):
-            return entry
+    return next((entry for entry in made if is_converted(entry)), None)
+
+
+def _convert_into_cache(path, root, source, name, key, dtype, show_progress):
+    """resolve_model's conversion, with the cache folder locked: -> the new entry. It replaces the entry of the
+    same source's older content."""
     dst = os.path.join(root, f"{name}-{key[:16]}")
     remove_stale_partials(root)
 

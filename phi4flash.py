@@ -7,7 +7,7 @@ Read top to bottom; the sections come in the paper's order, and `generate` (sect
   4. SwiGLU MLP                      9. sampling, and the Model: forward / new_cache / prefill / step / generate
   5. Mamba-1
 After the model:
- 10. the checkpoint's side files (tokenizer, stop ids, generation config)
+ 10. the API's arguments, checked; the checkpoint's side files (tokenizer, stop ids, generation config)
  11. fewer bytes per token on a CPU: how `linear` multiplies bf16 bits and int8 groups fast, and
      the bf16 K/V cache
 Appendix A: the GPU (CuPy + kernels.cu): the same layer loop on kernels, entered from Model.run only.
@@ -535,7 +535,7 @@ class KVCache:
     length: int = 0    # positions written so far
 
 
-@dataclass
+@dataclass(repr=False)
 class Cache:
     length: int = 0                                   # tokens the model has seen
     conv_state: dict = field(default_factory=dict)    # Mamba layer i -> (d_conv-1, d_inner): last raw inputs, oldest first
@@ -545,6 +545,11 @@ class Cache:
 
     def shared(self, cfg):  # the K/V every cross-attention layer reads
         return self.kv[cfg.kv_layer]
+
+    def __repr__(self):  # a summary: the default prints every state array
+        slots = next((kv.k.shape[1] for kv in self.kv.values() if kv.window is None), 0)
+        return (f"Cache(length {self.length}, {len(self.ssm_state)} Mamba states, {len(self.kv)} K/V buffers, "
+                f"shared K/V of {slots} slots)")
 
 
 def empty_cache(cfg, capacity, xp=np, kv_dtype="float32"):
@@ -703,7 +708,7 @@ def nucleus(probs, top_p):
 PREFILL_CHUNK = 512  # prompt tokens per extend(): activations stay a few MB (cache-friendly), memory stays flat
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)
 class Model:
     config: Config
     embed_tokens: object          # (V, D), float32, bf16 bits or Int8Weight; also the tied LM head
@@ -718,6 +723,11 @@ class Model:
     prefill_chunk: int = PREFILL_CHUNK  # prompt tokens per run(); larger on a GPU (CUDA_PREFILL_CHUNK)
     kv_dtype: str = "float32"     # the K/V cache: "float32" (exact) or "bfloat16" (bits, section 11)
 
+    def __repr__(self):  # a summary: the default prints every weight
+        c, weights = self.config, {"uint16": "bf16"}.get(str(self.embed_tokens.dtype), str(self.embed_tokens.dtype))
+        return (f"Model({c.num_hidden_layers} layers, hidden {c.hidden_size}, vocab {c.vocab_size}, context "
+                f"{c.context_length}, {weights} weights, {self.device}, {self.path!r})")
+
     def run(self, cache, ids, logits="last", trace=None):
         """The layer loop on this model's device: extend() on the CPU (with the BLAS threads section 11
         asks for), cuda_extend() on a GPU."""
@@ -730,7 +740,8 @@ class Model:
         """Full forward, every position, nothing cached between calls: (T, V) float32 logits.
         trace: a dict to fill with the named intermediates (appendix B); attn_probs=(layer, j) adds
         layers.{layer}.attn_probs (2, T, T), both softmax maps of differential head j."""
-        ids = check_ids(self, ids)
+        ids = check_ids(self, ids, room=None)
+        check_args(self, trace=trace)
         if attn_probs is not None:
             check_attn_probs(self.config, attn_probs)
             trace = {} if trace is None else trace
@@ -740,14 +751,18 @@ class Model:
         return logits
 
     def new_cache(self, capacity=256):
-        """An empty cache whose shared K/V has room for `capacity` tokens (it grows when full)."""
-        return empty_cache(self.config, capacity, get_xp(self.embed_tokens), self.kv_dtype)
+        """An empty cache whose shared K/V has room for `capacity` tokens (it grows when full, up to the
+        context: more is never needed)."""
+        check_args(self, capacity=capacity)
+        return empty_cache(self.config, min(capacity, self.config.context_length), get_xp(self.embed_tokens), self.kv_dtype)
 
     def prefill(self, ids, cache=None, logits=True, chunk=None):
         """Run the prompt (or a later chat turn) into `cache`: -> (last-token logits (V,), cache).
         It goes in chunks; only the last one runs the cross-decoder and the head, the ones before it
         just fill the cache. logits=False only fills the cache and returns (None, cache)."""
-        ids = check_ids(self, ids)
+        check_args(self, logits=logits, chunk=chunk)
+        check_cache(self, cache)
+        ids = check_ids(self, ids, room=cache)
         cache = cache if cache is not None else self.new_cache(len(ids) + 1024)  # room to decode without regrowing
         chunk = chunk or self.prefill_chunk
         for a in range(0, len(ids), chunk):
@@ -756,7 +771,8 @@ class Model:
 
     def step(self, cache, token):
         """One decode step: -> logits (V,) for the position after `token`."""
-        return to_numpy(self.run(cache, check_ids(self, [token])))[-1]
+        check_cache(self, cache, optional=False)
+        return to_numpy(self.run(cache, check_ids(self, [token], "token", room=cache)))[-1]
 
     def generate(self, ids, max_new_tokens=256, temperature=0.6, top_p=0.95, top_k=0, seed=None,
                  stop_ids=None, cache=None):
@@ -765,13 +781,12 @@ class Model:
         The prompt `ids` is fed on top of `cache` (a new one if None), then one token per step. Every
         yielded token except the last is in the cache when the loop ends; to continue a conversation,
         pass the same cache and start the next `ids` with that last token."""
+        check_args(self, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                   stop_ids=stop_ids)
+        check_cache(self, cache)
         stop_ids = set(self.stop_ids if stop_ids is None else stop_ids)
         rng = np.random.default_rng(seed)
-        ids = check_ids(self, ids)
-        limit, seen = self.config.context_length, 0 if cache is None else cache.length
-        if seen + len(ids) > limit:
-            raise Phi4FlashError(f"ids: {seen + len(ids)} tokens ({seen} in the cache + {len(ids)} new) do not fit the "
-                                 f"model's context of {limit} tokens")
+        ids, limit = check_ids(self, ids, room=cache), self.config.context_length
         logits, cache = self.prefill(ids, cache if cache is not None else self.new_cache(len(ids) + max_new_tokens))
         fed = list(ids)
         for n in range(max_new_tokens):
@@ -788,21 +803,10 @@ class Model:
             fed.append(token)
 
     def encode(self, text):
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return tokenizer_of(self).encode(check_text(text), add_special_tokens=False).ids
 
     def decode(self, ids):
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
-
-
-def check_ids(model, ids):
-    """Token ids from the user -> int64 array, or a one-line error."""
-    arr = np.asarray(ids)
-    if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
-        raise Phi4FlashError(f"ids: expected a non-empty 1-D sequence of token ids, got {arr.dtype} array of shape {arr.shape}")
-    bad = arr[(arr < 0) | (arr >= model.config.vocab_size)]
-    if bad.size:
-        raise Phi4FlashError(f"ids: token id {int(bad[0])} is outside the vocabulary [0, {model.config.vocab_size})")
-    return arr.astype(np.int64)
+        return tokenizer_of(self).decode(check_ids(self, ids, empty=True).tolist(), skip_special_tokens=False)
 
 
 def to_numpy(a):
@@ -810,11 +814,123 @@ def to_numpy(a):
 
 
 # ----------------------------------------------------------------------------------------------
-# 10. The checkpoint's side files: the tokenizer, the stop ids, the generation config
+# 10. The edges of the model: the API's arguments; the checkpoint's side files (the tokenizer, the
+# stop ids, the generation config)
+#
+# The Model's methods check what a caller passes with these, as the command lines check their flags:
+# a bad argument is one Phi4FlashError line naming it and what was expected, never an error from
+# deep inside NumPy, and nothing runs past the model's context.
+
+def _is_int(v):
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_number(v):
+    return (_is_int(v) or isinstance(v, (float, np.floating))) and not isinstance(v, (bool, np.bool_))
+
+
+API_ARGS = {  # argument -> (is it acceptable, given the model; what is expected)
+    "max_new_tokens": (lambda m, v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "temperature": (lambda m, v: _is_number(v) and 0 <= v < math.inf, "a finite number >= 0 (0 = greedy)"),
+    "top_p": (lambda m, v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "top_k": (lambda m, v: _is_int(v) and v >= 0, "an integer >= 0 (0 = off)"),
+    "seed": (lambda m, v: v is None or _is_int(v) and v >= 0, "None or an integer >= 0"),
+    "stop_ids": (lambda m, v: v is None or isinstance(v, (list, tuple, set, frozenset, np.ndarray))
+                 and all(_is_int(i) for i in v), "None or a list of token ids (integers)"),
+    "capacity": (lambda m, v: _is_int(v) and v >= 1, "an integer >= 1 (tokens)"),
+    "chunk": (lambda m, v: v is None or _is_int(v) and v >= 1, "None or an integer >= 1 (tokens per pass)"),
+    "logits": (lambda m, v: isinstance(v, (bool, np.bool_)), "True or False"),
+    "trace": (lambda m, v: v is None or isinstance(v, dict), "None or a dict to fill"),
+}
+
+
+def check_args(model, **args):
+    """Model's arguments, by name -> a one-line Phi4FlashError for the first that API_ARGS refuses."""
+    for name, value in args.items():
+        ok, expected = API_ARGS[name]
+        if not ok(model, value):
+            raise Phi4FlashError(f"{name}: expected {expected}, got {_shown(value)}")
+
+
+def _shown(value):
+    return repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+
+
+def check_cache(model, cache, optional=True):
+    """`cache` is one that new_cache() or prefill() of a model with this config made (or None, when optional)."""
+    if not (optional and cache is None or cache_matches(model.config, cache, KV_DTYPES[model.kv_dtype])):
+        raise Phi4FlashError(f"cache: expected {'None or ' if optional else ''}a cache made by this model's new_cache() "
+                             f"or prefill(), got {_shown(cache)}")
+
+
+def cache_matches(cfg, cache, kv_bits=np.float32):
+    """A Cache with the layers and shapes of this config and K/V stored as kv_bits (not one made for
+    another model, or for the same one loaded with another kv_dtype)."""
+    kinds = cfg.layer_kinds
+    return (isinstance(cache, Cache) and sorted(cache.ssm_state) == [i for i, k in enumerate(kinds) if k == "mamba"]
+            and sorted(cache.kv) == [i for i, k in enumerate(kinds) if k in ("swa", "full")]
+            and all(tuple(h.shape) == (cfg.d_inner, cfg.mamba_d_state) for h in cache.ssm_state.values())
+            and all(tuple(kv.k.shape[::2]) == (cfg.num_key_value_heads, cfg.head_dim) for kv in cache.kv.values())
+            and all(kv.k.dtype == kv_bits and kv.v.dtype == kv_bits for kv in cache.kv.values()))
+
+
+def check_ids(model, ids, name="ids", room=False, empty=False):
+    """Token ids from the user -> int64 array, or a one-line error naming `name`. room: a cache (None for
+    a new one) that the ids must fit into, with what it holds, within the model's context."""
+    arr = np.asarray(ids)
+    if arr.size == 0 and arr.ndim == 1 and empty:
+        return arr.astype(np.int64)
+    if isinstance(ids, (list, tuple)) and any(isinstance(i, (bool, np.bool_)) for i in ids):
+        raise Phi4FlashError(f"{name}: expected token ids (integers), got True/False among them")
+    if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
+        raise Phi4FlashError(f"{name}: expected a non-empty 1-D sequence of token ids, got {arr.dtype} array of shape {arr.shape}")
+    bad = arr[(arr < 0) | (arr >= model.config.vocab_size)]
+    if bad.size:
+        raise Phi4FlashError(f"{name}: token id {int(bad[0])} is outside the vocabulary [0, {model.config.vocab_size})")
+    limit, seen = model.config.context_length, getattr(room, "length", 0)
+    if room is not False and seen + arr.size > limit:
+        raise Phi4FlashError(f"{name}: {seen + arr.size} tokens ({seen} in the cache + {arr.size} new) do not fit the "
+                             f"model's context of {limit} tokens")
+    return arr.astype(np.int64)
+
+
+def check_text(text):
+    """Text to encode -> itself, or a one-line error: not a str, or not valid UTF-8 (Python keeps the bytes of
+    invalid UTF-8, from a command line or a pipe, as lone surrogates, U+DC80-U+DCFF; the tokenizer takes
+    none). invalid_utf8 says where."""
+    if not isinstance(text, str):
+        raise Phi4FlashError(f"text: expected a str, got {type(text).__name__}")
+    bad = invalid_utf8(text)
+    if bad:
+        raise Phi4FlashError(f"text: {bad}")
+    return text
+
+
+def invalid_utf8(text):
+    """'' for text that is valid UTF-8, else what is wrong and where, for a one-line message."""
+    try:
+        text.encode("utf-8")
+        return ""
+    except UnicodeEncodeError as e:
+        c = ord(text[e.start])
+        what = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"a lone surrogate U+{c:04X}"
+        return f"not valid UTF-8 text ({what} at character {e.start + 1})"
+
+
+def tokenizer_of(model):
+    if model.tokenizer is None:
+        raise Phi4FlashError(f"{os.path.join(model.path, 'tokenizer.json')}: missing, so there is no tokenizer to "
+                             "encode or decode text")
+    return model.tokenizer
+
 
 def read_side_files(model, folder):
     """tokenizer_config.json, generation_config.json and tokenizer.json, when present; a damaged one
-    is a one-line error naming it."""
+    is a one-line error naming it. A link whose target is gone (a Hugging Face cache that lost a blob)
+    is such an error too, never taken for an absent file: without tokenizer_config.json the chat
+    template would silently vanish."""
+    for name in ("tokenizer_config.json", "generation_config.json", "tokenizer.json"):
+        check_not_dangling(os.path.join(folder, name))
     for name in ("tokenizer_config.json", "generation_config.json"):
         path = os.path.join(folder, name)
         if os.path.exists(path):
@@ -837,6 +953,13 @@ def read_side_files(model, folder):
     else:
         model.token_mask = np.ones(model.config.vocab_size, bool)
         model.stop_ids = tuple(_as_list(model.files.get("generation_config.json", {}).get("eos_token_id")))
+
+
+def check_not_dangling(path, again="download or copy that file again"):
+    """A one-line error when `path` is a symbolic link whose target does not exist."""
+    if os.path.islink(path) and not os.path.exists(path):
+        raise Phi4FlashError(f"{path}: a broken link: its target {os.readlink(path)} is missing (a Hugging Face "
+                             f"cache whose file was deleted?); {again}")
 
 
 def _as_list(x):
@@ -2169,6 +2292,8 @@ def trace_rows(cfg):
 
 def check_attn_probs(cfg, attn_probs):
     """(layer, j) must name an attention layer and one of its H/2 differential heads."""
+    if not (isinstance(attn_probs, (tuple, list)) and len(attn_probs) == 2 and all(map(_is_int, attn_probs))):
+        raise Phi4FlashError(f"attn_probs: expected (layer, head), two integers, got {_shown(attn_probs)}")
     layer, j = attn_probs
     kinds = cfg.layer_kinds
     if not 0 <= layer < len(kinds) or kinds[layer] not in ("swa", "full", "cross"):
@@ -2322,23 +2447,37 @@ def save_npz(path, arrays):
             os.remove(tmp)
 
 
-def _convert_module():
-    """convert.py, which sits next to this file in a clone (it finds and converts Hugging Face folders)."""
+def trace_model(model):
+    """MODEL -> a converted folder. One (or its model.safetensors) is used as it is, which needs nothing
+    but this file, so it works from a `pip install .`. A Hugging Face snapshot or a repo id goes to
+    convert.py's resolve_model, which sits next to this file in a clone (a pip install has no convert.py)."""
+    file = os.path.join(model, "model.safetensors") if os.path.isdir(model) else model
+    if os.path.isfile(file):  # converted: no config.json (every snapshot has one; load names what else is wrong), or says so
+        if not os.path.lexists(os.path.join(os.path.dirname(file), "config.json")):
+            return model
+        with contextlib.suppress(OSError, Phi4FlashError):
+            if read_safetensors_header(file)[1].get("format") == FORMAT:
+                return model
     here = os.path.dirname(os.path.abspath(__file__))
     if not os.path.isfile(os.path.join(here, "convert.py")):
-        raise Phi4FlashError(f"MODEL: convert.py is not next to {__file__}; run the trace from a clone of phi4flash")
+        what = "a Hugging Face snapshot" if os.path.isdir(model) else "not a folder; a repo id"
+        raise Phi4FlashError(f"MODEL {model}: {what} needs convert.py to be converted first, and convert.py is not "
+                             f"next to {__file__} (a pip install has only the library); in a clone of phi4flash run: "
+                             f"python convert.py {model} CONVERTED, then trace CONVERTED")
     sys.path.insert(0, here)
     import convert
-    return convert
+    return convert.resolve_model(model)
 
 
 def trace_command(args):
     from rich.console import Console
     console = Console()
+    if not console.is_terminal:  # a file or a pipe: the table at its full width, not squeezed into 80 columns
+        console = Console(width=1000)
     ref = _load_npz(args.compare) if args.compare else None          # bad arguments fail before the model loads
     ids = _parse_ids(args.ids) if args.prompt is None else None
     attn_probs = _parse_attn_probs(args.attn_probs) if args.attn_probs else None
-    model = load(_convert_module().resolve_model(args.model))
+    model = load(trace_model(args.model))
     if args.prompt is not None:
         if model.tokenizer is None:
             raise Phi4FlashError(f"MODEL {args.model}: no tokenizer.json, so --prompt cannot be encoded; pass --ids")

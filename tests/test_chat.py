@@ -159,7 +159,8 @@ def test_commands(model, tmp_path):
     assert "temp 0.3 · top_p 0.95 · top_k 0 · max_tokens 60 · seed none · think on" in run(s, "/set")[1]
     run(s, "/set think off")
     assert s.settings.think is False
-    assert run(s, "/frobnicate")[1] == "unknown command /frobnicate; /help lists the commands\n"
+    assert run(s, "/frobnicate")[1] == ('unknown command /frobnicate; /help lists the commands (a message that starts '
+                                        'with / goes between """)\n')
     help_text = run(s, "/help")[1]
     for name in ("/help", "/clear", "/system", "/set", "/stats", "/save", "/load", "/exit", "/bye", '"""'):
         assert name in help_text

@@ -18,9 +18,10 @@ def test_no_console_scripts_are_declared():
     assert re.search(r'^py-modules = \["phi4flash"\]$', text, re.M)
 
 
-def test_a_plain_install_is_the_library_alone(tmp_path):
+def test_a_plain_install_is_the_library_alone(tmp_path, converted):
     """Build the wheel pip would install (from a copy of the sources, without network), install it into
-    a folder and import it from elsewhere."""
+    a folder and import it from elsewhere. Its trace command takes a converted folder; a snapshot needs
+    convert.py, which only a clone has, and the line says how."""
     try:
         import setuptools
     except ImportError:
@@ -42,6 +43,19 @@ def test_a_plain_install_is_the_library_alone(tmp_path):
                         str(tmp_path / "dist" / wheel)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert not os.path.exists(tmp_path / "site" / "bin")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site"), "PHI4FLASH_CACHE": str(tmp_path / "cache")}
     r = subprocess.run([sys.executable, "-c", "import phi4flash; print(phi4flash.__file__)"], capture_output=True,
-                       text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+                       text=True, cwd=tmp_path, env=env)
     assert r.returncode == 0 and r.stdout.strip() == str(tmp_path / "site" / "phi4flash.py"), r.stderr
+
+    def trace(model):
+        return subprocess.run([sys.executable, "-m", "phi4flash", "trace", str(model), "--ids", "5,68,417"],
+                              capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+
+    for model in (converted, os.path.join(converted, "model.safetensors")):  # a converted folder needs no converter
+        r = trace(model)
+        assert r.returncode == 0 and "trace of 3 tokens" in r.stdout and r.stderr == "", r.stderr
+    r = trace(os.path.join(ROOT, "tests", "fixtures", "tiny-phi4flash"))  # a snapshot does: the line says how
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "a Hugging Face snapshot needs convert.py to be converted first" in r.stderr
+    assert "in a clone of phi4flash run: python convert.py " in r.stderr and not os.path.exists(tmp_path / "cache")

@@ -325,14 +325,17 @@ def test_cli_model_folder_errors_are_one_line(tmp_path, what):
     assert str(model) in r.stderr
 
 
-def test_cli_ctrl_c_is_a_clean_one_line_stop(converted, tmp_path):
+def test_cli_ctrl_c_is_a_clean_one_line_stop(tmp_path):
     """SIGINT while the forward runs: one line, exit 130, no dump left behind."""
     import signal
     import time
+    from conftest import copy_snapshot
+    long_context = tmp_path / "long-context"  # the tiny model with a 32K context: forward refuses ids past it
+    convert.convert(copy_snapshot(tmp_path / "snapshot", max_position_embeddings=32768), str(long_context))
     ids = ",".join(["5", "68", "417"] * 8000)                                 # a forward of a few seconds
     dump = tmp_path / "dump.npz"
     env = dict(os.environ, PHI4FLASH_CACHE=str(tmp_path / "cache"))
-    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "phi4flash.py"), "trace", converted, "--ids", ids,
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "phi4flash.py"), "trace", str(long_context), "--ids", ids,
                           "--save", str(dump)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     time.sleep(2.0)
     assert p.poll() is None, "the forward finished before the signal: make it longer"
