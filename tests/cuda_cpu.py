@@ -20,6 +20,10 @@ exactly np.int32 / np.int64 / np.float32), block size against the kernel's __lau
 CUDA's limits, grid limits. Errors the runtime finds while running (a divergent barrier, a shuffle
 whose mask or width is wrong) raise KernelError naming the kernel, the block and the thread.
 
+cp.async (sm_80+) runs as CUDA's pipeline primitives, which cuda_on_cpu.h implements: a copy's
+destination holds the poison byte until the thread waits for it, and its source must lie inside
+one of the launch's array arguments.
+
 Options of a launch: order_seed shuffles the block order and the thread order between barriers (a
 race-free kernel gives bitwise the same result for every order); poison is the byte written over
 the kernel's __shared__ variables before each block (a kernel that reads shared memory it never
@@ -59,7 +63,7 @@ HEADER = os.path.join(SUPPORT, "cuda_on_cpu.h")
 RUNTIME = os.path.join(SUPPORT, "runtime.cpp")
 
 POINTERS = {"const float*": np.float32, "float*": np.float32, "const long long*": np.int64, "long long*": np.int64,
-            "const unsigned short*": np.uint16}
+            "const unsigned short*": np.uint16, "int*": np.int32}
 SCALARS = {"int": np.int32, "long long": np.int64, "float": np.float32}
 STRIDED = {"kv_head_stride": ("k", "v")}   # a scalar parameter giving the head stride of these pointers
 
@@ -359,6 +363,7 @@ class Kernels:
         self.lib.cuda_cpu_malloc.restype = ctypes.c_void_p
         self.lib.cuda_cpu_malloc.argtypes = [ctypes.c_size_t]
         self.lib.cuda_cpu_free.argtypes = [ctypes.c_void_p]
+        self.lib.cuda_cpu_set_arrays.argtypes = [ctypes.c_void_p, ctypes.c_int]
         self.exact_buffers = exact_buffers              # copy pointer arguments into exact-size mallocs (ASan)
         self.shared = self._shared_ranges()
         self.bounds, self.entries = {}, {}
@@ -432,7 +437,7 @@ class Kernels:
     @staticmethod
     def _check_strided(name, pname, a, named):
         stride = next(int(named[s]) for s, ptrs in STRIDED.items() if pname in ptrs)
-        want = (4 * stride, 4 * a.shape[2], 4) if a.ndim == 3 else None
+        want = (a.itemsize * stride, a.itemsize * a.shape[2], a.itemsize) if a.ndim == 3 else None
         if a.strides != want:
             raise KernelError(f"{name}: {pname} must be (heads, rows, hd) with contiguous rows and heads "
                               f"{stride} elements apart, got strides {a.strides}")
@@ -451,14 +456,16 @@ class Kernels:
         # As cudaLaunchKernel takes them: an array of pointers to the argument values, here one
         # 8-byte slot per argument (little-endian, so an int32 or float sits in the low 4 bytes).
         slots = (ctypes.c_uint64 * len(values))()
-        copies = []
+        copies, bounds = [], []
         for i, ((ctype, _), v) in enumerate(zip(self.kernels[name].params, values)):
             if isinstance(v, np.ndarray):
                 slots[i] = self._pointer(v, not ctype.startswith("const"), copies)
+                bounds += [slots[i], slots[i] + extent(v)]        # cp.async sources must lie in an argument
             else:
                 slots[i] = int(v.view(np.uint32 if v.itemsize == 4 else np.uint64))
         base = ctypes.addressof(slots)
         argv = (ctypes.c_void_p * len(values))(*range(base, base + 8 * len(values), 8))
+        self.lib.cuda_cpu_set_arrays((ctypes.c_uint64 * len(bounds))(*bounds), len(bounds) // 2)
         try:
             rc = self.entries[name](ctypes.byref(config), argv)
         finally:

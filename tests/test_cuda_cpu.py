@@ -251,6 +251,88 @@ def test_atomics_across_blocks_and_threads(selftest):
         assert np.array_equal(counts, np.bincount(x, minlength=10))
 
 
+def test_block_arrival_order_changes_with_the_seed(selftest):
+    """Shuffled block orders reach atomics: the tickets blocks take are a permutation of the blocks,
+    in index order without a seed, and in another order (another last block) for each seed. The
+    order depends only on the seed and the grid, so this probe tells which block of any launch
+    with that grid and seed runs last."""
+    lasts = set()
+    for seed in (None, 1, 2, 3):
+        order, counter = np.full(24, -1, np.int32), np.zeros(1, np.int32)
+        selftest.launch("arrivals", (8, 3), (32,), (order, counter), order_seed=seed)
+        assert sorted(order) == list(range(24)) and counter[0] == 24
+        if seed is None:
+            assert order.tolist() == list(range(24))
+        lasts.add(int(np.argmax(order)))
+    assert len(lasts) >= 3
+
+
+def test_cp_async_copies_land_at_the_wait(selftest):
+    """cp.async through the pipeline primitives: waited for and published by a barrier, every
+    thread reads its neighbour's copy, under any thread and block order and poison byte."""
+    x = np.arange(4 * 128, dtype=np.float32)
+    for seed, poison in ((None, 0xFF), (1, 0x00), (2, 0x7F)):
+        out = np.empty_like(x)
+        selftest.launch("copy_async_rotate", (2,), (64,), (x, out, np.int32(0)), order_seed=seed, poison=poison)
+        want = np.concatenate([np.roll(x[:256].reshape(64, 4), -1, 0), np.roll(x[256:].reshape(64, 4), -1, 0)])
+        assert np.array_equal(out, want.reshape(-1))
+
+
+@pytest.mark.parametrize("mode", [1, 2])
+def test_cp_async_reads_before_the_wait_or_its_barrier_read_poison(selftest, mode):
+    """Mode 1 reads its own destination before waiting, mode 2 its neighbour's before the barrier
+    that follows the neighbour's wait: both read the poison byte (NaN for 0xff), so the result
+    depends on the poison (and, for mode 2, on the thread order)."""
+    x = np.arange(4 * 64, dtype=np.float32)
+    outs = []
+    for seed, poison in ((None, 0xFF), (None, 0x00), (3, 0xFF)):
+        out = np.empty_like(x)
+        selftest.launch("copy_async_rotate", (1,), (64,), (x, out, np.int32(mode)), order_seed=seed, poison=poison)
+        outs.append(out)
+    assert np.isnan(outs[0]).any() and not np.isnan(outs[1]).any()
+    assert not bitwise_equal(outs[0], outs[1])
+    if mode == 1:                                                        # every thread reads before its wait
+        assert np.isnan(outs[0]).all() and not outs[1].any()
+    else:                                                                # in index order, the neighbours had not waited yet
+        assert np.isnan(outs[0][:4 * 63]).all() and not bitwise_equal(outs[0], outs[2])
+
+
+def test_cp_async_wait_prior_leaves_the_newest_groups_pending(selftest):
+    x = np.arange(128, dtype=np.float32) + 1
+    out = np.empty(3 * 64, np.float32)
+    selftest.launch("copy_async_groups", (1,), (64,), (x, out), poison=0x00)
+    a, b_early, b_late = out.reshape(64, 3).T
+    assert np.array_equal(a, x[:64]) and not b_early.any() and np.array_equal(b_late, x[64:])
+
+
+@pytest.mark.parametrize("args,message", [
+    ((0, 16, 0), None),
+    ((1, 16, 0), r"16-byte copy from 0x[0-9a-f]+ to 0x[0-9a-f]+: both must be 16-byte aligned"),
+    ((4, 16, 0), r"the source 0x[0-9a-f]+ \(\+16 bytes\) is outside every array argument of the launch"),
+    ((0, 12, 0), r"12 bytes; a copy is 4, 8 or 16"),
+    ((0, 16, 1), r"the destination 0x[0-9a-f]+ is not in shared memory"),
+])
+def test_cp_async_copies_are_checked_when_issued(selftest, args, message):
+    """Alignment, size, a shared destination, and a source inside an array argument (x has 32
+    floats: from offset 4 the last thread's copy reads 16 bytes past its end)."""
+    x, out = np.arange(32, dtype=np.float32), np.zeros(32, np.float32)
+    launch_args = (x, out, *(np.int32(a) for a in args))
+    if message is None:
+        selftest.launch("copy_async_from", (1,), (8,), launch_args)
+        assert np.array_equal(out[::4], x[::4])
+        return
+    with pytest.raises(cuda_cpu.KernelError, match=r"^copy_async_from: block \(0,0,0\) thread \(\d+,0,0\): "
+                                                   r"cp.async \(selftest.cu:\d+\): " + message):
+        selftest.launch("copy_async_from", (1,), (8,), launch_args)
+
+
+def test_a_thread_that_never_waits_for_its_copies_is_reported(selftest):
+    x = np.arange(4 * 32, dtype=np.float32)
+    with pytest.raises(cuda_cpu.KernelError, match=r"thread \(\d+,0,0\): exits with 1 cp.async copies it never "
+                                                   r"waited for \(the first issued at selftest.cu:\d+\)"):
+        selftest.launch("copy_async_rotate", (1,), (32,), (x, np.empty_like(x), np.int32(3)))
+
+
 def test_denormals_are_flushed_inside_a_launch_only(selftest):
     """FTZ/DAZ as -ftz=true: a denormal product and a denormal input become 0 in the kernel; the
     floating-point mode is restored afterwards (NumPy still sees the denormal)."""
