@@ -118,21 +118,56 @@ def _top_level_split(text):
     return parts + [cur] if cur.strip() else parts
 
 
-def barrier_lines(src, name):
-    """Source lines of the plain __syncthreads() calls in kernel `name`'s body, in order."""
+def _bodies(lines, name):
+    """[(first line, last line)] of every definition of __global__ / __device__ function `name`
+    (overloads and template instances share a name), 0-based."""
+    found = []
+    for start, line in enumerate(lines):
+        if not (re.search(rf"\b{name}\(", line.split("//")[0]) and
+                re.search(r"__global__|__device__", " ".join(lines[max(0, start - 1):start + 1]))):
+            continue
+        depth, opened = 0, False
+        for i in range(start, len(lines)):
+            code = lines[i].split("//")[0]
+            if not opened and ";" in code and "{" not in code and ")" in code:
+                break                                          # a declaration, not a definition
+            depth += code.count("{") - code.count("}")
+            opened = opened or "{" in code
+            if opened and depth == 0:
+                found.append((start, i))
+                break
+    return found
+
+
+def barrier_sites(src, name):
+    """The plain __syncthreads() calls kernel `name` runs, as (source line, the function it is
+    written in, its rank there), in order: its body's, then, in the order they are first called,
+    those of the __device__ functions it calls (a template instance's body, a merge step,
+    block_sum), followed through their calls in turn."""
     lines = src.split("\n")
-    start = next(i for i, line in enumerate(lines) if re.search(rf"\b{name}\(", line) and "__global__" in
-                 " ".join(lines[max(0, i - 1):i + 1]))
-    depth, found, opened = 0, [], False
-    for i in range(start, len(lines)):
-        code = lines[i].split("//")[0]
-        if opened and re.search(r"__syncthreads\(\)", code):
-            found.append(i + 1)
-        depth += code.count("{") - code.count("}")
-        opened = opened or "{" in code
-        if opened and depth == 0:
-            return found
-    raise ValueError(f"no body for {name}")
+    found, seen, todo = [], {name}, [name]
+    while todo:
+        function = todo.pop(0)
+        bodies = _bodies(lines, function)
+        if not bodies and function == name:
+            raise ValueError(f"no body for {name}")
+        rank = 0
+        for first, last in bodies:
+            for i in range(first + 1, last + 1):
+                code = lines[i].split("//")[0]
+                if re.search(r"__syncthreads\(\)", code):
+                    rank += 1
+                    found.append((i + 1, function, rank))
+                for callee in re.findall(r"\b(\w+)\s*(?:<[^;{}()]*>)?\s*\(", code):
+                    if callee not in seen and _bodies(lines, callee):
+                        seen.add(callee)
+                        todo.append(callee)
+    return found
+
+
+def barrier_lines(src, name):
+    """Source lines of the plain __syncthreads() calls kernel `name` runs (barrier_sites), in order."""
+    return [line for line, _, _ in barrier_sites(src, name)]
 
 
 def parse_kernels(src):
