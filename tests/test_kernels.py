@@ -571,13 +571,25 @@ def test_gpu_conv_and_scan_kernels_equal_twins(T):
 
 
 @pytest.mark.parametrize("H,H_kv,hd,T,past,window", PREFILL_CASES + [(40, 20, 64, 2048, 0, 512), (40, 20, 64, 1, 4095, None),
-                                                                     (40, 20, 64, 1, 600, 512)])
+                                                                     (40, 20, 64, 1, 32767, None), (40, 20, 64, 1, 600, 512)])
 def test_gpu_attention_kernels_equal_twins(H, H_kv, hd, T, past, window):
     cupy = gpu_or_skip()
     rng = np.random.default_rng(T + past)
     q, k, v, qpos, kpos, subln = attention_case(rng, H, H_kv, hd, T, past, window)
     host, dev, _, _ = on_both(cupy, pf.cuda_attend, q, k, v, qpos, kpos, window, np.float32(0.3), 0.6, subln)
     assert_close(host, dev, tol=1e-5, what="attention")
+
+
+@pytest.mark.parametrize("H,H_kv,hd,T,past,window", [(8, 4, 8, 37, 0, 8), (40, 20, 64, 2048, 0, 512),
+                                                     (40, 20, 64, 1, 32767, None), (40, 20, 64, 1, 600, 512)])
+def test_gpu_attention_kernels_read_bf16_kv_bits(H, H_kv, hd, T, past, window):
+    """The bf16 instances on the device (this GPU's split count) against their twins (CPU_SMS)."""
+    cupy = gpu_or_skip()
+    rng = np.random.default_rng(T + past + 1)
+    q, k, v, qpos, kpos, subln = attention_case(rng, H, H_kv, hd, T, past, window)
+    k, v = pf.f32_to_bf16(k), pf.f32_to_bf16(v)
+    host, dev, _, _ = on_both(cupy, pf.cuda_attend, q, k, v, qpos, kpos, window, np.float32(0.3), 0.6, subln)
+    assert_close(host, dev, tol=1e-5, what="attention, bf16 K/V")
 
 
 @pytest.mark.parametrize("rows,out,inp", [(1, 2560, 10240), (1, 10240, 2560), (8, 160, 5120), (3, 37, 4), (20, 300, 256)])
