@@ -7,8 +7,8 @@
 // attend, linear).
 //
 // Conventions
-//   * Everything is float32, except bf16 weights, which stay as their raw 16 bits (unsigned short)
-//     and are widened exactly (bits << 16) right before use. No fp16 anywhere.
+//   * Everything is float32, except bf16 weights and a bf16 K/V cache, which stay as their raw 16
+//     bits (unsigned short) and are widened exactly (bits << 16) right before use. No fp16 anywhere.
 //   * Arrays are row-major, as the NumPy shapes in each header say; sizes arrive as int arguments.
 //   * Positions are long long (NumPy int64), -1 marks an empty cache slot (KVCache.pos).
 //   * The glossary letters are phi4flash.py's: T tokens, S key slots, d_inner, d_state (N),
