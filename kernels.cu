@@ -7,8 +7,8 @@
 // attend, linear).
 //
 // Conventions
-//   * Everything is float32, except bf16 weights, which stay as their raw 16 bits (unsigned short)
-//     and are widened exactly (bits << 16) right before use. No fp16 anywhere.
+//   * Everything is float32, except bf16 weights and a bf16 K/V cache, which stay as their raw 16
+//     bits (unsigned short) and are widened exactly (bits << 16) right before use. No fp16 anywhere.
 //   * Arrays are row-major, as the NumPy shapes in each header say; sizes arrive as int arguments.
 //   * Positions are long long (NumPy int64), -1 marks an empty cache slot (KVCache.pos).
 //   * The glossary letters are phi4flash.py's: T tokens, S key slots, d_inner, d_state (N),
@@ -249,17 +249,75 @@ extern "C" __global__ void scan_step(const float* x, const float* xdbc, const fl
 //   O_j = RMSNorm(A1_j − λ A2_j) ⊙ subln · (1 − λ_init),   written to output features [j·2hd, (j+1)·2hd)
 // A key s is visible to a query at position p iff kpos[s] >= 0, kpos[s] <= p and, with a window,
 // kpos[s] > p − W (W keys, the current one included). Scores are q·k / sqrt(hd), softmax in fp32.
-
-__device__ __forceinline__ void store4(float* dst, float4 v) {   // to shared rows that are not 16-byte aligned
-    dst[0] = v.x, dst[1] = v.y, dst[2] = v.z, dst[3] = v.w;
-}
+// K and V arrive as the cache holds them (phi4flash.py, section 11): float32, or bf16 bits
+// (kv_dtype "bfloat16"), widened exactly where they are used; each kernel has an instance per type.
 
 __device__ __forceinline__ bool key_visible(long long key_pos, long long query_pos, int window) {
     return key_pos >= 0 && key_pos <= query_pos && (window == 0 || key_pos > query_pos - window);
 }
 
+__device__ __forceinline__ float widen(float x) { return x; }
+__device__ __forceinline__ float widen(unsigned short bits) { return bf16_bits_to_float(bits); }
+
+// q[0..7] · k[0..7] for 8 consecutive features, k in shared memory (16-byte aligned), q float32
+__device__ __forceinline__ float dot8_row(const float* q, const float* k) {
+    const float4 a = reinterpret_cast<const float4*>(q)[0], b = reinterpret_cast<const float4*>(q)[1];
+    const float4 x = reinterpret_cast<const float4*>(k)[0], y = reinterpret_cast<const float4*>(k)[1];
+    return a.x * x.x + a.y * x.y + a.z * x.z + a.w * x.w + b.x * y.x + b.y * y.y + b.z * y.z + b.w * y.w;
+}
+
+__device__ __forceinline__ float dot8_row(const float* q, const unsigned short* k) {
+    const float4 a = reinterpret_cast<const float4*>(q)[0], b = reinterpret_cast<const float4*>(q)[1];
+    const uint4 w = *reinterpret_cast<const uint4*>(k);
+    return a.x * bf16_bits_to_float(w.x & 0xffffu) + a.y * bf16_bits_to_float(w.x >> 16) +
+           a.z * bf16_bits_to_float(w.y & 0xffffu) + a.w * bf16_bits_to_float(w.y >> 16) +
+           b.x * bf16_bits_to_float(w.z & 0xffffu) + b.y * bf16_bits_to_float(w.z >> 16) +
+           b.z * bf16_bits_to_float(w.w & 0xffffu) + b.w * bf16_bits_to_float(w.w >> 16);
+}
+
+// Asynchronous copies global -> shared (cp.async, sm_80+): copy_async<BYTES> issues a copy that
+// runs while the thread goes on, copy_async_commit closes this thread's group of copies, and
+// copy_async_wait<N> waits until at most the N newest groups are still in flight. Each thread
+// waits for its own copies only: a __syncthreads() after the wait publishes the block's. 16-byte
+// copies bypass L1 (.cg: a block reads each K/V row once). Below sm_80 a copy is a plain load and
+// store and waiting does nothing. Where kernels.cu runs on the CPU (tests/cuda_cpu) the three are
+// CUDA's pipeline primitives, which the harness implements: a copy lands at the wait, and its
+// destination holds poison until then.
+template <int BYTES> __device__ __forceinline__ void copy_async(void* dst, const void* src) {
+    static_assert(BYTES == 8 || BYTES == 16, "copy_async: 8 or 16 bytes");
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const unsigned int shared_dst = (unsigned int)__cvta_generic_to_shared(dst);
+    if (BYTES == 16)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(shared_dst), "l"(src) : "memory");
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(shared_dst), "l"(src) : "memory");
+#elif defined(__CUDA_ARCH__)
+    if (BYTES == 16) *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+    else *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(src);
+#else
+    __pipeline_memcpy_async(dst, src, BYTES);
+#endif
+}
+
+__device__ __forceinline__ void copy_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#elif !defined(__CUDA_ARCH__)
+    __pipeline_commit();
+#endif
+}
+
+template <int N> __device__ __forceinline__ void copy_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#elif !defined(__CUDA_ARCH__)
+    __pipeline_wait_prior(N);
+#endif
+}
+
 // ------------------------------------------------------------------------------------------------
-// 4. attention_prefill: tiled differential attention with an online softmax (flash-style).
+// 4. attention_prefill_f32 / attention_prefill_bf16: tiled differential attention with an online
+//    softmax (flash-style), K/V float32 or bf16 bits.
 //
 //   q (H, T, hd); k, v (H_kv, S, hd) with head stride kv_head_stride elements (so a prefix view of
 //   the shared buffer needs no copy); qpos (T,); kpos (S,) ascending (keys in time order);
@@ -268,7 +326,7 @@ __device__ __forceinline__ bool key_visible(long long key_pos, long long query_p
 //   vectors: BQ = 64 / (2G) consecutive query rows × the group's 2G heads, vector v = s·32 + row·G + r.
 //   Thread 0 binary-searches kpos once for the keys the block's rows can see ([lo, hi), as attend
 //   slices them), then the block walks them in tiles of PREFILL_KEYS = 16:
-//     load K (both stripes) and V of the tile into shared memory;
+//     load K (both stripes) and V of the tile into shared memory (bf16 widened on the way);
 //     scores for 64 vectors × 16 keys (4 per thread), masked per (query, key) by position;
 //     threads 0..63 each run the online-softmax update of one vector: m' = max(m, tile max),
 //       p = exp(score − m'), l = l·exp(m − m') + Σp, and publish the rescale factor exp(m − m');
@@ -276,29 +334,34 @@ __device__ __forceinline__ bool key_visible(long long key_pos, long long query_p
 //       acc = acc·rescale + Σ p·V[:, f], the accumulators in registers (hd/2 of them, <= 32).
 //   A thread holding a stripe-1 vector also holds its stripe-2 twin (32 vectors later), so the
 //   difference A1 − λ A2 is formed in registers; the RMS over 2hd features is a warp reduction.
-//   Requires hd a power of two in [4, 64] and 2G dividing 64.
+//   Requires hd a power of two in [8, 64] and 2G dividing 64.
 // Traffic: q read once and out written once (8 · T · H · hd bytes); each block reads the K/V rows
 //   its rows can see, BQ + W − 1 keys for a window (from L2 when neighbouring blocks share them):
-//   about 16 · hd · (BQ + W) · (T / BQ) · H_kv / 2 bytes.
+//   about 4 · hd · sizeof(K/V) · (BQ + W) · (T / BQ) · H_kv / 2 bytes.
 #define PREFILL_THREADS 256
 #define PREFILL_VECTORS 64
 #define PREFILL_KEYS 16
 #define MAX_HEAD_DIM 64
-extern "C" __global__ void __launch_bounds__(PREFILL_THREADS)
-attention_prefill(const float* q, const float* k, const float* v, const long long* qpos, const long long* kpos,
-                  const float* lambda, const float* subln, float* out, int T, int S, int H, int H_kv, int head_dim,
-                  long long kv_head_stride, int window, float lambda_init, float eps) {
-    __shared__ float s_q[PREFILL_VECTORS][MAX_HEAD_DIM];     // reused for the differences at the end
-    __shared__ float s_k[2][PREFILL_KEYS][MAX_HEAD_DIM + 1];  // +1: the 16 keys of a score row hit 16 banks
-    __shared__ float s_v[PREFILL_KEYS][2 * MAX_HEAD_DIM];
-    __shared__ float s_p[PREFILL_VECTORS][PREFILL_KEYS + 1];
-    __shared__ float s_rescale[PREFILL_VECTORS];
-    __shared__ float s_l[PREFILL_VECTORS];
-    __shared__ float s_inv_rms[PREFILL_VECTORS / 2];
-    __shared__ long long s_kpos[PREFILL_KEYS];
-    __shared__ long long s_qpos[PREFILL_VECTORS];
-    __shared__ int s_range[2];
 
+struct PrefillShared {
+    float q[PREFILL_VECTORS][MAX_HEAD_DIM];              // reused for the differences at the end
+    float k[2][PREFILL_KEYS][MAX_HEAD_DIM + 1];          // +1: the 16 keys of a score row hit 16 banks
+    float v[PREFILL_KEYS][2 * MAX_HEAD_DIM];
+    float p[PREFILL_VECTORS][PREFILL_KEYS + 1];
+    float rescale[PREFILL_VECTORS];
+    float l[PREFILL_VECTORS];
+    float inv_rms[PREFILL_VECTORS / 2];
+    long long kpos[PREFILL_KEYS];
+    long long qpos[PREFILL_VECTORS];
+    int range[2];
+};
+
+template <typename KV>
+__device__ __forceinline__ void attention_prefill(const float* q, const KV* k, const KV* v, const long long* qpos,
+                                                  const long long* kpos, const float* lambda, const float* subln,
+                                                  float* out, int T, int S, int H, int H_kv, int head_dim,
+                                                  long long kv_head_stride, int window, float lambda_init, float eps,
+                                                  PrefillShared& sh) {
     const int G = H / H_kv, hd = head_dim, F2 = 2 * head_dim;
     const int rows = PREFILL_VECTORS / (2 * G);              // BQ query rows per block
     const int g = blockIdx.y;
@@ -311,18 +374,18 @@ attention_prefill(const float* q, const float* k, const float* v, const long lon
         int vec = i / hd, d = i % hd;
         int s = vec / 32, row = (vec % 32) / G, r = vec % G;
         int t = t0 + row, head = 2 * (g * G + r) + s;
-        s_q[vec][d] = t < T ? q[((long long)head * T + t) * hd + d] : 0.0f;
+        sh.q[vec][d] = t < T ? q[((long long)head * T + t) * hd + d] : 0.0f;
     }
-    if (tid < rows) s_qpos[tid] = t0 + tid < T ? qpos[t0 + tid] : -1;
+    if (tid < rows) sh.qpos[tid] = t0 + tid < T ? qpos[t0 + tid] : -1;
     if (tid == 0) {                                          // keys [lo, hi) that rows t0.. can see
         int last = min(T, t0 + rows) - 1;
         long long first_needed = window ? qpos[t0] - window + 1 : -1;
         int lo = 0, hi = S;
         while (lo < hi) { int mid = (lo + hi) / 2; if (kpos[mid] < first_needed) lo = mid + 1; else hi = mid; }
-        s_range[0] = window ? lo : 0;
-        lo = s_range[0]; hi = S;
+        sh.range[0] = window ? lo : 0;
+        lo = sh.range[0]; hi = S;
         while (lo < hi) { int mid = (lo + hi) / 2; if (kpos[mid] <= qpos[last]) lo = mid + 1; else hi = mid; }
-        s_range[1] = lo;
+        sh.range[1] = lo;
     }
     __syncthreads();
 
@@ -337,49 +400,49 @@ attention_prefill(const float* q, const float* k, const float* v, const long lon
     for (int a = 0; a < 32; a++) acc[a] = 0.0f;
     float m = neg_inf(), l = 0.0f;                           // softmax state of vector tid (tid < 64)
 
-    for (int k0 = s_range[0]; k0 < s_range[1]; k0 += PREFILL_KEYS) {
-        int n_keys = min(PREFILL_KEYS, s_range[1] - k0);
+    for (int k0 = sh.range[0]; k0 < sh.range[1]; k0 += PREFILL_KEYS) {
+        int n_keys = min(PREFILL_KEYS, sh.range[1] - k0);
         for (int i = tid; i < PREFILL_KEYS * hd; i += PREFILL_THREADS) {
             int kk = i / hd, d = i % hd;
             bool ok = kk < n_keys;
             long long row = (long long)(k0 + kk) * hd + d;
-            s_k[0][kk][d] = ok ? k[(2 * g) * kv_head_stride + row] : 0.0f;
-            s_k[1][kk][d] = ok ? k[(2 * g + 1) * kv_head_stride + row] : 0.0f;
-            s_v[kk][d] = ok ? v[(2 * g) * kv_head_stride + row] : 0.0f;
-            s_v[kk][hd + d] = ok ? v[(2 * g + 1) * kv_head_stride + row] : 0.0f;
+            sh.k[0][kk][d] = ok ? widen(k[(2 * g) * kv_head_stride + row]) : 0.0f;
+            sh.k[1][kk][d] = ok ? widen(k[(2 * g + 1) * kv_head_stride + row]) : 0.0f;
+            sh.v[kk][d] = ok ? widen(v[(2 * g) * kv_head_stride + row]) : 0.0f;
+            sh.v[kk][hd + d] = ok ? widen(v[(2 * g + 1) * kv_head_stride + row]) : 0.0f;
         }
-        if (tid < PREFILL_KEYS) s_kpos[tid] = tid < n_keys ? kpos[k0 + tid] : -1;
+        if (tid < PREFILL_KEYS) sh.kpos[tid] = tid < n_keys ? kpos[k0 + tid] : -1;
         __syncthreads();
         for (int i = tid; i < PREFILL_VECTORS * PREFILL_KEYS; i += PREFILL_THREADS) {
             int vec = i / PREFILL_KEYS, kk = i % PREFILL_KEYS;
             int s = vec / 32, row = (vec % 32) / G;
             float score = neg_inf();
-            if (key_visible(s_kpos[kk], s_qpos[row], window)) {
+            if (key_visible(sh.kpos[kk], sh.qpos[row], window)) {
                 float dot = 0.0f;
-                for (int d = 0; d < hd; d++) dot += s_q[vec][d] * s_k[s][kk][d];
+                for (int d = 0; d < hd; d++) dot += sh.q[vec][d] * sh.k[s][kk][d];
                 score = dot * scale;
             }
-            s_p[vec][kk] = score;
+            sh.p[vec][kk] = score;
         }
         __syncthreads();
         if (tid < PREFILL_VECTORS) {
             float tile_max = neg_inf();
-            for (int kk = 0; kk < PREFILL_KEYS; kk++) tile_max = fmaxf(tile_max, s_p[tid][kk]);
+            for (int kk = 0; kk < PREFILL_KEYS; kk++) tile_max = fmaxf(tile_max, sh.p[tid][kk]);
             float m_new = fmaxf(m, tile_max);
             float rescale = 1.0f, sum = 0.0f;
             if (m_new != neg_inf()) {                        // else nothing visible yet: keep acc = 0
                 rescale = expf(m - m_new);                   // exp(-inf) = 0 on the first visible tile
                 for (int kk = 0; kk < PREFILL_KEYS; kk++) {
-                    float p = expf(s_p[tid][kk] - m_new);
-                    s_p[tid][kk] = p;
+                    float p = expf(sh.p[tid][kk] - m_new);
+                    sh.p[tid][kk] = p;
                     sum += p;
                 }
             } else {
-                for (int kk = 0; kk < PREFILL_KEYS; kk++) s_p[tid][kk] = 0.0f;
+                for (int kk = 0; kk < PREFILL_KEYS; kk++) sh.p[tid][kk] = 0.0f;
             }
             l = l * rescale + sum;
             m = m_new;
-            s_rescale[tid] = rescale;
+            sh.rescale[tid] = rescale;
         }
         __syncthreads();
 #pragma unroll
@@ -388,38 +451,38 @@ attention_prefill(const float* q, const float* k, const float* v, const long lon
                 int vec = first_vec + a * vec_step;          // stripe 1; vec + 32 is its stripe-2 twin
                 float sum1 = 0.0f, sum2 = 0.0f;
                 for (int kk = 0; kk < PREFILL_KEYS; kk++) {
-                    sum1 += s_p[vec][kk] * s_v[kk][f];
-                    sum2 += s_p[vec + 32][kk] * s_v[kk][f];
+                    sum1 += sh.p[vec][kk] * sh.v[kk][f];
+                    sum2 += sh.p[vec + 32][kk] * sh.v[kk][f];
                 }
-                acc[a] = acc[a] * s_rescale[vec] + sum1;
-                acc[16 + a] = acc[16 + a] * s_rescale[vec + 32] + sum2;
+                acc[a] = acc[a] * sh.rescale[vec] + sum1;
+                acc[16 + a] = acc[16 + a] * sh.rescale[vec + 32] + sum2;
             }
         }
-        __syncthreads();                                     // the next tile overwrites s_k, s_v, s_p
+        __syncthreads();                                     // the next tile overwrites sh.k, sh.v, sh.p
     }
 
-    if (tid < PREFILL_VECTORS) s_l[tid] = l;
+    if (tid < PREFILL_VECTORS) sh.l[tid] = l;
     __syncthreads();
-    // A1 − λ A2 for pair vector vec < 32 (stripe 1) and vec + 32 (its stripe-2 twin), into s_q.
-    float (*s_diff)[2 * MAX_HEAD_DIM] = reinterpret_cast<float (*)[2 * MAX_HEAD_DIM]>(&s_q[0][0]);
+    // A1 − λ A2 for pair vector vec < 32 (stripe 1) and vec + 32 (its stripe-2 twin), into sh.q.
+    float (*diff)[2 * MAX_HEAD_DIM] = reinterpret_cast<float (*)[2 * MAX_HEAD_DIM]>(&sh.q[0][0]);
     const float lam = lambda[0];
 #pragma unroll
     for (int a = 0; a < 16; a++) {
         if (a < n_pairs) {
             int vec = first_vec + a * vec_step;
-            float l1 = s_l[vec], l2 = s_l[vec + 32];
+            float l1 = sh.l[vec], l2 = sh.l[vec + 32];
             float a1 = l1 > 0.0f ? acc[a] / l1 : 0.0f;
             float a2 = l2 > 0.0f ? acc[16 + a] / l2 : 0.0f;
-            s_diff[vec][f] = a1 - lam * a2;
+            diff[vec][f] = a1 - lam * a2;
         }
     }
     __syncthreads();
     const int warp = tid / WARP, lane = tid % WARP;
     for (int pair = warp; pair < PREFILL_VECTORS / 2; pair += PREFILL_THREADS / WARP) {
         float ss = 0.0f;
-        for (int ff = lane; ff < F2; ff += WARP) ss += s_diff[pair][ff] * s_diff[pair][ff];
+        for (int ff = lane; ff < F2; ff += WARP) ss += diff[pair][ff] * diff[pair][ff];
         ss = group_sum(ss, WARP);
-        if (lane == 0) s_inv_rms[pair] = 1.0f / sqrtf(ss / F2 + eps);
+        if (lane == 0) sh.inv_rms[pair] = 1.0f / sqrtf(ss / F2 + eps);
     }
     __syncthreads();
     for (int i = tid; i < (PREFILL_VECTORS / 2) * F2; i += PREFILL_THREADS) {
@@ -427,123 +490,228 @@ attention_prefill(const float* q, const float* k, const float* v, const long lon
         int row = pair / G, r = pair % G, t = t0 + row;
         if (t < T)
             out[(long long)t * H * hd + (g * G + r) * F2 + ff] =
-                s_diff[pair][ff] * s_inv_rms[pair] * subln[ff] * (1.0f - lambda_init);
+                diff[pair][ff] * sh.inv_rms[pair] * subln[ff] * (1.0f - lambda_init);
     }
 }
 
+extern "C" __global__ void __launch_bounds__(PREFILL_THREADS)
+attention_prefill_f32(const float* q, const float* k, const float* v, const long long* qpos, const long long* kpos,
+                      const float* lambda, const float* subln, float* out, int T, int S, int H, int H_kv,
+                      int head_dim, long long kv_head_stride, int window, float lambda_init, float eps) {
+    __shared__ PrefillShared sh;
+    attention_prefill(q, k, v, qpos, kpos, lambda, subln, out, T, S, H, H_kv, head_dim, kv_head_stride, window,
+                      lambda_init, eps, sh);
+}
+
+extern "C" __global__ void __launch_bounds__(PREFILL_THREADS)
+attention_prefill_bf16(const float* q, const unsigned short* k, const unsigned short* v, const long long* qpos,
+                       const long long* kpos, const float* lambda, const float* subln, float* out, int T, int S, int H,
+                       int H_kv, int head_dim, long long kv_head_stride, int window, float lambda_init, float eps) {
+    __shared__ PrefillShared sh;
+    attention_prefill(q, k, v, qpos, kpos, lambda, subln, out, T, S, H, H_kv, head_dim, kv_head_stride, window,
+                      lambda_init, eps, sh);
+}
+
 // ------------------------------------------------------------------------------------------------
-// 5a. attention_decode_split: one query token over a long K/V, the keys split across blocks.
+// 5a. attention_decode_f32 / attention_decode_bf16: one query token over the live keys of a K/V
+//     cache, split across blocks and merged by the last block of each KV group (5b).
 //
 //   q (H, hd) for the one token at position qpos[0] (a device scalar, so a CUDA graph can replay
-//   the step); k, v (H_kv, S, hd) with head stride kv_head_stride, kpos (S,) in any order (the
-//   W-slot ring of a sliding layer, or the shared buffer of layer L/2+1, -1 = empty slot)
-//   -> for each split and query head: partial_m (running max of the scaled scores), partial_l
-//   (sum of exp(score − m)) and partial_acc (2hd, the unnormalised exp-weighted sum of [v1 ‖ v2]).
-//   Layout: partial_m, partial_l (n_splits, H); partial_acc (n_splits, H, 2hd).
-// Mapping: grid (n_splits, H_kv / 2), block DECODE_THREADS. Block (split, g) takes keys
-//   [split · keys_per_split, ...) (keys_per_split <= DECODE_THREADS, a multiple of DECODE_KEYS = 32):
-//   thread i loads key i's position, and warp w votes whether tile w (keys 32w .. 32w + 31) has a
-//   visible key, so a tile with none (empty ring slots, slots past the current length of a
-//   preallocated buffer) is skipped without touching its K/V, and a buffer sized for 32K tokens
-//   costs little at 2K. For a tile: load K_{2g}, K_{2g+1}, V_{2g} ‖ V_{2g+1} (float4s, all in flight
-//   at once); warp w takes query heads w and w + 4 with one key per lane: the score, then the tile
-//   max and Σp by warp shuffles, so each query's softmax state (m, l) lives in its warp's registers;
-//   thread f < 2hd accumulates feature f for all 2G heads (registers).
-//   Requires hd a power of two in [4, 64], 2G <= DECODE_MAX_QUERIES, and k, v 16-byte aligned (float4
-//   loads; every CuPy allocation and every prefix view of one is).
-// Traffic: every visible key's K and V rows once per KV group: 16 · hd · S_visible · H_kv / 2 bytes
-//   in total (the whole layer's K/V once), plus 8 · S positions per group; partials are small.
+//   the step); k, v (H_kv, S, hd), float32 or bf16 bits, head stride kv_head_stride; kpos (S,) in
+//   any order, -1 = empty (the W-slot ring of a sliding layer, or the shared buffer of layer L/2+1);
+//   lambda (1,); subln (2hd,) -> out (1, H·hd), as attention_prefill's row.
+//   Scratch: partial_m, partial_l (n_splits, H), partial_acc (n_splits, H, 2hd): each split's
+//   softmax state per query head (the running max m of the scaled scores, l = Σ exp(score − m), and
+//   acc = Σ exp(score − m)·[v1 ‖ v2], unnormalised); splits_done (H_kv / 2,): per KV group, the
+//   splits that have written theirs. It is 0 before and after every launch.
+// Which keys: slot s holds a position >= s in both layouts (the ring puts position p at slot
+//   p mod W, the buffer at slot p), so every key the query sees lies in the live slots [0, live),
+//   live = min(qpos + 1, S). The grid is fixed, (n_splits, H_kv / 2), n_splits chosen from the SM
+//   count (phi4flash.decode_splits), so a captured graph stays right while the cache fills; block
+//   (split, g) computes its keys at run time: the split-th of n_splits equal runs of whole tiles of
+//   [0, live). The work scales with the live length, not with S. A run past the live keys is empty:
+//   its block writes m = −inf, l = 0, acc = 0, which the merge skips, and still counts itself in.
+// Mapping: grid (n_splits, H_kv / 2), block DECODE_THREADS = 128. Tiles of DECODE_KEYS = 16 keys,
+//   double-buffered: while tile t is scored, the copies of tile t + 1 (the rows of K_{2g}, K_{2g+1},
+//   V_{2g}, V_{2g+1} in 16-byte copies, a warp's 32 copies contiguous in memory, and the positions
+//   in 8-byte copies) run into the other buffer.
+//     scores: thread (qi, kk) = (tid / 16, tid % 16) takes query qi = s·G + r (head 2(gG + r) + s)
+//       and key kk, eight features per shared load (K rows padded to an odd number of 16-byte
+//       units: no bank conflicts); a query's tile max and Σp are shuffles over its 16 lanes, so its
+//       softmax state (m, l) lives in those lanes' registers;
+//     values: thread f < 2hd accumulates feature f of all 2G queries, in registers.
+//   Then every block writes its partials, makes them visible (__threadfence) and counts itself in
+//   (atomicAdd on splits_done[g]); the block that counts last merges the group (5b) and sets
+//   splits_done[g] back to 0 for the next launch. Requires hd a power of two in [8, 64],
+//   2G <= DECODE_MAX_QUERIES, n_splits <= DECODE_MAX_SPLITS, and k, v 16-byte aligned.
+// Traffic: the live keys' K and V rows once per KV group, 4 · hd · sizeof(K/V) · live · H_kv / 2
+//   bytes (the layer's live K/V once), 8 · live · H_kv / 2 of positions, the partials written and
+//   read back by the merge, 8 · n_splits · H · (2hd + 2), and q and out, 8 · H · hd.
 #define DECODE_THREADS 128
-#define DECODE_KEYS 32
+#define DECODE_KEYS 16
 #define DECODE_MAX_QUERIES 8
-#define DECODE_TILE_VECTORS (DECODE_KEYS * MAX_HEAD_DIM / 4 / DECODE_THREADS)   // float4s per thread per K/V row set
-#if DECODE_KEYS != WARP || DECODE_MAX_QUERIES != 2 * DECODE_THREADS / WARP
-#error "attention_decode_split: a tile's keys are a warp's lanes, and each warp scores two queries"
+#define DECODE_MAX_SPLITS 256
+#if DECODE_KEYS * DECODE_MAX_QUERIES != DECODE_THREADS || DECODE_THREADS / WARP * 2 != DECODE_MAX_QUERIES
+#error "attention_decode: a thread per (query, key) of a tile, and two queries per warp in the merge"
 #endif
-extern "C" __global__ void __launch_bounds__(DECODE_THREADS)
-attention_decode_split(const float* q, const float* k, const float* v, const long long* qpos, const long long* kpos,
-                       float* partial_acc, float* partial_m, float* partial_l, int S, int H, int H_kv, int head_dim,
-                       long long kv_head_stride, int window, int keys_per_split) {
-    __shared__ float s_q[DECODE_MAX_QUERIES][MAX_HEAD_DIM];
-    __shared__ float s_k[2][DECODE_KEYS][MAX_HEAD_DIM + 1];
-    __shared__ float s_v[DECODE_KEYS][2 * MAX_HEAD_DIM];
-    __shared__ float s_p[DECODE_MAX_QUERIES][DECODE_KEYS + 1];
-    __shared__ float s_rescale[DECODE_MAX_QUERIES];
-    __shared__ long long s_kpos[DECODE_THREADS];             // the split's positions, one per thread
-    __shared__ int s_tile_seen[DECODE_THREADS / WARP];       // tile w has a visible key (warp w's vote)
 
+template <typename KV> struct __align__(16) DecodeTiles {    // two buffers of one tile each
+    static constexpr int ROW = MAX_HEAD_DIM + 16 / (int)sizeof(KV);   // a K row: an odd number of 16-byte units
+    KV k[2][2][DECODE_KEYS][ROW];                    // [buffer][stripe][key][feature]
+    KV v[2][DECODE_KEYS][2 * MAX_HEAD_DIM];          // [buffer][key][v_{2g} ‖ v_{2g+1}]
+    long long kpos[2][DECODE_KEYS];
+};
+
+struct __align__(16) DecodeMerge {                   // 5b's scratch, in the tiles' memory once they are done
+    float w[DECODE_MAX_SPLITS][DECODE_MAX_QUERIES];  // e^(m_split − M) per split and query
+    float merged[DECODE_MAX_QUERIES][2 * MAX_HEAD_DIM];
+};
+
+template <typename KV> struct DecodeShared {
+    union { DecodeTiles<KV> tiles; DecodeMerge merge; } u;
+    __align__(16) float q[DECODE_MAX_QUERIES][MAX_HEAD_DIM];
+    float p[DECODE_MAX_QUERIES][DECODE_KEYS];
+    float rescale[DECODE_MAX_QUERIES];
+    float L[DECODE_MAX_QUERIES];
+    float warp_sums[DECODE_THREADS / WARP];
+    int last;                                        // this block counted last: it merges
+};
+
+// Issue the copies of keys [k0, k0 + n) into tile buffer b (the rest of the buffer keeps what it
+// held: no key past n is read), and commit them as one group.
+template <typename KV>
+__device__ __forceinline__ void decode_stage(const KV* k, const KV* v, const long long* kpos, int g, int hd,
+                                             long long kv_head_stride, int k0, int n, int b, DecodeTiles<KV>& tiles) {
+    constexpr int PER_COPY = 16 / (int)sizeof(KV);   // K/V values per 16-byte copy
+    const int units = hd / PER_COPY;                 // copies per row
+    for (int i = threadIdx.x; i < 4 * DECODE_KEYS * units; i += DECODE_THREADS) {
+        const int set = i / (DECODE_KEYS * units), kk = i / units % DECODE_KEYS, c = i % units * PER_COPY;
+        if (kk >= n) continue;                       // set 0, 1: K of stripe 1, 2; set 2, 3: V_{2g}, V_{2g+1}
+        const long long row = (2 * g + set % 2) * kv_head_stride + (long long)(k0 + kk) * hd + c;
+        if (set < 2) copy_async<16>(&tiles.k[b][set][kk][c], k + row);
+        else copy_async<16>(&tiles.v[b][kk][(set - 2) * hd + c], v + row);
+    }
+    if (threadIdx.x < DECODE_KEYS) {
+        if ((int)threadIdx.x < n) copy_async<8>(&tiles.kpos[b][threadIdx.x], kpos + k0 + threadIdx.x);
+        else tiles.kpos[b][threadIdx.x] = -1;        // past the run: masked
+    }
+    copy_async_commit();
+}
+
+// ------------------------------------------------------------------------------------------------
+// 5b. attention_decode_merge: the last block of KV group g merges the group's splits in split
+//     order, then the differential combine.
+//
+//   For each of the group's 2G query heads: M = max_s m_s over the splits with l_s > 0 (a split
+//   that saw no key is skipped), w_s = e^{m_s − M}, L = Σ_s l_s w_s, a = Σ_s w_s acc_s / L. For
+//   pair j = gG + r (heads 2j, 2j+1): out[j·2hd + f] = RMSNorm(a_{2j} − λ a_{2j+1})[f] · subln[f] · (1 − λ_init).
+// Mapping: warp w takes queries w and w + 4: its lanes walk the splits for M (a warp max), then
+//   put each w_s in shared memory and sum L (a warp sum). Thread i then sums float4 i of the 2G
+//   acc rows (2hd / 4 each) over the splits in order, 8 loads in flight, read with __ldcg from L2
+//   (other blocks wrote them). The RMS of each pair is a block sum. Each sum runs in the same order
+//   whichever block merges, so the output is the same bits under any block order.
+// Traffic: the group's partials once, from L2: 4 · n_splits · 2G · (2hd + 2) bytes; out 4 · 2G · hd.
+template <typename KV>
+__device__ __forceinline__ void attention_decode_merge(const float* partial_acc, const float* partial_m,
+                                                       const float* partial_l, const float* lambda, const float* subln,
+                                                       float* out, int g, int H, int H_kv, int head_dim, int n_splits,
+                                                       float lambda_init, float eps, DecodeShared<KV>& sh) {
+    const int G = H / H_kv, Q = 2 * G, F2 = 2 * head_dim, quads = F2 / 4;
+    const int tid = threadIdx.x, warp = tid / WARP, lane = tid % WARP;
+#pragma unroll
+    for (int a = 0; a < 2; a++) {
+        const int qi = warp + a * (DECODE_THREADS / WARP), head = 2 * (g * G + qi % G) + qi / G;
+        if (qi >= Q) break;                          // uniform across the warp
+        float M = neg_inf();
+        for (int split = lane; split < n_splits; split += WARP)
+            if (__ldcg(&partial_l[split * H + head]) > 0.0f) M = fmaxf(M, __ldcg(&partial_m[split * H + head]));
+        for (int offset = WARP / 2; offset > 0; offset /= 2) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, offset));
+        float L = 0.0f;
+        for (int split = lane; split < n_splits; split += WARP) {
+            const float l = __ldcg(&partial_l[split * H + head]);
+            const float w = l > 0.0f ? expf(__ldcg(&partial_m[split * H + head]) - M) : 0.0f;
+            sh.u.merge.w[split][qi] = w;
+            L += l * w;
+        }
+        L = group_sum(L, WARP);
+        if (lane == 0) sh.L[qi] = L;
+    }
+    __syncthreads();
+    for (int i = tid; i < Q * quads; i += DECODE_THREADS) {
+        const int qi = i / quads, c = i % quads, head = 2 * (g * G + qi % G) + qi / G;
+        float4 A = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll 8
+        for (int split = 0; split < n_splits; split++) {
+            const float4 x = __ldcg(reinterpret_cast<const float4*>(partial_acc + ((long long)split * H + head) * F2) + c);
+            const float w = sh.u.merge.w[split][qi];
+            A.x += x.x * w, A.y += x.y * w, A.z += x.z * w, A.w += x.w * w;
+        }
+        const float L = sh.L[qi];
+        float* merged = &sh.u.merge.merged[qi][4 * c];
+        merged[0] = L > 0.0f ? A.x / L : 0.0f, merged[1] = L > 0.0f ? A.y / L : 0.0f;
+        merged[2] = L > 0.0f ? A.z / L : 0.0f, merged[3] = L > 0.0f ? A.w / L : 0.0f;
+    }
+    __syncthreads();
+    const float lam = lambda[0];
+    for (int r = 0; r < G; r++) {                    // pair j = gG + r: stripe-1 query r, stripe-2 query G + r
+        const float d = tid < F2 ? sh.u.merge.merged[r][tid] - lam * sh.u.merge.merged[G + r][tid] : 0.0f;
+        const float ss = block_sum(d * d, sh.warp_sums);
+        if (tid < F2) out[(g * G + r) * F2 + tid] = d / sqrtf(ss / F2 + eps) * subln[tid] * (1.0f - lambda_init);
+    }
+}
+
+template <typename KV>
+__device__ __forceinline__ void attention_decode(const float* q, const KV* k, const KV* v, const long long* qpos,
+                                                 const long long* kpos, const float* lambda, const float* subln,
+                                                 float* partial_acc, float* partial_m, float* partial_l,
+                                                 int* splits_done, float* out, int S, int H, int H_kv, int head_dim,
+                                                 long long kv_head_stride, int window, int n_splits, float lambda_init,
+                                                 float eps, DecodeShared<KV>& sh) {
     const int G = H / H_kv, hd = head_dim, F2 = 2 * head_dim, Q = 2 * G;
     const int split = blockIdx.x, g = blockIdx.y, tid = threadIdx.x;
     const float scale = 1.0f / sqrtf((float)hd);
     const long long query_pos = qpos[0];
+    // this split's run of the live slots: whole tiles, an equal share of them per split
+    const int live = (int)min((long long)S, query_pos + 1);
+    const int per_split = ((live + DECODE_KEYS - 1) / DECODE_KEYS + n_splits - 1) / n_splits * DECODE_KEYS;
+    const int begin = min(live, split * per_split), end = min(live, begin + per_split);
+    const int n_tiles = (end - begin + DECODE_KEYS - 1) / DECODE_KEYS;
+    if (n_tiles > 0) decode_stage(k, v, kpos, g, hd, kv_head_stride, begin, min(DECODE_KEYS, end - begin), 0, sh.u.tiles);
     // local query qi = s·G + r is head 2(gG + r) + s
     for (int i = tid; i < Q * hd; i += DECODE_THREADS) {
         int qi = i / hd, d = i % hd, s = qi / G, r = qi % G;
-        s_q[qi][d] = q[(2 * (g * G + r) + s) * hd + d];
+        sh.q[qi][d] = q[(2 * (g * G + r) + s) * hd + d];
     }
     float acc[DECODE_MAX_QUERIES];
 #pragma unroll
     for (int a = 0; a < DECODE_MAX_QUERIES; a++) acc[a] = 0.0f;
-    const int warp = tid / WARP, lane = tid % WARP;
-    float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.0f, 0.0f};   // softmax state of queries warp, warp + 4
+    const int qi = tid / DECODE_KEYS, kk = tid % DECODE_KEYS, stripe = qi / G;
+    float m = neg_inf(), l = 0.0f;                   // softmax state of query qi (its 16 lanes agree)
 
-    // every position of the split at once, so that each tile costs one trip to memory (its K/V)
-    const int begin = split * keys_per_split, end = min(S, begin + keys_per_split);
-    const long long kp = begin + tid < end ? kpos[begin + tid] : -1;
-    s_kpos[tid] = kp;
-    const int seen = __any_sync(0xffffffffu, key_visible(kp, query_pos, window));
-    if (lane == 0) s_tile_seen[warp] = seen;
-    __syncthreads();
-    for (int tile = 0; tile * DECODE_KEYS < end - begin; tile++) {
-        if (!s_tile_seen[tile]) continue;                    // uniform: the whole block skips the tile
-        const int k0 = begin + tile * DECODE_KEYS, n_keys = min(DECODE_KEYS, end - k0);
-        // the tile's rows as float4s, all loads issued before the stores to shared memory
-        float4 t[DECODE_TILE_VECTORS][4];
-#pragma unroll
-        for (int it = 0; it < DECODE_TILE_VECTORS; it++) {
-            int i = tid + it * DECODE_THREADS, kk = 4 * i / hd;
-            if (4 * i < DECODE_KEYS * hd && kk < n_keys) {
-                long long row = (long long)(k0 + kk) * hd + 4 * i % hd;
-                t[it][0] = *reinterpret_cast<const float4*>(k + (2 * g) * kv_head_stride + row);
-                t[it][1] = *reinterpret_cast<const float4*>(k + (2 * g + 1) * kv_head_stride + row);
-                t[it][2] = *reinterpret_cast<const float4*>(v + (2 * g) * kv_head_stride + row);
-                t[it][3] = *reinterpret_cast<const float4*>(v + (2 * g + 1) * kv_head_stride + row);
-            } else {
-                t[it][0] = t[it][1] = t[it][2] = t[it][3] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            }
-        }
-#pragma unroll
-        for (int it = 0; it < DECODE_TILE_VECTORS; it++) {
-            int i = tid + it * DECODE_THREADS, kk = 4 * i / hd, d = 4 * i % hd;
-            if (4 * i < DECODE_KEYS * hd) {
-                store4(&s_k[0][kk][d], t[it][0]);
-                store4(&s_k[1][kk][d], t[it][1]);
-                store4(&s_v[kk][d], t[it][2]);
-                store4(&s_v[kk][hd + d], t[it][3]);
-            }
-        }
-        __syncthreads();
-        // warp w scores queries w and w + 4 against the tile's keys, lane = key, and updates their
-        // softmax state: tile max and Σp by shuffles, so every lane holds the same m and l
-#pragma unroll
-        for (int a = 0; a < 2; a++) {
-            const int qi = warp + a * (DECODE_THREADS / WARP), s = qi / G;
-            if (qi >= Q) break;                              // uniform across the warp
+    for (int t = 0; t < n_tiles; t++) {
+        const int b = t % 2, k0 = begin + t * DECODE_KEYS, n = min(DECODE_KEYS, end - k0);
+        copy_async_wait<0>();
+        __syncthreads();                             // tile t has landed; buffer 1 − b (tile t − 1) is free
+        if (t + 1 < n_tiles)                         // in flight while tile t is scored
+            decode_stage(k, v, kpos, g, hd, kv_head_stride, k0 + DECODE_KEYS, min(DECODE_KEYS, end - k0 - DECODE_KEYS),
+                         1 - b, sh.u.tiles);
+        if (qi < Q) {                                // uniform across a warp: its two queries are both < Q or not
             float score = neg_inf();
-            if (key_visible(s_kpos[tile * DECODE_KEYS + lane], query_pos, window)) {
+            if (key_visible(sh.u.tiles.kpos[b][kk], query_pos, window)) {
                 float dot = 0.0f;
-                for (int d = 0; d < hd; d++) dot += s_q[qi][d] * s_k[s][lane][d];
+                for (int d = 0; d < hd; d += 8) dot += dot8_row(&sh.q[qi][d], &sh.u.tiles.k[b][stripe][kk][d]);
                 score = dot * scale;
             }
             float tile_max = score;
-            for (int offset = WARP / 2; offset > 0; offset /= 2)
+            for (int offset = DECODE_KEYS / 2; offset > 0; offset /= 2)
                 tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, offset));
-            const float m_new = fmaxf(m[a], tile_max);       // this tile has a visible key: finite
-            const float p = expf(score - m_new), rescale = expf(m[a] - m_new);
-            l[a] = l[a] * rescale + group_sum(p, WARP);
-            m[a] = m_new;
-            s_p[qi][lane] = p;
-            if (lane == 0) s_rescale[qi] = rescale;
+            const float m_new = fmaxf(m, tile_max);
+            float p = 0.0f, rescale = 1.0f;          // a tile with no key visible yet changes nothing
+            if (m_new != neg_inf()) p = expf(score - m_new), rescale = expf(m - m_new);
+            l = l * rescale + group_sum(p, DECODE_KEYS);
+            m = m_new;
+            sh.p[qi][kk] = p;
+            if (kk == 0) sh.rescale[qi] = rescale;
         }
         __syncthreads();
         if (tid < F2) {
@@ -551,95 +719,52 @@ attention_decode_split(const float* q, const float* k, const float* v, const lon
             for (int a = 0; a < DECODE_MAX_QUERIES; a++) {
                 if (a < Q) {
                     float sum = 0.0f;
-                    for (int kk = 0; kk < DECODE_KEYS; kk++) sum += s_p[a][kk] * s_v[kk][tid];
-                    acc[a] = acc[a] * s_rescale[a] + sum;
+                    for (int j = 0; j < n; j++) sum += sh.p[a][j] * widen(sh.u.tiles.v[b][j][tid]);
+                    acc[a] = acc[a] * sh.rescale[a] + sum;
                 }
             }
         }
-        __syncthreads();
     }
-    // partials of query head 2(gG + r) + s for this split
-#pragma unroll
-    for (int a = 0; a < 2; a++) {
-        const int qi = warp + a * (DECODE_THREADS / WARP);
-        if (qi < Q && lane == 0) {
-            int head = 2 * (g * G + qi % G) + qi / G;
-            partial_m[split * H + head] = m[a];
-            partial_l[split * H + head] = l[a];
-        }
+    // this split's partials, query head 2(gG + r) + s
+    if (qi < Q && kk == 0) {
+        const int head = 2 * (g * G + qi % G) + qi / G;
+        partial_m[split * H + head] = m;
+        partial_l[split * H + head] = l;
     }
     if (tid < F2) {
 #pragma unroll
-        for (int a = 0; a < DECODE_MAX_QUERIES; a++) {
-            if (a < Q) {
-                int head = 2 * (g * G + a % G) + a / G;
-                partial_acc[((long long)split * H + head) * F2 + tid] = acc[a];
-            }
-        }
+        for (int a = 0; a < DECODE_MAX_QUERIES; a++)
+            if (a < Q) partial_acc[((long long)split * H + 2 * (g * G + a % G) + a / G) * F2 + tid] = acc[a];
     }
+    __threadfence();                                 // this thread's partials, visible to every block ...
+    __syncthreads();                                 // ... for all threads before the block counts itself in
+    if (tid == 0) sh.last = atomicAdd(&splits_done[g], 1) == n_splits - 1;
+    __syncthreads();
+    if (!sh.last) return;                            // uniform: the whole block
+    __threadfence();                                 // the other blocks' partials, read by the merge
+    attention_decode_merge(partial_acc, partial_m, partial_l, lambda, subln, out, g, H, H_kv, head_dim, n_splits,
+                           lambda_init, eps, sh);
+    if (tid == 0) splits_done[g] = 0;                // every split has counted: ready for the next launch
 }
 
-// ------------------------------------------------------------------------------------------------
-// 5b. attention_decode_reduce: merge the splits, then the differential combine.
-//
-//   For each query head: M = max_s m_s, L = Σ_s l_s e^{m_s − M}, A = Σ_s acc_s e^{m_s − M}, a = A / L
-//   (splits with l = 0 saw no key and are skipped). For pair j (heads 2j, 2j+1):
-//   out[j·2hd + f] = RMSNorm(a_{2j} − λ a_{2j+1})[f] · subln[f] · (1 − λ_init)
-//   partial_* as written by attention_decode_split; lambda (1,); subln (2hd,) -> out (H·hd,)
-// Mapping: grid H / 2 (one block per pair j), block REDUCE_THREADS, the two heads in turn. M is a
-//   block max over the splits. Then the splits go REDUCE_THREADS at a time: thread i puts split i's
-//   weight e^{m − M} in shared memory (and adds l·e^{m − M} to its part of L); thread t reads float4
-//   q = t mod (2hd/4) of the acc rows of splits t div (2hd/4), + 256 / (2hd/4), ... (so 8 splits
-//   are read at once for hd 64, every load 16 bytes); the lanes' float4 sums meet in shared memory.
-//   L is a block sum; the RMS over the pair's 2hd features is another.
-// Traffic: the partials once: 4 · n_splits · H · (2hd + 2) bytes, and the output 4 · H · hd.
-#define REDUCE_THREADS 256
-extern "C" __global__ void __launch_bounds__(REDUCE_THREADS)
-attention_decode_reduce(const float* partial_acc, const float* partial_m, const float* partial_l,
-                        const float* lambda, const float* subln, float* out, int n_splits, int H, int head_dim,
-                        float lambda_init, float eps) {
-    __shared__ float s_warp[REDUCE_THREADS / WARP];
-    __shared__ float s_weight[REDUCE_THREADS];
-    __shared__ float s_sum[REDUCE_THREADS * 4];              // each thread's float4 of A, [lane][feature]
-    const int j = blockIdx.x, tid = threadIdx.x, F2 = 2 * head_dim;
-    const int quads = F2 / 4, lanes = REDUCE_THREADS / quads, quad = tid % quads, lane = tid / quads;
-    float merged[2];
-#pragma unroll
-    for (int s = 0; s < 2; s++) {
-        const int head = 2 * j + s;
-        float M = neg_inf();
-        for (int i = tid; i < n_splits; i += REDUCE_THREADS)
-            if (partial_l[i * H + head] > 0.0f) M = fmaxf(M, partial_m[i * H + head]);
-        M = block_max(M, s_warp);
-        float L = 0.0f;
-        float4 A = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        for (int i0 = 0; i0 < n_splits; i0 += REDUCE_THREADS) {
-            const int i = i0 + tid, n = min(REDUCE_THREADS, n_splits - i0);
-            float w = 0.0f;
-            if (i < n_splits && partial_l[i * H + head] > 0.0f) {
-                w = expf(partial_m[i * H + head] - M);
-                L += partial_l[i * H + head] * w;
-            }
-            s_weight[tid] = w;
-            __syncthreads();
-#pragma unroll 4
-            for (int c = lane; c < n; c += lanes) {
-                const float4 a = reinterpret_cast<const float4*>(partial_acc + ((long long)(i0 + c) * H + head) * F2)[quad];
-                const float wc = s_weight[c];
-                A.x += a.x * wc, A.y += a.y * wc, A.z += a.z * wc, A.w += a.w * wc;
-            }
-            __syncthreads();                                 // the next chunk overwrites s_weight
-        }
-        store4(&s_sum[lane * F2 + 4 * quad], A);
-        L = block_sum(L, s_warp);                            // (its barrier also publishes s_sum)
-        float total = 0.0f;
-        if (tid < F2)
-            for (int l = 0; l < lanes; l++) total += s_sum[l * F2 + tid];
-        merged[s] = L > 0.0f ? total / L : 0.0f;             // the next head's block_max orders these reads
-    }                                                        // before its writes to s_sum
-    float d = tid < F2 ? merged[0] - lambda[0] * merged[1] : 0.0f;
-    float ss = block_sum(d * d, s_warp);
-    if (tid < F2) out[j * F2 + tid] = d / sqrtf(ss / F2 + eps) * subln[tid] * (1.0f - lambda_init);
+extern "C" __global__ void __launch_bounds__(DECODE_THREADS)
+attention_decode_f32(const float* q, const float* k, const float* v, const long long* qpos, const long long* kpos,
+                     const float* lambda, const float* subln, float* partial_acc, float* partial_m, float* partial_l,
+                     int* splits_done, float* out, int S, int H, int H_kv, int head_dim, long long kv_head_stride,
+                     int window, int n_splits, float lambda_init, float eps) {
+    __shared__ DecodeShared<float> sh;
+    attention_decode(q, k, v, qpos, kpos, lambda, subln, partial_acc, partial_m, partial_l, splits_done, out, S, H,
+                     H_kv, head_dim, kv_head_stride, window, n_splits, lambda_init, eps, sh);
+}
+
+extern "C" __global__ void __launch_bounds__(DECODE_THREADS)
+attention_decode_bf16(const float* q, const unsigned short* k, const unsigned short* v, const long long* qpos,
+                      const long long* kpos, const float* lambda, const float* subln, float* partial_acc,
+                      float* partial_m, float* partial_l, int* splits_done, float* out, int S, int H, int H_kv,
+                      int head_dim, long long kv_head_stride, int window, int n_splits, float lambda_init, float eps) {
+    __shared__ DecodeShared<unsigned short> sh;
+    attention_decode(q, k, v, qpos, kpos, lambda, subln, partial_acc, partial_m, partial_l, splits_done, out, S, H,
+                     H_kv, head_dim, kv_head_stride, window, n_splits, lambda_init, eps, sh);
 }
 
 // ================================================================================================

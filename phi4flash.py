@@ -1480,11 +1480,11 @@ PREFILL_VECTORS = 64      # query vectors per attention_prefill block: 64 / (2G)
 PREFILL_KEYS = 16         # keys per attention_prefill tile
 MAX_HEAD_DIM = 64
 DECODE_THREADS = 128
-DECODE_KEYS = 32          # keys per attention_decode_split tile
+DECODE_KEYS = 16          # keys per attention_decode tile: a thread per (query, key) of 8 queries
 DECODE_MAX_QUERIES = 8    # 2G query heads per KV group
-KEYS_PER_SPLIT = 128      # keys per attention_decode_split block over a long cache (<= DECODE_THREADS)
-REDUCE_THREADS = 256      # attention_decode_reduce: 256 / (2·hd / 4) splits' acc rows read at once
-SHORT_CACHE = 4096        # up to this many slots, one tile (DECODE_KEYS) per block: more blocks, shorter ones
+DECODE_MAX_SPLITS = 256   # splits per KV group the merge's weights have room for
+DECODE_BLOCKS_PER_SM = 4  # attention_decode blocks per SM that decode_splits aims at (one wave)
+CPU_SMS = 4               # the SM count the CPU path (NumPy arrays) stands in with; tests vary it
 GEMV_WARPS = 8            # warps per gemv block: 8 / splits output features
 GEMV_MAX_ROWS = 8         # more rows than this go to the widened-tile cuBLAS path
 GEMV_PLAIN, GEMV_RESIDUAL, GEMV_SWIGLU, GEMV_GATE = 0, 1, 2, 3  # gemv epilogues (kernel 7)
@@ -1513,8 +1513,8 @@ def require_cupy():
 def check_cuda_config(cfg):
     """kernels.cu's shape limits, checked once at load time rather than deep inside a kernel."""
     hd, H, H_kv, N = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.mamba_d_state
-    if hd not in (4, 8, 16, 32, 64):
-        problem = f"head_dim {hd} is not a power of two in [4, {MAX_HEAD_DIM}]"
+    if hd not in (8, 16, 32, 64):
+        problem = f"head_dim {hd} is not a power of two in [8, {MAX_HEAD_DIM}]"
     elif not H_kv or H % H_kv or H_kv % 2 or 64 % (2 * (H // H_kv)) or 2 * (H // H_kv) > DECODE_MAX_QUERIES:
         problem = (f"{H} query / {H_kv} KV heads: need H_kv even, G = H/H_kv with 2G dividing 64 "
                    f"and 2G <= {DECODE_MAX_QUERIES}")
@@ -1533,10 +1533,10 @@ def to_device(model):
     """Copy every weight to the GPU: bf16 bits stay uint16, float32 stays float32."""
     cupy = require_cupy()
     check_cuda_config(model.config)
-    if model.kv_dtype != "float32" or isinstance(model.embed_tokens, Int8Weight) or any(
+    if isinstance(model.embed_tokens, Int8Weight) or any(
             isinstance(a, Int8Weight) for layer in model.layers for group in layer.values() for a in group.values()):
-        raise Phi4FlashError("device 'cuda': int8 weights and the bfloat16 K/V cache run on the CPU only so far; "
-                             "use a bfloat16 or float32 conversion and kv_dtype 'float32' on a GPU")
+        raise Phi4FlashError("device 'cuda': int8 weights run on the CPU only so far; "
+                             "use a bfloat16 or float32 conversion on a GPU")
     model.embed_tokens = cupy.asarray(model.embed_tokens)
     model.final_layernorm = {k: cupy.asarray(a) for k, a in model.final_layernorm.items()}
     model.layers = [{group: {k: cupy.asarray(a) for k, a in params.items()} for group, params in layer.items()}
@@ -1668,7 +1668,7 @@ def cuda_mamba(u, p, conv_state, ssm_state):
     return cuda_linear(y_gated, p["out_proj"]), y                         # (T, D), (T, d_inner)
 
 
-# --- 4, 5a, 5b. Differential attention: tiled prefill, split-K decode + reduce
+# --- 4, 5a, 5b. Differential attention: tiled prefill; split-K decode, merged by the last block of each group
 
 def _visible(kpos, qpos, window):
     """(..., S) key positions vs (..., 1) query positions -> True where the query sees the key."""
@@ -1693,8 +1693,8 @@ def _differential_combine(a1, a2, lam, subln, lambda_init, eps):
     return d / np.sqrt((d * d).mean(-1, keepdims=True) + eps) * subln * (1.0 - lambda_init)
 
 
-def attention_prefill(q, k, v, qpos, kpos, lambda_, subln, out, T, S, H, H_kv, head_dim, kv_head_stride,
-                      window, lambda_init, eps):
+def attention_prefill_f32(q, k, v, qpos, kpos, lambda_, subln, out, T, S, H, H_kv, head_dim, kv_head_stride,
+                          window, lambda_init, eps):
     """Twin of kernel 4: tiled differential attention with an online softmax, the kernel's tiles
     exactly: per KV group g and block of BQ = 64 / (2G) query rows, the keys [lo, hi) the rows can
     see (binary search on the ascending kpos), walked PREFILL_KEYS at a time. (NumPy views carry
@@ -1727,110 +1727,171 @@ def attention_prefill(q, k, v, qpos, kpos, lambda_, subln, out, T, S, H, H_kv, h
             out[t0:t1, g * G * 2 * hd:(g + 1) * G * 2 * hd] = o.transpose(1, 0, 2).reshape(t1 - t0, -1)
 
 
-def attention_decode_split(q, k, v, qpos, kpos, partial_acc, partial_m, partial_l, S, H, H_kv, head_dim,
-                           kv_head_stride, window, keys_per_split):
-    """Twin of kernel 5a: one query token, keys split into blocks of keys_per_split walked
-    DECODE_KEYS at a time; a tile with no visible key is skipped. Writes each split's (m, l, acc) per
-    query head. q (H, hd); k, v (H_kv, S, hd); kpos (S,) any order -> partial_m, partial_l
-    (n_splits, H), partial_acc (n_splits, H, 2hd)."""
+def attention_prefill_bf16(q, k, v, qpos, kpos, lambda_, subln, out, T, S, H, H_kv, head_dim, kv_head_stride,
+                           window, lambda_init, eps):
+    """Twin of kernel 4 over a bf16 K/V cache: the bits widened (exact), then attention_prefill_f32."""
+    attention_prefill_f32(q, bf16_to_f32(k), bf16_to_f32(v), qpos, kpos, lambda_, subln, out, T, S, H, H_kv,
+                          head_dim, kv_head_stride, window, lambda_init, eps)
+
+
+def attention_decode_f32(q, k, v, qpos, kpos, lambda_, subln, partial_acc, partial_m, partial_l, splits_done, out,
+                         S, H, H_kv, head_dim, kv_head_stride, window, n_splits, lambda_init, eps):
+    """Twin of kernel 5a: one query token over the live slots [0, min(qpos + 1, S)) (every key it
+    sees lies there: a slot holds a position >= its index), cut into n_splits equal runs of whole
+    DECODE_KEYS tiles (keys_per_split); each split's online softmax over its tiles goes to its
+    partials, and when the last split of KV group g has counted itself in, the group is merged
+    (attention_decode_merge) and splits_done[g] goes back to 0. The kernel's blocks run in any
+    order; the merge reads the partials in split order, so the order changes nothing.
+    q (H, hd); k, v (H_kv, S, hd); kpos (S,) any order -> out (1, H·hd); partial_m, partial_l
+    (n_splits, H), partial_acc (n_splits, H, 2hd); splits_done (H_kv / 2,)."""
     G, hd = H // H_kv, head_dim
     scale = np.float32(1.0 / math.sqrt(hd))
-    query_pos = qpos.reshape(-1)[0]
+    query_pos = int(qpos.reshape(-1)[0])
+    live = min(S, query_pos + 1)
+    keys = keys_per_split(live, n_splits)
     for g in range(H_kv // 2):
         heads = np.array([2 * (g * G + qi % G) + qi // G for qi in range(2 * G)])  # local qi = s·G + r
         stripe = np.arange(2 * G) // G                                    # (2G,) which K head each uses
-        vg = np.concatenate([v[2 * g], v[2 * g + 1]], axis=-1)            # (S, 2hd)
-        for split in range(partial_m.shape[0]):
+        vg = np.concatenate([v[2 * g, :live], v[2 * g + 1, :live]], axis=-1)  # (live, 2hd)
+        for split in range(n_splits):
             m = np.full(2 * G, -np.inf, np.float32)
             l = np.zeros(2 * G, np.float32)
             acc = np.zeros((2 * G, 2 * hd), np.float32)
-            begin, end = split * keys_per_split, min(S, (split + 1) * keys_per_split)
+            begin = min(live, split * keys)
+            end = min(live, begin + keys)                                 # begin == end: an empty split
             for k0 in range(begin, end, DECODE_KEYS):
                 k1 = min(end, k0 + DECODE_KEYS)
-                seen = _visible(kpos[k0:k1], query_pos, window)           # (k1-k0,)
-                if not seen.any():
-                    continue
                 kt = k[2 * g + stripe, k0:k1]                             # (2G, k1-k0, hd)
                 scores = (kt @ q[heads][:, :, None])[..., 0] * scale      # (2G, k1-k0)
-                scores = np.where(seen, scores, -np.inf)
+                scores = np.where(_visible(kpos[k0:k1], query_pos, window), scores, -np.inf)
                 m, l, acc = _online_softmax_update(m, l, acc, scores, vg[k0:k1])
             partial_m[split, heads], partial_l[split, heads], partial_acc[split, heads] = m, l, acc
+            splits_done[g] += 1                                           # this block counts itself in
+            if splits_done[g] == n_splits:                                # the last one merges the group
+                attention_decode_merge(partial_acc, partial_m, partial_l, lambda_, subln, out, g, H, H_kv, head_dim,
+                                       n_splits, lambda_init, eps)
+                splits_done[g] = 0
 
 
-def attention_decode_reduce(partial_acc, partial_m, partial_l, lambda_, subln, out, n_splits, H, head_dim,
-                            lambda_init, eps):
-    """Twin of kernel 5b: merge the splits (M = max m, L = Σ l e^(m−M), A = Σ acc e^(m−M)) and
-    combine each head pair: out (1, H·hd), pair j at features [j·2hd, (j+1)·2hd)."""
-    seen = partial_l > 0                                                  # (n_splits, H)
-    M = np.where(seen, partial_m, -np.inf).max(0)                         # (H,)
-    w = np.where(seen, np.exp(np.where(seen, partial_m, 0.0) - np.where(seen, M, 0.0)), 0.0)  # (n_splits, H)
-    L = (partial_l * w).sum(0)                                            # (H,)
-    a = (partial_acc * w[..., None]).sum(0) / np.where(L > 0, L, 1.0)[:, None]  # (H, 2hd)
-    o = _differential_combine(a[0::2], a[1::2], lambda_.reshape(-1)[0], subln, lambda_init, eps)  # (H/2, 2hd)
-    out[...] = o.reshape(out.shape)
+def attention_decode_bf16(q, k, v, qpos, kpos, lambda_, subln, partial_acc, partial_m, partial_l, splits_done, out,
+                          S, H, H_kv, head_dim, kv_head_stride, window, n_splits, lambda_init, eps):
+    """Twin of kernel 5a over a bf16 K/V cache: the bits widened (exact), then attention_decode_f32."""
+    attention_decode_f32(q, bf16_to_f32(k), bf16_to_f32(v), qpos, kpos, lambda_, subln, partial_acc, partial_m,
+                         partial_l, splits_done, out, S, H, H_kv, head_dim, kv_head_stride, window, n_splits,
+                         lambda_init, eps)
+
+
+def attention_decode_merge(partial_acc, partial_m, partial_l, lambda_, subln, out, g, H, H_kv, head_dim, n_splits,
+                           lambda_init, eps):
+    """Twin of 5b, the merge kernel 5a's last block of KV group g runs: over the group's 2G query
+    heads, M = max m over the splits that saw a key (l > 0), w = e^(m − M), L = Σ l w,
+    a = Σ w acc / L; then pair r of the group (heads 2j, 2j+1, j = gG + r) -> out features
+    [j·2hd, (j+1)·2hd)."""
+    G = H // H_kv
+    heads = [2 * (g * G + qi % G) + qi // G for qi in range(2 * G)]      # qi = s·G + r
+    m, l = partial_m[:n_splits, heads], partial_l[:n_splits, heads]       # (n_splits, 2G)
+    seen = l > 0
+    M = np.where(seen, m, -np.inf).max(0)                                 # (2G,)
+    w = np.where(seen, np.exp(np.where(seen, m, 0.0) - np.where(seen, M, 0.0)), 0.0).astype(np.float32)  # (n_splits, 2G)
+    L = (l * w).sum(0)                                                    # (2G,)
+    a = (partial_acc[:n_splits, heads] * w[..., None]).sum(0) / np.where(L > 0, L, 1.0)[:, None]  # (2G, 2hd)
+    o = _differential_combine(a[:G], a[G:], lambda_.reshape(-1)[0], subln, lambda_init, eps)  # (G, 2hd)
+    out.reshape(-1)[g * G * 2 * head_dim:(g + 1) * G * 2 * head_dim] = o.reshape(-1)
 
 
 def _kv_views(k, v):
-    """K/V as the kernels read them: rows of hd contiguous floats, heads kv_head_stride apart (so a
-    prefix view of the shared buffer is passed without a copy) -> (k, v, kv_head_stride)."""
+    """K/V as the kernels read them: float32, or the cache's bf16 bits as they are; rows of hd
+    contiguous values, heads kv_head_stride values apart (so a prefix view of the shared buffer is
+    passed without a copy) -> (k, v, kv_head_stride)."""
     xp = get_xp(k)
-    hd = k.shape[2]
-    if k.strides[1:] != (4 * hd, 4) or v.strides != k.strides or k.dtype != np.float32 or v.dtype != np.float32:
-        k, v = xp.ascontiguousarray(k, xp.float32), xp.ascontiguousarray(v, xp.float32)
-    return k, v, k.strides[0] // 4
+    dtype = np.uint16 if k.dtype == v.dtype == np.uint16 else np.float32  # bits stay bits
+    size, hd = np.dtype(dtype).itemsize, k.shape[2]
+    if k.dtype != dtype or v.dtype != dtype or k.strides[1:] != (size * hd, size) or v.strides != k.strides:
+        k, v = (xp.ascontiguousarray(a if dtype == np.uint16 else f32(a), dtype) for a in (k, v))
+    return k, v, k.strides[0] // size
 
 
 def cuda_prefill_attention(q, k, v, qpos, kpos, window, lam, lambda_init, subln, eps=1e-5):
     """attention_prefill over T > 1 query rows; kpos must be ascending (true for every multi-token
-    call: keys come in time order). q (H, T, hd); k, v (H_kv, S, hd); lam (1,) -> (T, H·hd)."""
+    call: keys come in time order). q (H, T, hd); k, v (H_kv, S, hd) float32 or bf16 bits; lam (1,)
+    -> (T, H·hd)."""
     xp = get_xp(q)
     H, T, hd = q.shape
     H_kv, S, _ = k.shape
     k, v, stride = _kv_views(k, v)
     out = xp.empty((T, H * hd), xp.float32)                               # (T, H·hd)
     rows = PREFILL_VECTORS // (2 * (H // H_kv))
-    _launch(attention_prefill, (_blocks(T, rows), H_kv // 2), (PREFILL_THREADS,),
+    _launch(attention_prefill_bf16 if k.dtype == np.uint16 else attention_prefill_f32,
+            (_blocks(T, rows), H_kv // 2), (PREFILL_THREADS,),
             (_contiguous(q), k, v, _contiguous(qpos, np.int64), _contiguous(kpos, np.int64), lam,
              subln, out, np.int32(T), np.int32(S), np.int32(H), np.int32(H_kv), np.int32(hd),
              np.int64(stride), np.int32(window or 0), np.float32(lambda_init), np.float32(eps)))
     return out
 
 
-def cuda_decode_attention(q, k, v, qpos, kpos, window, lam, lambda_init, subln, eps=1e-5, out=None, partials=None):
-    """Differential attention of ONE query token over S key slots: split across blocks, then merged.
-    q (H, hd); k, v (H_kv, S, hd); qpos (1,) int64 on the device; kpos (S,) -1 = empty; lam (1,)
-    -> (1, H·hd), into `out` when given. partials: (m, l, acc) buffers with at least ceil(S / 128)
-    rows (the decode step's, so that it allocates nothing); else they are allocated here."""
+def cuda_decode_attention(q, k, v, qpos, kpos, window, lam, lambda_init, subln, eps=1e-5, out=None, scratch=None,
+                          sms=None):
+    """Differential attention of ONE query token over the live slots of a cache, in one launch:
+    attention_decode, split across blocks and merged by the last block of each KV group.
+    q (H, hd); k, v (H_kv, S, hd) float32 or bf16 bits; qpos (1,) int64 on the device; kpos (S,)
+    -1 = empty; lam (1,) -> (1, H·hd), into `out` when given. scratch: (partial_m, partial_l,
+    partial_acc, splits_done) with room for the splits (the decode step's, so that it allocates
+    nothing), else made here. sms: the SM count the splits are chosen for (this GPU's by default)."""
     xp = get_xp(q)
     H, hd = q.shape
     H_kv, S, _ = k.shape
     k, v, stride = _kv_views(k, v)
-    keys = keys_per_split(S)
-    n_splits = _blocks(S, keys)
-    if partials is None:
-        partials = (xp.empty((n_splits, H), xp.float32), xp.empty((n_splits, H), xp.float32),
-                    xp.empty((n_splits, H, 2 * hd), xp.float32))     # m, l (n_splits, H); acc (n_splits, H, 2hd)
-    partial_m, partial_l, partial_acc = (a[:n_splits] for a in partials)
-    _launch(attention_decode_split, (n_splits, H_kv // 2), (DECODE_THREADS,),
-            (_contiguous(q), k, v, _contiguous(qpos, np.int64), _contiguous(kpos, np.int64), partial_acc, partial_m,
-             partial_l, np.int32(S), np.int32(H), np.int32(H_kv), np.int32(hd), np.int64(stride),
-             np.int32(window or 0), np.int32(keys)))
+    n_splits = decode_splits(S, H_kv, device_sms(xp) if sms is None else sms)
+    partial_m, partial_l, partial_acc, splits_done = scratch or decode_scratch(H, H_kv, hd, n_splits, xp)
     out = xp.empty((1, H * hd), xp.float32) if out is None else out       # (1, H·hd)
-    _launch(attention_decode_reduce, (H // 2,), (REDUCE_THREADS,),
-            (partial_acc, partial_m, partial_l, lam, subln, out, np.int32(n_splits), np.int32(H), np.int32(hd),
+    _launch(attention_decode_bf16 if k.dtype == np.uint16 else attention_decode_f32,
+            (n_splits, H_kv // 2), (DECODE_THREADS,),
+            (_contiguous(q), k, v, _contiguous(qpos, np.int64), _contiguous(kpos, np.int64), lam, subln,
+             partial_acc[:n_splits], partial_m[:n_splits], partial_l[:n_splits], splits_done, out, np.int32(S),
+             np.int32(H), np.int32(H_kv), np.int32(hd), np.int64(stride), np.int32(window or 0), np.int32(n_splits),
              np.float32(lambda_init), np.float32(eps)))
     return out
 
 
-def keys_per_split(S):
-    """Keys per attention_decode_split block over S slots: one tile while the cache is short, so the
-    blocks are many and short; KEYS_PER_SPLIT for a long one, so the partials to merge stay few."""
-    return DECODE_KEYS if S <= SHORT_CACHE else KEYS_PER_SPLIT
+def decode_scratch(H, H_kv, hd, n_splits, xp):
+    """attention_decode's scratch for n_splits splits: its partials, and the split counters of the
+    KV groups, 0 (each launch leaves them 0)."""
+    return (xp.zeros((n_splits, H), xp.float32),                          # partial_m (n_splits, H)
+            xp.zeros((n_splits, H), xp.float32),                          # partial_l (n_splits, H)
+            xp.zeros((n_splits, H, 2 * hd), xp.float32),                  # partial_acc (n_splits, H, 2hd)
+            xp.zeros(H_kv // 2, xp.int32))                                # splits_done (H_kv / 2,)
+
+
+def decode_splits(S, H_kv, sms):
+    """Splits per KV group of attention_decode over a cache of S slots: DECODE_BLOCKS_PER_SM blocks
+    per SM over the H_kv / 2 groups, at most one per tile the cache holds and DECODE_MAX_SPLITS.
+    It follows the cache's size, not its length: the grid of a captured graph stays right while
+    the cache fills, and the kernel divides the live keys among the splits at run time."""
+    return max(1, min(_blocks(DECODE_BLOCKS_PER_SM * sms, H_kv // 2), _blocks(S, DECODE_KEYS), DECODE_MAX_SPLITS))
+
+
+def keys_per_split(live, n_splits):
+    """Keys per split of attention_decode over `live` slots: an equal share of whole tiles."""
+    return _blocks(_blocks(live, DECODE_KEYS), n_splits) * DECODE_KEYS
+
+
+_sms = {}
+
+
+def device_sms(xp):
+    """Streaming multiprocessors of the current GPU (queried once), or CPU_SMS for NumPy arrays."""
+    if xp is np:
+        return CPU_SMS
+    device = xp.cuda.Device().id
+    if device not in _sms:
+        _sms[device] = int(xp.cuda.runtime.getDeviceProperties(device)["multiProcessorCount"])
+    return _sms[device]
 
 
 def cuda_attend(q, k, v, qpos, kpos, window, lam, lambda_init, subln):
-    """attend() on kernels: one query row -> the split-K decode pair; more -> attention_prefill.
-    q (H, T, hd); k, v (H_kv, S, hd); qpos (T,), kpos (S,); lam (1,) on the device -> (T, H·hd)."""
+    """attend() on kernels: one query row -> attention_decode; more -> attention_prefill.
+    q (H, T, hd); k, v (H_kv, S, hd) float32 or bf16 bits; qpos (T,), kpos (S,); lam (1,) on the
+    device -> (T, H·hd)."""
     H, T, hd = q.shape
     lam = get_xp(q).asarray(lam, np.float32).reshape(1)                   # a no-op for the model's own (1,) arrays
     if T == 1:
@@ -2025,7 +2086,7 @@ def cuda_layers(model, cache, ids, logits, trace):
                 kv = cache.kv[i]
                 k_new = cuda_linear(u, p["Wk"], p["bk"]).reshape(T, H_kv, -1).transpose(1, 0, 2)  # (H_kv, T, hd)
                 v_new = cuda_linear(u, p["Wv"], p["bv"]).reshape(T, H_kv, -1).transpose(1, 0, 2)  # (H_kv, T, hd)
-                k, v, kpos = (kv_ring if kv.window else kv_append)(kv, k_new, v_new, start)
+                k, v, kpos = (kv_ring if kv.window else kv_append)(kv, *kv_stored(kv, k_new, v_new), start)
             q = cuda_linear(u[rows], p["Wq"], p["bq"]).reshape(-1, H, cfg.head_dim).transpose(1, 0, 2)  # (H, T_q, hd)
             o = cuda_attend(q, k, v, pos[rows], kpos, kv.window, lam[i], lambda_init_for(i), p["subln"])  # (T_q, H·hd)
             out = cuda_linear(o, p["out_proj"], p["out_proj_bias"])       # (T_q, D)
@@ -2086,7 +2147,7 @@ class CudaStep:
     token: object                 # (1,) int64, the id fed this step
     pos: object                   # (1,) int64, its position
     lam: dict                     # attention layer i -> (1,) float32 λ (weights only: computed once)
-    buf: dict                     # every intermediate of the step, (1, n) float32, and the attention partials
+    buf: dict                     # every intermediate of the step, (1, n) float32, and attention_decode's scratch
     stream: object = None         # where steps run and are captured: a non-blocking stream
     graph: object = None
     graph_key: tuple = ()         # the buffer addresses the graph was captured with
@@ -2109,12 +2170,14 @@ def new_cuda_step(model, xp):
 
 
 def step_partials(cfg, step, slots, xp):
-    """The attention partials for caches of these sizes (every cache a step reads), grown with them."""
-    n_splits, H = max(_blocks(S, keys_per_split(S)) for S in slots), cfg.num_attention_heads
+    """attention_decode's scratch for caches of these sizes (every cache a step reads): partials for
+    the most splits any of them takes, grown with them (decode_splits stops at the SM count's), and
+    the split counters."""
+    H, H_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    n_splits = max(decode_splits(S, H_kv, device_sms(xp)) for S in slots)
     if "partial_m" not in step.buf or step.buf["partial_m"].shape[0] < n_splits:
-        step.buf["partial_m"] = xp.zeros((n_splits, H), xp.float32)                      # (n_splits, H)
-        step.buf["partial_l"] = xp.zeros((n_splits, H), xp.float32)                      # (n_splits, H)
-        step.buf["partial_acc"] = xp.zeros((n_splits, H, 2 * cfg.head_dim), xp.float32)  # (n_splits, H, 2hd)
+        scratch = decode_scratch(H, H_kv, cfg.head_dim, n_splits, xp)
+        step.buf.update(zip(("partial_m", "partial_l", "partial_acc", "splits_done"), scratch))
 
 
 def cuda_step_layers(model, cache, step):
@@ -2122,13 +2185,13 @@ def cuda_step_layers(model, cache, step):
     launches into the step's buffers: nothing is allocated, nothing synchronises, no index depends
     on the position on the host, so a CUDA graph can replay it. Per layer: LayerNorm, the mixer
     (Mamba: in_proj, conv, x_proj, scan with dt_proj, out_proj + residual; attention: Wqkv,
-    kv_write, split + reduce, out_proj + residual; GMU: in_proj ⊙ memory, out_proj + residual),
+    kv_write, attention_decode, out_proj + residual; GMU: in_proj ⊙ memory, out_proj + residual),
     LayerNorm, fc1 with SwiGLU, fc2 + residual. The states and K/V caches are updated in place
     -> logits (1, V), the step's buffer."""
     cfg, eps, b = model.config, model.config.layer_norm_eps, step.buf
     D, d_inner, N, d_conv = cfg.hidden_size, cfg.d_inner, cfg.mamba_d_state, cfg.mamba_d_conv
     H, H_kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    partials = (b["partial_m"], b["partial_l"], b["partial_acc"])
+    scratch = (b["partial_m"], b["partial_l"], b["partial_acc"], b["splits_done"])  # attention_decode's
     embed = model.embed_tokens                                            # (V, D), also the tied head
     _launch(embed_bf16 if embed.dtype == np.uint16 else embed_f32, (_blocks(D, 256),), (256,),
             (embed, step.token, b["hidden"], np.int32(D)))
@@ -2163,7 +2226,7 @@ def cuda_step_layers(model, cache, step):
                         (b["qkv"][:, H * hd:(H + H_kv) * hd], b["qkv"][:, (H + H_kv) * hd:], kv.k, kv.v, kv.pos,
                          step.pos, np.int32(H_kv), np.int32(hd), np.int32(kv.k.shape[1]), np.int32(kv.window or 0)))
             cuda_decode_attention(q.reshape(H, hd), kv.k, kv.v, step.pos, kv.pos, kv.window, step.lam[i],
-                                  lambda_init_for(i), p["subln"], out=b["attn"], partials=partials)  # over every slot
+                                  lambda_init_for(i), p["subln"], out=b["attn"], scratch=scratch)  # the live slots
             cuda_gemv(b["attn"], p["out_proj"], b["hidden"], GEMV_RESIDUAL, bias=p["out_proj_bias"], aux=b["hidden"])
         cuda_layer_norm(b["hidden"], layer["post_attention_layernorm"], b["normed"], eps)
         cuda_gemv(b["normed"], layer["mlp"]["fc1"], b["mlp"], GEMV_SWIGLU, out_features=cfg.intermediate_size)

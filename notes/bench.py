@@ -481,14 +481,14 @@ def kernel_bytes(twin, args):
         return 20 * i("T") * i("d_inner") + 8 * i("d_inner") * i("d_state")
     if name == "scan_step":
         return 4 * i("d_inner") * i("dt_rank") + 12 * i("d_inner") * i("d_state") + 20 * i("d_inner")
-    if name == "attention_prefill":
+    if name in ("attention_prefill_f32", "attention_prefill_bf16"):
         T, S, H, H_kv, hd = i("T"), i("S"), i("H"), i("H_kv"), i("head_dim")
-        BQ, W = 64 // (2 * (H // H_kv)), i("window") or S
-        return 8 * T * H * hd + 16 * hd * min(S, BQ + W) * -(-T // BQ) * H_kv // 2
-    if name == "attention_decode_split":   # every slot's K and V rows once (empty tiles are skipped: an upper bound)
-        return 16 * i("head_dim") * i("S") * i("H_kv") // 2 + 8 * i("S") * i("H_kv") // 2
-    if name == "attention_decode_reduce":
-        return 4 * i("n_splits") * i("H") * (2 * i("head_dim") + 2) + 4 * i("H") * i("head_dim")
+        BQ, W, kv = 64 // (2 * (H // H_kv)), i("window") or S, get("k").dtype.itemsize
+        return 8 * T * H * hd + 4 * hd * kv * min(S, BQ + W) * -(-T // BQ) * H_kv // 2
+    if name in ("attention_decode_f32", "attention_decode_bf16"):   # the live slots' K/V once, the partials twice
+        hd, H, H_kv, kv = i("head_dim"), i("H"), i("H_kv"), get("k").dtype.itemsize
+        live = min(i("S"), int(phi4flash.to_numpy(get("qpos")).reshape(-1)[0]) + 1)
+        return (4 * hd * kv + 8) * live * H_kv // 2 + 8 * i("n_splits") * H * (2 * hd + 2) + 8 * H * hd
     if name == "kv_write":
         return 16 * i("H_kv") * i("head_dim")
     if name in ("gemv_bf16", "gemv_f32"):

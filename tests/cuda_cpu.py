@@ -20,6 +20,10 @@ exactly np.int32 / np.int64 / np.float32), block size against the kernel's __lau
 CUDA's limits, grid limits. Errors the runtime finds while running (a divergent barrier, a shuffle
 whose mask or width is wrong) raise KernelError naming the kernel, the block and the thread.
 
+cp.async (sm_80+) runs as CUDA's pipeline primitives, which cuda_on_cpu.h implements: a copy's
+destination holds the poison byte until the thread waits for it, and its source must lie inside
+one of the launch's array arguments.
+
 Options of a launch: order_seed shuffles the block order and the thread order between barriers (a
 race-free kernel gives bitwise the same result for every order); poison is the byte written over
 the kernel's __shared__ variables before each block (a kernel that reads shared memory it never
@@ -59,7 +63,7 @@ HEADER = os.path.join(SUPPORT, "cuda_on_cpu.h")
 RUNTIME = os.path.join(SUPPORT, "runtime.cpp")
 
 POINTERS = {"const float*": np.float32, "float*": np.float32, "const long long*": np.int64, "long long*": np.int64,
-            "const unsigned short*": np.uint16}
+            "const unsigned short*": np.uint16, "int*": np.int32}
 SCALARS = {"int": np.int32, "long long": np.int64, "float": np.float32}
 STRIDED = {"kv_head_stride": ("k", "v")}   # a scalar parameter giving the head stride of these pointers
 
@@ -114,21 +118,56 @@ def _top_level_split(text):
     return parts + [cur] if cur.strip() else parts
 
 
-def barrier_lines(src, name):
-    """Source lines of the plain __syncthreads() calls in kernel `name`'s body, in order."""
+def _bodies(lines, name):
+    """[(first line, last line)] of every definition of __global__ / __device__ function `name`
+    (overloads and template instances share a name), 0-based."""
+    found = []
+    for start, line in enumerate(lines):
+        if not (re.search(rf"\b{name}\(", line.split("//")[0]) and
+                re.search(r"__global__|__device__", " ".join(lines[max(0, start - 1):start + 1]))):
+            continue
+        depth, opened = 0, False
+        for i in range(start, len(lines)):
+            code = lines[i].split("//")[0]
+            if not opened and ";" in code and "{" not in code and ")" in code:
+                break                                          # a declaration, not a definition
+            depth += code.count("{") - code.count("}")
+            opened = opened or "{" in code
+            if opened and depth == 0:
+                found.append((start, i))
+                break
+    return found
+
+
+def barrier_sites(src, name):
+    """The plain __syncthreads() calls kernel `name` runs, as (source line, the function it is
+    written in, its rank there), in order: its body's, then, in the order they are first called,
+    those of the __device__ functions it calls (a template instance's body, a merge step,
+    block_sum), followed through their calls in turn."""
     lines = src.split("\n")
-    start = next(i for i, line in enumerate(lines) if re.search(rf"\b{name}\(", line) and "__global__" in
-                 " ".join(lines[max(0, i - 1):i + 1]))
-    depth, found, opened = 0, [], False
-    for i in range(start, len(lines)):
-        code = lines[i].split("//")[0]
-        if opened and re.search(r"__syncthreads\(\)", code):
-            found.append(i + 1)
-        depth += code.count("{") - code.count("}")
-        opened = opened or "{" in code
-        if opened and depth == 0:
-            return found
-    raise ValueError(f"no body for {name}")
+    found, seen, todo = [], {name}, [name]
+    while todo:
+        function = todo.pop(0)
+        bodies = _bodies(lines, function)
+        if not bodies and function == name:
+            raise ValueError(f"no body for {name}")
+        rank = 0
+        for first, last in bodies:
+            for i in range(first + 1, last + 1):
+                code = lines[i].split("//")[0]
+                if re.search(r"__syncthreads\(\)", code):
+                    rank += 1
+                    found.append((i + 1, function, rank))
+                for callee in re.findall(r"\b(\w+)\s*(?:<[^;{}()]*>)?\s*\(", code):
+                    if callee not in seen and _bodies(lines, callee):
+                        seen.add(callee)
+                        todo.append(callee)
+    return found
+
+
+def barrier_lines(src, name):
+    """Source lines of the plain __syncthreads() calls kernel `name` runs (barrier_sites), in order."""
+    return [line for line, _, _ in barrier_sites(src, name)]
 
 
 def parse_kernels(src):
@@ -359,6 +398,7 @@ class Kernels:
         self.lib.cuda_cpu_malloc.restype = ctypes.c_void_p
         self.lib.cuda_cpu_malloc.argtypes = [ctypes.c_size_t]
         self.lib.cuda_cpu_free.argtypes = [ctypes.c_void_p]
+        self.lib.cuda_cpu_set_arrays.argtypes = [ctypes.c_void_p, ctypes.c_int]
         self.exact_buffers = exact_buffers              # copy pointer arguments into exact-size mallocs (ASan)
         self.shared = self._shared_ranges()
         self.bounds, self.entries = {}, {}
@@ -432,7 +472,7 @@ class Kernels:
     @staticmethod
     def _check_strided(name, pname, a, named):
         stride = next(int(named[s]) for s, ptrs in STRIDED.items() if pname in ptrs)
-        want = (4 * stride, 4 * a.shape[2], 4) if a.ndim == 3 else None
+        want = (a.itemsize * stride, a.itemsize * a.shape[2], a.itemsize) if a.ndim == 3 else None
         if a.strides != want:
             raise KernelError(f"{name}: {pname} must be (heads, rows, hd) with contiguous rows and heads "
                               f"{stride} elements apart, got strides {a.strides}")
@@ -451,14 +491,16 @@ class Kernels:
         # As cudaLaunchKernel takes them: an array of pointers to the argument values, here one
         # 8-byte slot per argument (little-endian, so an int32 or float sits in the low 4 bytes).
         slots = (ctypes.c_uint64 * len(values))()
-        copies = []
+        copies, bounds = [], []
         for i, ((ctype, _), v) in enumerate(zip(self.kernels[name].params, values)):
             if isinstance(v, np.ndarray):
                 slots[i] = self._pointer(v, not ctype.startswith("const"), copies)
+                bounds += [slots[i], slots[i] + extent(v)]        # cp.async sources must lie in an argument
             else:
                 slots[i] = int(v.view(np.uint32 if v.itemsize == 4 else np.uint64))
         base = ctypes.addressof(slots)
         argv = (ctypes.c_void_p * len(values))(*range(base, base + 8 * len(values), 8))
+        self.lib.cuda_cpu_set_arrays((ctypes.c_uint64 * len(bounds))(*bounds), len(bounds) // 2)
         try:
             rc = self.entries[name](ctypes.byref(config), argv)
         finally:

@@ -10,6 +10,7 @@ fixture and vs reference.npz (fp32 weights: <= 1e-4 abs; bf16 weights: relative 
 <= 1e-2 against the fp32 NumPy path), and cached decode vs full recompute with and without CUDA graphs.
 """
 import contextlib
+import copy
 import dataclasses
 import inspect
 import os
@@ -64,7 +65,7 @@ def assert_forward_matches_reference(gpu, launches, ref, p, tol=TOL):
     for i in (0, 2, 4):
         assert maxdiff(cache.conv_state[i], ref[f"{p}_prefill_conv_state_L{i}"][:, 1:].T) <= tol
         assert maxdiff(cache.ssm_state[i], ref[f"{p}_prefill_ssm_state_L{i}"]) <= 1e-5
-    for kernel in ("conv1d_silu_prefill", "scan_prefill", "attention_prefill", "attention_decode_split", "gemv_bf16"):
+    for kernel in ("conv1d_silu_prefill", "scan_prefill", "attention_prefill_f32", "attention_decode_f32", "gemv_bf16"):
         assert launches.counts.get(kernel), kernel
 
 
@@ -129,6 +130,72 @@ def test_gpu_decode_and_chunks_mix_and_the_shared_buffer_grows(model, monkeypatc
     assert cache.shared(model.config).k.shape[1] >= 40
 
 
+def bf16_kv_write_standin(monkeypatch):
+    """The decode step's K/V write into a bfloat16 cache, which kv_write (float32 caches) does not
+    do: issue 19 moves that write into the Wqkv product's epilogue (another part of the issue).
+    Until then this stands in for it, outside the launch checks: the new K/V rounded by the CPU
+    path's formula (f32_to_bf16), stored by kv_write's twin."""
+    launch = pf._launch
+
+    def standin(twin, grid, block, args):
+        if twin is not pf.kv_write or args[2].dtype != np.uint16:
+            return launch(twin, grid, block, args)
+        pf.kv_write(pf.f32_to_bf16(np.ascontiguousarray(args[0])), pf.f32_to_bf16(np.ascontiguousarray(args[1])),
+                    *args[2:])
+    monkeypatch.setattr(pf, "_launch", standin)
+
+
+BF16_KV_SIZES = (5, 1, 1, 9) + (1,) * 24 + (17, 1, 1)   # chunks and steps, 3 windows of decode steps, growth
+
+
+def relative_rmse(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.sqrt(np.mean((got - want) ** 2) / np.mean(want ** 2)))
+
+
+def assert_bf16_kv_path_equals_cpu(model, gpu, launches, monkeypatch):
+    """A bfloat16 K/V cache on the GPU code path (`gpu`, its launch checker) against the CPU path with
+    the same option.
+    1. Chunks (the prefill kernels) and decode steps (attention_decode) mixed on one cache whose
+       shared K/V starts too small and grows. The two paths' fp32 K/V differ by ~1e-6 before they
+       are rounded, so a few elements (10 of the 4,800 stored here, measured) land on the
+       neighbouring bf16 value: the caches are the same bits elsewhere, and those differ by one bf16
+       step. The logits' relative RMSE: 1.1e-5 measured (fp32 K/V: 9.5e-7); the bound, 3e-5.
+    2. Decode steps from the same cache bits on both paths: the attention reads the same values, so
+       only fp32 summation order is left: relative RMSE <= 3e-6 (3.5e-7 to 4.5e-7 measured)."""
+    seq = np.random.default_rng(19).integers(0, 500, sum(BF16_KV_SIZES))
+    starts = np.cumsum((0,) + BF16_KV_SIZES[:-1])
+    cpu = dataclasses.replace(model, kv_dtype="bfloat16")
+    cpu_cache = cpu.new_cache(2)
+    want = [cpu.run(cpu_cache, seq[a:a + n], "all" if n > 1 else "last") for a, n in zip(starts, BF16_KV_SIZES)]
+    with monkeypatch.context() as m:
+        bf16_kv_write_standin(m)
+        cache = gpu.new_cache(2)
+        got = [gpu.run(cache, seq[a:a + n], "all" if n > 1 else "last") for a, n in zip(starts, BF16_KV_SIZES)]
+        assert relative_rmse(np.concatenate(got), np.concatenate(want)) <= 3e-5
+        flipped = stored = 0
+        for i, kv in cache.kv.items():
+            n = kv.k.shape[1] if kv.window else kv.length
+            mine, theirs = (kv.k[:, :n], kv.v[:, :n]), (cpu_cache.kv[i].k[:, :n], cpu_cache.kv[i].v[:, :n])
+            assert kv.k.dtype == np.uint16 and np.array_equal(kv.pos[:n], cpu_cache.kv[i].pos[:n]), i
+            for a, b in zip(mine, theirs):
+                flipped, stored = flipped + int((a != b).sum()), stored + a.size
+                assert np.abs(a.astype(np.int32) - b.astype(np.int32)).max() <= 1, i   # one bf16 step at most
+        assert flipped <= stored // 100
+        assert cache.shared(model.config).k.shape[1] >= len(seq)
+        for token in (7, 99, 345):                                        # one step each from the same bits
+            same = copy.deepcopy(cache)
+            same.cuda = None
+            assert relative_rmse(gpu.step(copy.deepcopy(cache), token), cpu.step(same, token)) <= 3e-6
+    assert {"attention_prefill_bf16", "attention_decode_bf16"} <= set(launches.counts)
+    assert "attention_prefill_f32" not in launches.counts and "attention_decode_f32" not in launches.counts
+
+
+def test_gpu_code_path_with_a_bf16_kv_cache_equals_the_cpu_path(model, monkeypatch):
+    with gpu_code_path(dataclasses.replace(model, kv_dtype="bfloat16"), monkeypatch) as (gpu, launches):
+        assert_bf16_kv_path_equals_cpu(model, gpu, launches, monkeypatch)
+
+
 def test_gpu_code_path_greedy_generation_matches_reference_targets(model, ref, monkeypatch):
     with gpu_code_path(model, monkeypatch) as (gpu, _):
         for p in PROMPTS:
@@ -170,7 +237,8 @@ class NoMath(np.ndarray):
 def test_decode_step_is_only_kernels_at_most_12_per_layer(monkeypatch):
     """One decode step on the real 32-layer schedule (small widths) is a fixed sequence of kernels.cu
     launches and nothing else: every array it touches refuses arithmetic, and the launches are only
-    counted (the twins do not run). At most 12 per layer: <= 400 per token."""
+    counted (the twins do not run). At most 12 per layer: <= 400 per token. Attention is one launch
+    (attention_decode merges its splits itself)."""
     cfg = pf.Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=32, num_attention_heads=8,
                     num_key_value_heads=4, sliding_window=tuple(8 if i % 2 and i < 16 else None for i in range(32)),
                     mamba_dt_rank=4)
@@ -199,8 +267,8 @@ def test_decode_step_is_only_kernels_at_most_12_per_layer(monkeypatch):
     per_layer = [len(body[a:b]) for a, b in zip(starts, starts[1:] + [len(body)])]
     assert len(per_layer) == 32 and max(per_layer) <= 12 and len(launched) <= 400, per_layer
     kinds = cfg.layer_kinds
-    assert per_layer == [{"mamba": 9, "swa": 9, "full": 9, "gmu": 6, "cross": 8}[k] for k in kinds]
-    assert len(launched) == 3 + 9 * 9 + 9 * 9 + 6 * 7 + 8 * 7
+    assert per_layer == [{"mamba": 9, "swa": 8, "full": 8, "gmu": 6, "cross": 7}[k] for k in kinds]
+    assert len(launched) == 3 + 9 * 9 + 8 * 9 + 6 * 7 + 7 * 7
 
 
 def test_a_one_token_chunk_without_logits_is_not_a_decode_step(model, monkeypatch):

@@ -42,7 +42,8 @@ def bf16_bits(a):
 # kernels.cu parsed: signatures and #defines
 
 C_TYPES = {"const float*": np.float32, "float*": np.float32, "const long long*": np.int64, "long long*": np.int64,
-           "const unsigned short*": np.uint16, "int": np.int32, "long long": np.int64, "float": np.float32}
+           "const unsigned short*": np.uint16, "int*": np.int32, "int": np.int32, "long long": np.int64,
+           "float": np.float32}
 
 
 def kernel_signatures():
@@ -61,8 +62,8 @@ def kernel_signatures():
 
 
 SIGNATURES = kernel_signatures()
-TWINS = [pf.conv1d_silu_prefill, pf.conv1d_silu_step, pf.scan_prefill, pf.scan_step, pf.attention_prefill,
-         pf.attention_decode_split, pf.attention_decode_reduce, pf.kv_write, pf.gemv_bf16, pf.gemv_f32,
+TWINS = [pf.conv1d_silu_prefill, pf.conv1d_silu_step, pf.scan_prefill, pf.scan_step, pf.attention_prefill_f32,
+         pf.attention_prefill_bf16, pf.attention_decode_f32, pf.attention_decode_bf16, pf.kv_write, pf.gemv_bf16, pf.gemv_f32,
          pf.layer_norm_rows, pf.embed_bf16, pf.embed_f32]
 
 
@@ -81,7 +82,7 @@ def test_python_constants_match_kernels_cu_defines():
     assert len(shared) >= 10, shared
     for name in shared:
         assert getattr(pf, name) == int(defines[name]), name
-    assert pf.KEYS_PER_SPLIT % pf.DECODE_KEYS == 0 and pf.KEYS_PER_SPLIT <= pf.DECODE_THREADS  # a position per thread
+    assert pf.DECODE_KEYS * pf.DECODE_MAX_QUERIES == pf.DECODE_THREADS  # a thread per (query, key) of a tile
 
 
 class LaunchChecker:
@@ -106,10 +107,11 @@ class LaunchChecker:
             else:
                 assert type(a) is want, (name, pname, type(a))  # a Python int would reach the GPU as 8 bytes
             values[pname] = a
-        if "kv_head_stride" in values:  # K/V rows contiguous, heads kv_head_stride floats apart
+        if "kv_head_stride" in values:  # K/V rows contiguous, heads kv_head_stride values apart
             hd = int(values["head_dim"])
             for pname in ("k", "v"):
-                assert values[pname].strides == (4 * int(values["kv_head_stride"]), 4 * hd, 4), (name, pname)
+                size = values[pname].itemsize
+                assert values[pname].strides == (size * int(values["kv_head_stride"]), size * hd, size), (name, pname)
         threads = math.prod(block)
         assert 32 <= threads <= 1024 and threads % 32 == 0, (name, block)
         assert len(grid) <= 3 and all(g >= 1 for g in grid) and (len(grid) < 2 or grid[1] <= 65535), (name, grid)
@@ -263,7 +265,7 @@ def test_attention_prefill_twin_equals_attend(checked, H, H_kv, hd, T, past, win
     want = pf.attend(q, k, v, qpos, kpos, window, lam, lambda_init, subln)
     got = pf.cuda_attend(q, k, v, qpos, kpos, window, lam, lambda_init, subln)
     assert got.shape == want.shape and np.abs(got - want).max() < TOL
-    assert checked.counts == {"attention_prefill": 1}
+    assert checked.counts == {"attention_prefill_f32": 1}
 
 
 def test_attention_prefill_reads_a_prefix_view_without_copying(checked):
@@ -277,16 +279,86 @@ def test_attention_prefill_reads_a_prefix_view_without_copying(checked):
     assert np.abs(pf.cuda_attend(q, kbuf[:, :19], vbuf[:, :19], qpos, kpos, None, 0.2, 0.5, subln) - want).max() < TOL
 
 
-@pytest.mark.parametrize("H,H_kv,hd,S,window", [(8, 4, 8, 1000, None), (4, 2, 64, 300, None), (8, 4, 8, 129, None),
-                                                (8, 4, 8, 300, 8), (16, 4, 8, 77, None)])
-def test_attention_decode_twin_equals_attend(checked, H, H_kv, hd, S, window):
-    """One query over a long K/V: split into blocks of 128 keys (a partial last one), merged."""
+DECODE_CASES = [(8, 4, 8, 1000, None), (4, 2, 64, 300, None), (8, 4, 8, 129, None), (8, 4, 8, 300, 8),
+                (16, 4, 8, 77, None)]  # (H, H_kv, hd, S, window)
+
+
+@pytest.mark.parametrize("sms", [1, 4, 132])
+@pytest.mark.parametrize("H,H_kv,hd,S,window", DECODE_CASES)
+def test_attention_decode_twin_equals_attend(checked, monkeypatch, H, H_kv, hd, S, window, sms):
+    """One query over a long K/V in one launch: the live keys cut into runs of whole 16-key tiles
+    per split (1 SM: a single split; 132, an H100's: up to one tile per split, some splits empty),
+    merged by the last split of each group."""
+    monkeypatch.setattr(pf, "CPU_SMS", sms)
     rng = np.random.default_rng(S + hd)
     q, k, v, qpos, kpos, subln = attention_case(rng, H, H_kv, hd, 1, S - 1, None)
     want = pf.attend(q, k, v, qpos, kpos, window, 0.4, 0.7, subln)
     got = pf.cuda_attend(q, k, v, qpos, kpos, window, 0.4, 0.7, subln)
     assert np.abs(got - want).max() < TOL
-    assert checked.counts == {"attention_decode_split": 1, "attention_decode_reduce": 1}
+    assert checked.counts == {"attention_decode_f32": 1}
+
+
+def test_decode_splits_follow_the_sm_count_and_the_work_the_live_length():
+    """The split count is fixed by the SM count (4 blocks per SM over the KV groups), capped by the
+    tiles the cache holds: a shared buffer that doubles keeps it. The keys per split follow the live
+    length, and the splits' runs tile [0, live) exactly, a run of whole tiles each."""
+    assert [pf.decode_splits(S, 20, 132) for S in (16, 512, 2048, 4096, 8192, 65536)] == [1, 32, 53, 53, 53, 53]
+    assert pf.decode_splits(65536, 20, 4) == 2 and pf.decode_splits(65536, 2, 1000) == pf.DECODE_MAX_SPLITS
+    assert [pf.keys_per_split(live, 53) for live in (1, 2048, 32768)] == [16, 48, 624]
+    for live, n_splits in ((1, 53), (2048, 53), (32768, 53), (170, 19), (77, 3)):
+        keys = pf.keys_per_split(live, n_splits)
+        runs = [(min(live, s * keys), min(live, s * keys + keys)) for s in range(n_splits)]
+        assert runs[0][0] == 0 and runs[-1][1] == live and all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
+        assert keys % pf.DECODE_KEYS == 0 and keys - pf.DECODE_KEYS < -(-live // n_splits)
+
+
+def live_slots_case(rng, kv_bits):
+    """A 300-slot shared buffer of which 170 are written (the query is position 169); the slots
+    past them hold NaN and positions that are not -1. Attention must not read them: a NaN value
+    row reaches the output even with a zero weight. -> (q, k, v, kpos, subln, want)."""
+    H, H_kv, hd = 8, 4, 8
+    q, k, v = rand(rng, H, 1, hd), rand(rng, H_kv, 300, hd), rand(rng, H_kv, 300, hd)
+    if kv_bits:
+        k, v = pf.f32_to_bf16(k), pf.f32_to_bf16(v)
+    k[:, 170:], v[:, 170:] = (0x7FC0, 0x7FC0) if kv_bits else (np.nan, np.nan)
+    kpos = np.where(np.arange(300) < 170, np.arange(300), 10 ** 6)
+    subln = 1 + rand(rng, 2 * hd, scale=0.1)
+    want = pf.attend(q, pf.f32(k[:, :170]), pf.f32(v[:, :170]), np.array([169]), np.arange(170), None, 0.4, 0.7, subln)
+    return q, k, v, kpos, subln, want
+
+
+@pytest.mark.parametrize("kv_bits", [False, True])
+def test_attention_decode_reads_only_the_live_slots(checked, monkeypatch, kv_bits):
+    monkeypatch.setattr(pf, "CPU_SMS", 132)                               # 19 splits, 8 of them empty
+    q, k, v, kpos, subln, want = live_slots_case(np.random.default_rng(7), kv_bits)
+    got = pf.cuda_attend(q, k, v, np.array([169]), kpos, None, 0.4, 0.7, subln)
+    assert np.isfinite(got).all() and np.abs(got - want).max() < TOL
+    assert checked.counts == {"attention_decode_bf16" if kv_bits else "attention_decode_f32": 1}
+
+
+def test_attention_decode_leaves_its_split_counters_at_zero(checked):
+    """A CUDA graph replays the launch with the same scratch: the last block of each group resets
+    its counter, so a second launch on the same scratch counts from 0 and gives the same output."""
+    rng = np.random.default_rng(11)
+    q, k, v, qpos, kpos, subln = attention_case(rng, 8, 4, 8, 1, 299, None)
+    scratch = pf.decode_scratch(8, 4, 8, pf.decode_splits(300, 4, pf.CPU_SMS), np)
+    outs = [pf.cuda_decode_attention(q[:, 0], k, v, qpos, kpos, None, np.float32([0.4]), 0.7, subln, scratch=scratch)
+            for _ in range(2)]
+    assert scratch[3].tolist() == [0, 0] and np.array_equal(outs[0], outs[1])
+    assert np.abs(outs[0] - pf.attend(q, k, v, qpos, kpos, None, 0.4, 0.7, subln)).max() < TOL
+
+
+@pytest.mark.parametrize("T,past,window", [(37, 0, 8), (21, 13, None), (1, 299, None), (1, 20, 8)])
+def test_attention_twins_read_bf16_kv_bits(checked, T, past, window):
+    """K/V as a bfloat16 cache holds them (uint16 bits): the kernels' bf16 instances equal attend()
+    over the same values widened (exact), prefill and decode alike."""
+    rng = np.random.default_rng(T + past)
+    q, k, v, qpos, kpos, subln = attention_case(rng, 8, 4, 8, T, past, window)
+    k, v = pf.f32_to_bf16(k), pf.f32_to_bf16(v)
+    want = pf.attend(q, pf.f32(k), pf.f32(v), qpos, kpos, window, np.float32(0.31), 0.62, subln)
+    got = pf.cuda_attend(q, k, v, qpos, kpos, window, np.float32(0.31), 0.62, subln)
+    assert np.abs(got - want).max() < TOL
+    assert checked.counts == {"attention_decode_bf16" if T == 1 else "attention_prefill_bf16": 1}
 
 
 def test_attention_decode_over_a_preallocated_buffer_and_a_ring(checked):
@@ -499,13 +571,25 @@ def test_gpu_conv_and_scan_kernels_equal_twins(T):
 
 
 @pytest.mark.parametrize("H,H_kv,hd,T,past,window", PREFILL_CASES + [(40, 20, 64, 2048, 0, 512), (40, 20, 64, 1, 4095, None),
-                                                                     (40, 20, 64, 1, 600, 512)])
+                                                                     (40, 20, 64, 1, 32767, None), (40, 20, 64, 1, 600, 512)])
 def test_gpu_attention_kernels_equal_twins(H, H_kv, hd, T, past, window):
     cupy = gpu_or_skip()
     rng = np.random.default_rng(T + past)
     q, k, v, qpos, kpos, subln = attention_case(rng, H, H_kv, hd, T, past, window)
     host, dev, _, _ = on_both(cupy, pf.cuda_attend, q, k, v, qpos, kpos, window, np.float32(0.3), 0.6, subln)
     assert_close(host, dev, tol=1e-5, what="attention")
+
+
+@pytest.mark.parametrize("H,H_kv,hd,T,past,window", [(8, 4, 8, 37, 0, 8), (40, 20, 64, 2048, 0, 512),
+                                                     (40, 20, 64, 1, 32767, None), (40, 20, 64, 1, 600, 512)])
+def test_gpu_attention_kernels_read_bf16_kv_bits(H, H_kv, hd, T, past, window):
+    """The bf16 instances on the device (this GPU's split count) against their twins (CPU_SMS)."""
+    cupy = gpu_or_skip()
+    rng = np.random.default_rng(T + past + 1)
+    q, k, v, qpos, kpos, subln = attention_case(rng, H, H_kv, hd, T, past, window)
+    k, v = pf.f32_to_bf16(k), pf.f32_to_bf16(v)
+    host, dev, _, _ = on_both(cupy, pf.cuda_attend, q, k, v, qpos, kpos, window, np.float32(0.3), 0.6, subln)
+    assert_close(host, dev, tol=1e-5, what="attention, bf16 K/V")
 
 
 @pytest.mark.parametrize("rows,out,inp", [(1, 2560, 10240), (1, 10240, 2560), (8, 160, 5120), (3, 37, 4), (20, 300, 256)])

@@ -15,6 +15,8 @@
 //     shuffle) as an error of the launch instead of hanging or guessing.
 //   * Each call site passes its own line (__builtin_LINE() as a default argument), so error
 //     messages say which barrier or shuffle of kernels.cu went wrong.
+//   * cp.async copies (CUDA's pipeline primitives) land when the thread waits for them, their
+//     destination poisoned until then (runtime.cpp).
 // What this is not: a timing model, or a model of memory visibility between barriers (a fiber's
 // writes are visible at once; runtime.cpp varies the thread order to expose missing barriers).
 #pragma once
@@ -116,6 +118,7 @@ inline double max(double a, double b) { return fmax(a, b); }
 // (The atomics accept any type, more than CUDA does: nvcc, in test_kernels.py, is the judge of that.)
 
 template <typename T> inline T __ldg(const T* p) { return *p; }
+template <typename T> inline T __ldcg(const T* p) { return *p; }     // (L2 only: what other blocks wrote)
 inline void __threadfence() {}
 inline void __threadfence_block() {}
 
@@ -196,6 +199,33 @@ inline void __syncwarp(unsigned int mask = 0xffffffffu, const char* file = __bui
 }
 
 // ------------------------------------------------------------------------------------------------
+// Asynchronous copies global -> shared (PTX cp.async, sm_80+), under the names of CUDA's pipeline
+// primitives (cuda_pipeline_primitives.h), which kernels.cu calls where it runs on the CPU:
+//   __pipeline_memcpy_async(dst, src, 4 | 8 | 16)   issue one copy (cp.async)
+//   __pipeline_commit()                             close this thread's group of copies (commit_group)
+//   __pipeline_wait_prior(n)                        wait until at most the n newest groups are pending
+// A copy is checked when it is issued (size, alignment, the destination in shared memory, the
+// source inside one of the launch's array arguments), its source is read then, and its destination
+// is filled with the launch's poison byte; the bytes land only when this thread waits for the
+// copy's group. So a kernel that reads a destination before waiting, or before the barrier after
+// another thread's wait, reads poison; one that overwrites a buffer other threads still read
+// poisons it under them. A thread that exits with copies it never waited for is an error.
+
+namespace cuda_cpu {
+void copy_async(void* dst, const void* src, std::size_t bytes, std::size_t zfill, const char* file, int line);
+void copy_async_commit();
+void copy_async_wait(std::size_t prior);
+}  // namespace cuda_cpu
+
+inline void __pipeline_memcpy_async(void* dst_shared, const void* src_global, std::size_t size_and_align,
+                                    std::size_t zfill = 0, const char* file = __builtin_FILE(),
+                                    int line = __builtin_LINE()) {
+    ::cuda_cpu::copy_async(dst_shared, src_global, size_and_align, zfill, file, line);
+}
+inline void __pipeline_commit() { ::cuda_cpu::copy_async_commit(); }
+inline void __pipeline_wait_prior(std::size_t prior) { ::cuda_cpu::copy_async_wait(prior); }
+
+// ------------------------------------------------------------------------------------------------
 // Launch entries: the file tests/cuda_cpu.py generates includes kernels.cu, then one
 // CUDA_CPU_ENTRY(kernel, launch bound) per kernel. Python calls cuda_cpu_launch_<kernel> with the
 // launch geometry and an array of pointers to the argument values, as cudaLaunchKernel takes them.
@@ -226,6 +256,7 @@ template <> inline const char* type_name<const float*>() { return "const float*"
 template <> inline const char* type_name<float*>() { return "float*"; }
 template <> inline const char* type_name<const long long*>() { return "const long long*"; }
 template <> inline const char* type_name<long long*>() { return "long long*"; }
+template <> inline const char* type_name<int*>() { return "int*"; }
 template <> inline const char* type_name<const unsigned short*>() { return "const unsigned short*"; }
 template <> inline const char* type_name<int>() { return "int"; }
 template <> inline const char* type_name<long long>() { return "long long"; }

@@ -18,6 +18,9 @@
 //   call per switch). Under AddressSanitizer the switches are announced with
 //   __sanitizer_{start,finish}_switch_fiber, and the shared section is poisoned around ASan's
 //   redzones so that an out-of-bounds shared index is still caught.
+// cp.async (cuda_on_cpu.h): each fiber keeps its pending copies, with their source bytes read at
+//   issue; the destination holds the poison byte until the fiber's __pipeline_wait_prior covers
+//   the copy's group. The launch's array arguments (cuda_cpu_set_arrays) bound the sources.
 #include "cuda_on_cpu.h"
 
 #include <sys/mman.h>
@@ -77,6 +80,10 @@ struct Fiber {
     const char* file = "";
     unsigned int mask = 0;
     unsigned long long value = 0, result = 0;
+    // cp.async: the copies issued and not yet waited for, and the groups committed so far
+    struct Copy { char* dst; unsigned char bytes[16]; int size, group; const char* file; int line; };
+    std::vector<Copy> copies;
+    int groups = 0;
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -89,6 +96,8 @@ Fiber* current = nullptr;              // the running fiber, nullptr in the sche
 void (*kernel_thunk)(void**) = nullptr;
 void** kernel_args = nullptr;
 int skip_barrier_line = 0;             // a __syncthreads() knocked out for this launch (tests)
+int poison_byte = 0xFF;                // the launch's poison: also what a pending cp.async destination holds
+std::vector<std::pair<const char*, const char*>> arrays;   // [begin, end) of the launch's array arguments
 bool failed = false;
 char error[2048];
 std::mutex launch_mutex;
@@ -258,6 +267,11 @@ void yield(bool for_good) {
         scheduler_stack_size = from_size;
     }
     kernel_thunk(kernel_args);
+    if (!current->copies.empty()) {
+        const Fiber::Copy& c = current->copies.front();
+        set_error("exits with %d cp.async copies it never waited for (the first issued at %s:%d)",
+                  (int)current->copies.size(), base_name(c.file), c.line);
+    }
     current->state = DONE;
     yield(true);
     __builtin_unreachable();
@@ -491,6 +505,46 @@ unsigned long long warp_op(int kind, unsigned int mask, unsigned long long bits,
     return f->result;
 }
 
+// cp.async: issue, commit, wait (see cuda_on_cpu.h)
+
+void copy_async(void* dst, const void* src, std::size_t bytes, std::size_t zfill, const char* file, int line) {
+    Fiber* f = current;
+    char* d = static_cast<char*>(dst);
+    const char* s = static_cast<const char*>(src);
+    bool in_array = arrays.empty();                    // no arguments registered: nothing to check against
+    for (const auto& a : arrays) in_array = in_array || (s >= a.first && s + (bytes - zfill) <= a.second);
+    if (bytes != 4 && bytes != 8 && bytes != 16)
+        set_error("cp.async (%s:%d): %zu bytes; a copy is 4, 8 or 16", base_name(file), line, bytes);
+    else if (zfill > bytes)
+        set_error("cp.async (%s:%d): zfill %zu > %zu bytes", base_name(file), line, zfill, bytes);
+    else if ((reinterpret_cast<std::uintptr_t>(d) | reinterpret_cast<std::uintptr_t>(s)) % bytes)
+        set_error("cp.async (%s:%d): %zu-byte copy from %p to %p: both must be %zu-byte aligned", base_name(file),
+                  line, bytes, src, dst, bytes);
+    else if (d < __start_cuda_shared || d + bytes > __stop_cuda_shared)
+        set_error("cp.async (%s:%d): the destination %p is not in shared memory", base_name(file), line, dst);
+    else if (!in_array)
+        set_error("cp.async (%s:%d): the source %p (+%zu bytes) is outside every array argument of the launch",
+                  base_name(file), line, src, bytes - zfill);
+    if (failed) fail_in_fiber();
+    Fiber::Copy c{d, {}, (int)bytes, f->groups, file, line};
+    memcpy(c.bytes, s, bytes - zfill);                 // read now; the zfill tail stays zero
+    memset(d, poison_byte, bytes);                     // until the wait, the destination is poison
+    f->copies.push_back(c);
+}
+
+void copy_async_commit() { current->groups++; }
+
+void copy_async_wait(std::size_t prior) {
+    Fiber* f = current;
+    const long long done_below = (long long)f->groups - (long long)prior;   // groups older than the `prior` newest
+    std::size_t kept = 0;
+    for (const Fiber::Copy& c : f->copies) {
+        if (c.group < done_below) memcpy(c.dst, c.bytes, c.size);
+        else f->copies[kept++] = c;
+    }
+    f->copies.resize(kept);
+}
+
 // ------------------------------------------------------------------------------------------------
 // A launch
 
@@ -506,6 +560,8 @@ bool run_block(int threads, bool shuffled) {
         f->index = {i % b.x, (i / b.x) % b.y, i / (b.x * b.y)};
         f->state = READY;
         f->result = 0;
+        f->copies.clear();
+        f->groups = 0;
         start_fiber(f);
         pass_order[i] = i;
     }
@@ -541,7 +597,7 @@ int launch(const LaunchConfig* c, void (*thunk)(void**), void** args) {
         snprintf(error, sizeof error, "cannot map fiber stacks");
         return 1;
     }
-    kernel_thunk = thunk, kernel_args = args, skip_barrier_line = c->skip_barrier_line;
+    kernel_thunk = thunk, kernel_args = args, skip_barrier_line = c->skip_barrier_line, poison_byte = c->poison;
     now.block_dim = dim3(c->block[0], c->block[1], c->block[2]);
     now.grid_dim = dim3(c->grid[0], c->grid[1], c->grid[2]);
     rng_state = c->seed;
@@ -580,5 +636,13 @@ CUDA_CPU_EXPORT const char* cuda_cpu_error() { return cuda_cpu::error; }
 // Memory from this library's malloc: under ASan, an exact-size allocation with redzones around it.
 CUDA_CPU_EXPORT void* cuda_cpu_malloc(size_t n) { return malloc(n); }
 CUDA_CPU_EXPORT void cuda_cpu_free(void* p) { free(p); }
+
+// The next launch's array arguments, n pairs of [begin, end) addresses: cp.async sources must lie in one.
+CUDA_CPU_EXPORT void cuda_cpu_set_arrays(const unsigned long long* bounds, int n) {
+    cuda_cpu::arrays.clear();
+    for (int i = 0; i < n; i++)
+        cuda_cpu::arrays.emplace_back(reinterpret_cast<const char*>(bounds[2 * i]),
+                                      reinterpret_cast<const char*>(bounds[2 * i + 1]));
+}
 
 CUDA_CPU_EXPORT size_t cuda_cpu_shared_bytes() { return (size_t)(__stop_cuda_shared - __start_cuda_shared); }

@@ -7,6 +7,10 @@
 
 #define WARP 32
 
+#ifdef __CUDACC__                      // nvcc: CUDA's own pipeline primitives (cp.async); the CPU
+#include <cuda_pipeline_primitives.h>  // harness implements the same names (cuda_on_cpu.h)
+#endif
+
 // Shared memory across the threads of a block, behind a barrier: out[i] = x[i + 1] within the block.
 extern "C" __global__ void rotate_shared(const float* x, float* out) {
     __shared__ float s[1024];
@@ -123,4 +127,61 @@ extern "C" __global__ void denormals(const float* x, float* out) {
 extern "C" __global__ void histogram(const long long* x, long long* counts, int n) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) atomicAdd(reinterpret_cast<unsigned long long*>(&counts[x[i]]), 1ull);
+}
+
+// cp.async: thread t copies x's float4 t of its block into s[t], one group, then
+// mode 0: waits, passes a barrier and reads its neighbour's s[t + 1] (correct: out = x rotated);
+// mode 1: reads its own s[t] before waiting; mode 2: waits, but reads s[t + 1] with no barrier
+// after the neighbour's wait; mode 3: never waits.
+extern "C" __global__ void copy_async_rotate(const float* x, float* out, int mode) {
+    __shared__ float4 s[256];
+    const int t = threadIdx.x, n = blockDim.x, base = blockIdx.x * n;
+    __pipeline_memcpy_async(&s[t], x + 4 * (base + t), 16);
+    __pipeline_commit();
+    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (mode == 1) {
+        v = s[t];
+        __pipeline_wait_prior(0);
+    } else if (mode != 3) {
+        __pipeline_wait_prior(0);
+        if (mode == 0) __syncthreads();
+        v = s[(t + 1) % n];
+    }
+    out[4 * (base + t)] = v.x, out[4 * (base + t) + 1] = v.y, out[4 * (base + t) + 2] = v.z, out[4 * (base + t) + 3] = v.w;
+}
+
+// Two groups of 4-byte copies: x[t] -> a[t], commit; x[n + t] -> b[t], commit. After waiting for all
+// but the newest group, a[t] has landed and b[t] is still pending; after waiting for all, both.
+// out[3t..3t+2] = a[t], b[t] after wait_prior(1), b[t] after wait_prior(0).
+extern "C" __global__ void copy_async_groups(const float* x, float* out) {
+    __shared__ float a[64], b[64];
+    const int t = threadIdx.x, n = blockDim.x;
+    __pipeline_memcpy_async(&a[t], x + t, 4);
+    __pipeline_commit();
+    __pipeline_memcpy_async(&b[t], x + n + t, 4);
+    __pipeline_commit();
+    __pipeline_wait_prior(1);
+    out[3 * t] = a[t];
+    out[3 * t + 1] = b[t];
+    __pipeline_wait_prior(0);
+    out[3 * t + 2] = b[t];
+}
+
+// One `bytes`-long copy per thread from x + offset + 4t (floats) into s[t], or (to_global) into
+// out: offset 1 is misaligned for 16 bytes, an offset near the end of x reads past it.
+extern "C" __global__ void copy_async_from(const float* x, float* out, int offset, int bytes, int to_global) {
+    __shared__ float4 s[64];
+    const int t = threadIdx.x;
+    void* dst = to_global ? static_cast<void*>(out + 4 * t) : static_cast<void*>(&s[t]);
+    __pipeline_memcpy_async(dst, x + offset + 4 * t, bytes);
+    __pipeline_commit();
+    __pipeline_wait_prior(0);
+    __syncthreads();
+    if (!to_global) out[4 * t] = s[t].x;
+}
+
+// The order in which blocks arrive: thread 0 of each block takes a ticket, order[block] = the
+// number of blocks before it (a permutation of 0 .. blocks - 1).
+extern "C" __global__ void arrivals(int* order, int* counter) {
+    if (threadIdx.x == 0) order[blockIdx.y * gridDim.x + blockIdx.x] = atomicAdd(counter, 1);
 }
