@@ -23,6 +23,7 @@ eagerly through the same pinned buffers.
 """
 import dataclasses
 import itertools
+import os
 import sys
 import types
 
@@ -30,6 +31,7 @@ import numpy as np
 import pytest
 
 import phi4flash as pf
+from conftest import ROOT
 from test_gpu import random_model
 
 
@@ -481,6 +483,43 @@ def test_a_prefill_runs_on_the_model_stream_and_returns_host_logits(model, fake,
     out, calls = calls_of(fake, lambda: gpu.run(cache, np.array([5, 68, 417]), "all"))
     assert type(out) is np.ndarray and out.tolist() == [[2.5] * 4] * 3 and seen == ["model", "model"]
     assert calls == [("full", "model"), ("get", "model")]                 # no device sync: the cache is not new
+
+
+class FakeEvent:
+    """CUDA events for notes/bench.py's timing (phi4flash itself records none): the time a recorded
+    event ran, in queue order."""
+
+    def __init__(self, fake):
+        self.fake, self.at = fake, None
+
+    def record(self, stream):
+        self.stream = stream
+        self.fake.queue_on(stream, "event", lambda: setattr(self, "at", __import__("time").perf_counter()))
+
+    def synchronize(self):
+        self.fake.run(lambda op: op[1] is self.stream)
+
+
+def test_bench_host_profile_runs_on_the_fake(model, fake, monkeypatch):
+    """notes/bench.py --host-profile, prepared for a GPU session: it runs (on the fake, with the
+    prefill stubbed) and reports the graph's time, the host's and its parts."""
+    sys.path.insert(0, os.path.join(ROOT, "notes"))
+    import bench
+    fake.cuda.Event = lambda: FakeEvent(fake)
+    fake.cuda.get_elapsed_time = lambda start, end: 1e3 * (end.at - start.at)
+
+    def layers(model, cache, ids, logits, trace):                     # no cuBLAS on the fake: the prefill only counts
+        cache.length += len(ids)
+        for kv in cache.kv.values():
+            kv.length += len(ids)
+        return None if logits is None else fake.zeros((1, model.config.vocab_size))
+    monkeypatch.setattr(pf, "cuda_layers", layers)
+    monkeypatch.setattr(bench, "_cupy", fake)
+    row = bench.host_profile(on_fake(model, fake), 12, 4)
+    assert set(row) == {"context", "model_step_ms", "graph_ms", "host_ms", "graph_key_us", "launch_call_us",
+                        "logits_copy_us"}
+    assert row["context"] == 12 and row["graph_ms"] > 0 and row["graph_key_us"] > 0
+    assert row["host_ms"] == pytest.approx(row["model_step_ms"] - row["graph_ms"])
 
 
 # ------------------------------------------------------------------------------------------------
