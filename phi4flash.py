@@ -2216,21 +2216,20 @@ def cuda_step_layers(model, cache, step):
     return cuda_gemv(b["normed"], embed, b["logits"])                     # (1, V), the tied head
 
 
-def _address(a):  # of a device (CuPy) or a host (NumPy) array's first element
-    return a.ctypes.data if isinstance(a, np.ndarray) else a.data.ptr
-
-
 def _graph_key(model, cache, step):
-    """What a captured step has baked in: the model (its identity) and the address of every array the
-    step reads or writes: each weight, state, K/V buffer and intermediate. A graph is replayed only
-    while all of them hold, so a graph captured for one model is never replayed with another's
-    weights (a cache used with a second model), with weights fuse_for_decode made again, or with a
-    shared K/V that grew."""
-    weights = [model.embed_tokens, *model.final_layernorm.values()]
-    weights += [a for layer in model.layers for p in layer.values() for a in p.values()]
-    arrays = [*cache.conv_state.values(), *cache.ssm_state.values(), *step.buf.values(), step.token_pos]
+    """What a captured step has baked in: the model (its identity) and the device address of every
+    array the step reads or writes: each weight, state, K/V buffer and intermediate. A graph is
+    replayed only while all of them hold, so a graph captured for one model is never replayed with
+    another's weights (a cache used with a second model), with weights fuse_for_decode made again,
+    or with a shared K/V that grew. It is computed on every step, so it is one flat pass (~660
+    addresses for the real model)."""
+    arrays = [model.embed_tokens, *model.final_layernorm.values()]
+    arrays += [a for layer in model.layers for p in layer.values() for a in p.values()]
+    arrays += [*cache.conv_state.values(), *cache.ssm_state.values(), *step.buf.values(), step.token_pos]
     arrays += [a for kv in cache.kv.values() for a in (kv.k, kv.v, kv.pos)]
-    return (id(model), *map(_address, weights), *map(_address, arrays))
+    if isinstance(step.token_pos, np.ndarray):                            # the twins on the CPU
+        return (id(model), *(a.ctypes.data for a in arrays))
+    return (id(model), *[a.data.ptr for a in arrays])
 
 
 def cuda_decode(model, cache, ids, stream=None):
@@ -2285,10 +2284,12 @@ def _copy(dst, src, stream):
     graph's copy node while it captures). With stream None both are NumPy arrays."""
     if stream is None:
         dst[...] = src
-        return
-    runtime = get_xp(dst if isinstance(src, np.ndarray) else src).cuda.runtime
-    kind = runtime.memcpyHostToDevice if isinstance(src, np.ndarray) else runtime.memcpyDeviceToHost
-    runtime.memcpyAsync(_address(dst), _address(src), src.nbytes, kind, stream.ptr)
+    elif isinstance(src, np.ndarray):                                     # pinned host -> device
+        runtime = get_xp(dst).cuda.runtime
+        runtime.memcpyAsync(dst.data.ptr, src.ctypes.data, src.nbytes, runtime.memcpyHostToDevice, stream.ptr)
+    else:                                                                 # device -> pinned host
+        runtime = get_xp(src).cuda.runtime
+        runtime.memcpyAsync(dst.ctypes.data, src.data.ptr, src.nbytes, runtime.memcpyDeviceToHost, stream.ptr)
 
 
 def _capture(model, cache, step, stream):
