@@ -311,11 +311,15 @@ class FakeCupy(types.ModuleType):
         return launch
 
 
+LAUNCH = pf._launch  # as imported: a test elsewhere may leave a wrapper of it in place
+
+
 @pytest.fixture
 def fake(monkeypatch):
     cupy = FakeCupy()
     monkeypatch.setitem(sys.modules, "cupy", cupy)
     monkeypatch.setattr(pf, "_module", None)     # kernels "compiled" by the fake, forgotten afterwards
+    monkeypatch.setattr(pf, "_launch", LAUNCH)
     yield cupy
     assert cupy.missing == [], f"the code used CuPy beyond the fake: {cupy.missing}"
 
