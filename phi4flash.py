@@ -2255,7 +2255,7 @@ def cuda_decode(model, cache, ids, stream=None):
         key = _graph_key(model, cache, step)
         if key != step.graph_key:
             step.lam, step.graph, step.graph_key = _lambdas(model, xp), None, key
-        step.host_in[:] = int(ids[0]), cache.length
+        step.host_in[:] = int(ids[0]), cache.length                      # [token, position]: the first node reads it
         graphs = CUDA_GRAPHS and stream is not None and not step.graph_error
         if graphs and step.graph is None and step.eager_steps:
             step.graph = _capture(model, cache, step, stream)
