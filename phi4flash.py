@@ -44,6 +44,7 @@ import mmap
 import os
 import sys
 import threading
+import weakref
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -2040,11 +2041,42 @@ def embed_f32(E, token, y, D):
 # --- The layer loop on the GPU
 
 def cuda_extend(model, cache, ids, logits="last", trace=None):
-    """extend() on the GPU: a decode step (one token, its logits, no trace) is cuda_decode;
-    everything else is cuda_layers."""
-    if len(ids) == 1 and logits == "last" and trace is None:
-        return cuda_decode(model, cache, ids)
-    return cuda_layers(model, cache, ids, logits, trace)
+    """extend() on the GPU -> host (NumPy) logits, or None: a decode step (one token, its logits, no
+    trace) is cuda_decode; everything else is cuda_layers.
+
+    Every device operation of a model runs in order on its own non-blocking stream (model_stream):
+    the prefill, each decode step (its graph's launch), the growth of the shared K/V, the copies of
+    the logits. A non-blocking stream does not wait for work on the legacy default stream, so a step
+    there after a prefill on the caller's stream would need an event recorded after the prefill;
+    on one stream, the stream's order is that event. Each call returns with the stream idle (the
+    logits are on the host, or it is synchronised), so no work of the model is left running when the
+    caller, or another stream reusing memory freed here, goes on."""
+    decode = len(ids) == 1 and logits == "last" and trace is None
+    if get_xp(model.embed_tokens) is np:  # this appendix on the CPU (the tests): the twins, no stream
+        return cuda_decode(model, cache, ids) if decode else cuda_layers(model, cache, ids, logits, trace)
+    with _cuda_lock:
+        stream = model_stream(model)
+        if cache.length == 0:  # a new cache, zeroed by new_cache() (and the weights copied by load) on the
+            get_xp(model.embed_tokens).cuda.runtime.deviceSynchronize()  # caller's stream: wait for that, once
+        if decode:
+            return cuda_decode(model, cache, ids, stream)
+        with stream:
+            out = cuda_layers(model, cache, ids, logits, trace)           # (T or 1, V) on the device, or None
+            if out is None:
+                stream.synchronize()
+                return None
+            return out.get(stream)                                        # copied on this stream; get() waits for it
+
+
+_streams = weakref.WeakKeyDictionary()  # model -> its stream, made at its first use on the GPU
+_cuda_lock = threading.Lock()   # one thread drives the GPU at a time: a capture would record another's launches
+
+
+def model_stream(model):
+    """The non-blocking CUDA stream all of this model's device work runs on, in order."""
+    if model not in _streams:
+        _streams[model] = get_xp(model.embed_tokens).cuda.Stream(non_blocking=True)
+    return _streams[model]
 
 
 def _lambdas(model, xp):
@@ -2143,30 +2175,42 @@ def fuse_for_decode(model):
 @dataclass(eq=False)
 class CudaStep:
     """A cache's decode step on the GPU. Every buffer keeps its address from step to step, so a CUDA
-    graph captured once replays every later step; only `token` and `pos` are rewritten."""
-    token: object                 # (1,) int64, the id fed this step
-    pos: object                   # (1,) int64, its position
-    lam: dict                     # attention layer i -> (1,) float32 λ (weights only: computed once)
+    graph captured once replays every later step. The host talks to it through two pinned buffers
+    only: it writes [token, position] into host_in before the step, and reads host_logits after it."""
+    token: object                 # (1,) int64 on the device, the id fed this step (a view of token_pos)
+    pos: object                   # (1,) int64 on the device, its position (a view of token_pos)
+    lam: dict                     # attention layer i -> (1,) float32 λ, made from the model's weights
     buf: dict                     # every intermediate of the step, (1, n) float32, and attention_decode's scratch
-    stream: object = None         # where steps run and are captured: a non-blocking stream
-    graph: object = None
-    graph_key: tuple = ()         # the buffer addresses the graph was captured with
+    token_pos: object = None      # (2,) int64 on the device: [token, position], the graph's first node writes it
+    host_in: object = None        # (2,) int64 in pinned host memory: [token, position], written by the host
+    host_logits: object = None    # (1, V) float32 in pinned host memory: the graph's last node writes the logits
+    graph: object = None          # the captured step, valid for graph_key
+    graph_key: tuple = ()         # what the step's λ and graph were made for (_graph_key)
     eager_steps: int = 0          # the first step runs eagerly (it compiles the kernels), then a graph
     graph_error: str = ""         # why capture failed; then every step runs eagerly
 
 
+def _pinned(xp, shape, dtype):
+    """A host array that a graph's copy node can read or write at every replay: page-locked memory
+    (a copy from pageable memory cannot be captured). Plain NumPy when the step runs on the CPU."""
+    n = math.prod(shape)
+    if xp is np:
+        return np.zeros(shape, dtype)
+    return np.frombuffer(xp.cuda.alloc_pinned_memory(n * np.dtype(dtype).itemsize), dtype, n).reshape(shape)
+
+
 def new_cuda_step(model, xp):
+    """The buffers of a cache's decode step, made at its first step (on the model's stream)."""
     cfg = model.config
     d_inner, N, hd = cfg.d_inner, cfg.mamba_d_state, cfg.head_dim
     widths = {"hidden": cfg.hidden_size, "normed": cfg.hidden_size, "xz": 2 * d_inner, "xc": d_inner,
               "xdbc": cfg.mamba_dt_rank + 2 * N, "y": d_inner, "y_gated": d_inner, "memory": d_inner,
               "qkv": (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * hd, "attn": cfg.num_attention_heads * hd,
               "mlp": cfg.intermediate_size, "gmu": d_inner, "logits": cfg.vocab_size}
-    step = CudaStep(xp.zeros(1, xp.int64), xp.zeros(1, xp.int64), _lambdas(model, xp),
-                    {name: xp.zeros((1, n), xp.float32) for name, n in widths.items()})
-    if xp is not np:
-        step.stream = xp.cuda.Stream(non_blocking=True)
-    return step
+    token_pos = xp.zeros(2, xp.int64)                                     # (2,) [token, position]
+    return CudaStep(token_pos[0:1], token_pos[1:2], _lambdas(model, xp),
+                    {name: xp.zeros((1, n), xp.float32) for name, n in widths.items()}, token_pos,
+                    _pinned(xp, (2,), np.int64), _pinned(xp, (1, cfg.vocab_size), np.float32))
 
 
 def step_partials(cfg, step, slots, xp):
@@ -2235,72 +2279,98 @@ def cuda_step_layers(model, cache, step):
     return cuda_gemv(b["normed"], embed, b["logits"])                     # (1, V), the tied head
 
 
-def _graph_key(cache, step):
-    """Addresses of every buffer the step reads or writes: a captured graph is valid while they hold."""
-    arrays = [*cache.conv_state.values(), *cache.ssm_state.values(), *step.buf.values()]
+def _graph_key(model, cache, step):
+    """What a captured step has baked in: the model (its identity) and the device address of every
+    array the step reads or writes: each weight, state, K/V buffer and intermediate. A graph is
+    replayed only while all of them hold, so a graph captured for one model is never replayed with
+    another's weights (a cache used with a second model), with weights fuse_for_decode made again,
+    or with a shared K/V that grew. It is computed on every step, so it is one flat pass (~660
+    addresses for the real model)."""
+    arrays = [model.embed_tokens, *model.final_layernorm.values()]
+    arrays += [a for layer in model.layers for p in layer.values() for a in p.values()]
+    arrays += [*cache.conv_state.values(), *cache.ssm_state.values(), *step.buf.values(), step.token_pos]
     arrays += [a for kv in cache.kv.values() for a in (kv.k, kv.v, kv.pos)]
-    return tuple(a.data.ptr for a in arrays)
+    if isinstance(step.token_pos, np.ndarray):                            # the twins on the CPU
+        return (id(model), *(a.ctypes.data for a in arrays))
+    return (id(model), *[a.data.ptr for a in arrays])
 
 
-def cuda_decode(model, cache, ids):
-    """extend(model, cache, ids) for one token on the GPU -> logits (1, V). The first step runs
-    eagerly; the second is captured as a CUDA graph (CuPy stream capture) and every later one is a
-    graph launch, unless CUDA_GRAPHS is off or the capture failed. Re-captured when a buffer moved
-    (the shared K/V grew). With NumPy arrays the same step runs on the CPU through the twins."""
-    cfg = model.config
-    xp = get_xp(cache.ssm_state[0])
+def cuda_decode(model, cache, ids, stream=None):
+    """extend(model, cache, ids) for one token -> its logits (1, V), a host array of the caller's own.
+
+    The step is _step_nodes: [token, position] copied in from pinned host memory, the kernels of
+    cuda_step_layers, the logits copied out to pinned host memory. The first step runs it eagerly (it
+    compiles the kernels); the second captures it as a CUDA graph, and every later step is that
+    graph's launch and one synchronisation: nothing else touches the device (no event, no fill, no
+    device-to-device copy, no pageable transfer). When _graph_key changes (the shared K/V grew,
+    another model or moved weights), λ is made again and the step captured again. CUDA_GRAPHS off
+    or a failed capture: every step runs eagerly, through the same pinned buffers. stream: the
+    model's (model_stream); None runs the same step on NumPy arrays through the twins."""
+    cfg, xp = model.config, get_xp(cache.ssm_state[0])
     shared = cache.shared(cfg)
-    if cache.length >= shared.k.shape[1]:
-        kv_grow(shared, cache.length + 1)
-    if cache.cuda is None:
-        cache.cuda = new_cuda_step(model, xp)
-    step = cache.cuda
-    step_partials(cfg, step, [kv.k.shape[1] for kv in cache.kv.values()], xp)
-    if xp is np:
-        step.token[0], step.pos[0] = int(ids[0]), cache.length
-        logits = cuda_step_layers(model, cache, step).copy()
-    else:
-        logits = _run_on_device(model, cache, step, int(ids[0]))
+    with stream if stream is not None else contextlib.nullcontext():  # all but the graph's launch, on that stream
+        if cache.length >= shared.k.shape[1]:
+            kv_grow(shared, cache.length + 1)
+        if cache.cuda is None:
+            cache.cuda = new_cuda_step(model, xp)
+        step = cache.cuda
+        step_partials(cfg, step, [kv.k.shape[1] for kv in cache.kv.values()], xp)
+        key = _graph_key(model, cache, step)
+        if key != step.graph_key:
+            step.lam, step.graph, step.graph_key = _lambdas(model, xp), None, key
+        step.host_in[:] = int(ids[0]), cache.length                      # [token, position]: the first node reads it
+        graphs = CUDA_GRAPHS and stream is not None and not step.graph_error
+        if graphs and step.graph is None and step.eager_steps:
+            step.graph = _capture(model, cache, step, stream)
+        if graphs and step.graph is not None:
+            step.graph.launch(stream)
+        else:
+            _step_nodes(model, cache, step, stream)
+            step.eager_steps += 1
+    if stream is not None:
+        stream.synchronize()                                              # the one sync: the logits are in host_logits
     cache.length += 1
     for kv in cache.kv.values():
         kv.length += 1
-    return logits
+    return step.host_logits.copy()  # copied out: the next step overwrites host_logits, and a caller may keep these
 
 
-def _run_on_device(model, cache, step, token):
-    cupy = get_xp(step.pos)
-    key = _graph_key(cache, step)
-    step.stream.wait_event(cupy.cuda.get_current_stream().record())      # after the prefill that filled the cache
-    with step.stream:
-        step.token.fill(token)
-        step.pos.fill(cache.length)
-        if CUDA_GRAPHS and step.eager_steps and not step.graph_error and step.graph_key != key:
-            _capture(model, cache, step, key)
-        if CUDA_GRAPHS and step.graph is not None and step.graph_key == key:
-            step.graph.launch(step.stream)
-        else:
-            cuda_step_layers(model, cache, step)
-            step.eager_steps += 1
-        logits = step.buf["logits"].copy()
-        step.stream.synchronize()                                         # the one sync: the logits to sample from
-    return logits
+def _step_nodes(model, cache, step, stream):
+    """One decode step as its graph's nodes, in order on `stream`: host_in -> token_pos (the first),
+    the kernels of cuda_step_layers, the logits -> host_logits (the last)."""
+    _copy(step.token_pos, step.host_in, stream)
+    _copy(step.host_logits, cuda_step_layers(model, cache, step), stream)
 
 
-def _capture(model, cache, step, key):
-    """Record one decode step into a CUDA graph (nothing runs while recording). The step allocates
-    nothing and launches only kernels.cu's kernels, so the recording is exactly that sequence."""
-    step.graph = None
+def _copy(dst, src, stream):
+    """dst[...] = src between pinned host memory and the device: a cudaMemcpyAsync on `stream` (a
+    graph's copy node while it captures). With stream None both are NumPy arrays."""
+    if stream is None:
+        dst[...] = src
+    elif isinstance(src, np.ndarray):                                     # pinned host -> device
+        runtime = get_xp(dst).cuda.runtime
+        runtime.memcpyAsync(dst.data.ptr, src.ctypes.data, src.nbytes, runtime.memcpyHostToDevice, stream.ptr)
+    else:                                                                 # device -> pinned host
+        runtime = get_xp(src).cuda.runtime
+        runtime.memcpyAsync(dst.ctypes.data, src.data.ptr, src.nbytes, runtime.memcpyDeviceToHost, stream.ptr)
+
+
+def _capture(model, cache, step, stream):
+    """One decode step (_step_nodes) recorded as a CUDA graph -> the graph; None when capture is
+    refused (one line on stderr, and that cache decodes eagerly from then on). Nothing runs while
+    recording, and the step allocates nothing, so the graph is exactly those nodes: each launch reads
+    host_in and writes host_logits as they are then."""
     try:
-        step.stream.begin_capture()
+        stream.begin_capture()
         try:
-            cuda_step_layers(model, cache, step)
+            _step_nodes(model, cache, step, stream)
         finally:
-            graph = step.stream.end_capture()
+            graph = stream.end_capture()
     except Exception as e:  # any CUDA/CuPy refusal: fall back to eager steps for this cache
         step.graph_error = f"{type(e).__name__}: {(str(e) or '-').splitlines()[0]}"
         print(f"phi4flash: CUDA graph capture failed ({step.graph_error}); decoding without graphs", file=sys.stderr)
-        return
-    step.graph, step.graph_key = graph, key
+        return None
+    return graph
 
 
 # ----------------------------------------------------------------------------------------------

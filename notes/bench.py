@@ -7,16 +7,21 @@ load time and memory. Nothing to download: the checkpoint is generated into a te
     python notes/bench.py --size real --dtype bfloat16 --contexts 512 --prefill 512 --steps 4
     python notes/bench.py --size real --dtype bfloat16 --device cuda --contexts 512,2048,8192,32768 --prefill 2048,8192,32768
 
-With --device cuda the random weights are generated on the GPU (no checkpoint, no disk), the copy
-bandwidth is a device-to-device copy, every timing is bracketed by a device synchronisation, and the
-peak device memory is the high-water mark of CuPy's memory pools (emptied before each phase).
-PHI4FLASH_CUDA_GRAPHS=0 times the decode step without CUDA graphs.
+With --device cuda the random weights are generated on the GPU (no checkpoint, no disk), every timing
+is bracketed by a device synchronisation, and the peak device memory is the high-water mark of
+CuPy's memory pools (emptied before each phase). PHI4FLASH_CUDA_GRAPHS=0 times the decode step
+without CUDA graphs. --host-profile (GPU): how much of a step the host takes around its graph.
 
 Roofline: a decode step must read every weight once (the tied embedding as the LM head; int8
 matrices with their scales), the sliding-window rings, the shared K/V once per layer that attends
-over it (layer L/2+1 and every cross-attention layer; 4 or 2 bytes a number with --kv-dtype) and the
-Mamba states. Its floor is those bytes divided by the RAM bandwidth measured in the same run (a
-STREAM-style copy: bytes read + bytes written per second).
+over it (layer L/2+1 and every cross-attention layer, 8 in the real model; 4 or 2 bytes a number with
+--kv-dtype) and the Mamba states (step_bytes). Its floor is those bytes divided by a bandwidth
+measured in the same run (roofline_s):
+  * on a GPU, the read bandwidth of a read-only kernel (device_bandwidths: it streams a buffer far
+    larger than L2 and writes one word per block), since a step reads; the copy bandwidth (a
+    device-to-device cudaMemcpyAsync, bytes read + written) is reported beside it. notes/gemv_sweep.py
+    and notes/gpu.md use the same function.
+  * on a CPU, the RAM bandwidth of a STREAM-style copy (bytes read + written; copy_bandwidth).
 """
 from __future__ import annotations
 
@@ -144,14 +149,50 @@ def _sync():
         _cupy.cuda.Device().synchronize()
 
 
-def device_copy_bandwidth(nbytes=1 << 30, repeats=5):
-    """Best device-to-device copy rate in bytes/s (read + write), as copy_bandwidth for the GPU."""
-    a = _cupy.ones(nbytes // 4, _cupy.float32)
-    b = _cupy.empty_like(a)
-    b[...] = a
-    best = min(_timed(lambda: _cupy.copyto(b, a)) for _ in range(repeats))
-    del a, b
-    return 2 * (nbytes // 4 * 4) / best
+READ_KERNEL = r'''extern "C" __global__ void read_only(const uint4* p, long long n, unsigned int* out) {
+    unsigned int acc = 0;                       // 16-byte loads, grid-stride; xor so no load can be dropped
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        uint4 v = p[i];
+        acc ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+    for (int offset = 16; offset > 0; offset /= 2) acc ^= __shfl_xor_sync(0xffffffffu, acc, offset);
+    __shared__ unsigned int warp_acc[32];
+    if (threadIdx.x % 32 == 0) warp_acc[threadIdx.x / 32] = acc;
+    __syncthreads();
+    if (threadIdx.x == 0) {                     // one word per block: the writes are nothing beside the reads
+        for (int w = 1; w < blockDim.x / 32; w++) acc ^= warp_acc[w];
+        out[blockIdx.x] = acc;
+    }
+}'''
+
+
+def device_bandwidths(cp, nbytes=1 << 30, repeats=5):
+    """{"read_GBps", "copy_GBps"} of this GPU, best of `repeats`, each timed by CUDA events on one
+    stream: the read-only kernel READ_KERNEL over `nbytes` (8 blocks of 256 threads per SM, far more
+    than L2 holds), and a device-to-device cudaMemcpyAsync of `nbytes` (bytes read + written). The
+    roofline divides by the read bandwidth (roofline_s); the copy is reported beside it."""
+    kernel = cp.RawKernel(READ_KERNEL, "read_only")
+    src, dst = cp.zeros(nbytes // 4, cp.uint32), cp.empty(nbytes // 4, cp.uint32)
+    blocks = 8 * cp.cuda.Device().attributes["MultiProcessorCount"]
+    out = cp.zeros(blocks, cp.uint32)
+    stream = cp.cuda.Stream(non_blocking=True)
+
+    def best(fn):
+        seconds = []
+        for _ in range(repeats + 1):                                      # the first is a warm-up
+            start, end = cp.cuda.Event(), cp.cuda.Event()
+            start.record(stream)
+            fn()
+            end.record(stream)
+            end.synchronize()
+            seconds.append(cp.cuda.get_elapsed_time(start, end) / 1e3)
+        return min(seconds[1:])
+    with stream:
+        read = best(lambda: kernel((blocks,), (256,), (src, np.int64(nbytes // 16), out)))
+    copy = best(lambda: cp.cuda.runtime.memcpyAsync(dst.data.ptr, src.data.ptr, nbytes,
+                                                   cp.cuda.runtime.memcpyDeviceToDevice, stream.ptr))
+    del src, dst
+    return {"read_GBps": nbytes / read / 1e9, "copy_GBps": 2 * nbytes / copy / 1e9}
 
 
 def random_device_model(cfg, dtype, seed=0):
@@ -220,19 +261,34 @@ def reset_peak_rss():
         pass
 
 
-def decode_bytes(model, context):
-    """Bytes a decode step at this context length reads: all weights + caches."""
+def shared_kv_readers(cfg):
+    """Layers of a decode step that read the shared K/V: layer L/2+1 and every cross-attention layer."""
+    return sum(kind in ("full", "cross") for kind in cfg.layer_kinds)
+
+
+def step_bytes(model, context):
+    """Bytes a decode step at this context length reads, by part: every weight once, the sliding
+    rings (up to W positions each), the shared K/V once per layer that reads it, the Mamba states
+    (read and written)."""
     cfg = model.config
-    weights = sum(t.nbytes for t in weight_tensors(model))
-    hd, H_kv = cfg.head_dim, cfg.num_key_value_heads
-    kinds = cfg.layer_kinds
-    swa = kinds.count("swa")
-    readers = 1 + kinds.count("cross")  # layer L/2+1 and every cross-attention layer read the shared K/V
-    window = max(w for w in cfg.sliding_window if w) if swa else 0
+    hd, H_kv, kinds = cfg.head_dim, cfg.num_key_value_heads, cfg.layer_kinds
+    window = max((w for w in cfg.sliding_window if w), default=0)
     number = np.dtype(phi4flash.KV_DTYPES[model.kv_dtype]).itemsize  # bytes per K/V number: 4, or 2 (bf16)
-    kv = (swa * 2 * H_kv * min(context, window) * hd + readers * 2 * H_kv * context * hd) * number
-    states = kinds.count("mamba") * 2 * (cfg.d_inner * cfg.mamba_d_state + (cfg.mamba_d_conv - 1) * cfg.d_inner) * 4
-    return weights + kv + states
+    return {"weights": sum(t.nbytes for t in weight_tensors(model)),
+            "rings": kinds.count("swa") * 2 * H_kv * min(context, window) * hd * number,
+            "shared_kv": shared_kv_readers(cfg) * 2 * H_kv * context * hd * number,
+            "states": kinds.count("mamba") * 2 * (cfg.d_inner * cfg.mamba_d_state + (cfg.mamba_d_conv - 1) * cfg.d_inner) * 4}
+
+
+def decode_bytes(model, context):
+    """Bytes a decode step at this context length reads: the sum of step_bytes."""
+    return sum(step_bytes(model, context).values())
+
+
+def roofline_s(model, context, bandwidth):
+    """The floor of a decode step at this context: its bytes over `bandwidth` (bytes/s), measured in
+    the same run: a read-only kernel's on a GPU (device_bandwidths), the copy's on a CPU."""
+    return decode_bytes(model, context) / bandwidth
 
 
 def weight_tensors(model):
@@ -550,6 +606,69 @@ def print_kernels(r):
             print(f"| {name} | {k['launches']:.0f} | {k['ms']:.3f} | {k['MB']:.1f} | {k['GBps']:.0f} |")
 
 
+# --- --host-profile: the host's part of a decode step that replays a CUDA graph
+
+def host_profile(model, context, steps):
+    """At this context: model.step()'s wall time (median of `steps`), the decode graph's own device
+    time (CUDA events around `steps` launches back to back, nothing on the host between them) and
+    their difference, the time per step the GPU waits for the host; beside it the host's parts of a
+    step, each timed alone: _graph_key, the graph's launch call, the copy of the logits out of the
+    pinned buffer. The back-to-back launches replay one position, so the cache is spent afterwards."""
+    pf = phi4flash
+    rng = np.random.default_rng(3)
+    _, cache = model.prefill(rng.integers(0, model.config.vocab_size, context), model.new_cache(context + steps + 8))
+    token = 1
+    for _ in range(3):                                                    # eager (compiles), captured, replayed
+        token = int(np.argmax(model.step(cache, token)))
+    step, stream = cache.cuda, pf.model_stream(model)
+    if step.graph is None:
+        raise SystemExit(f"error: --host-profile: the decode step was not captured as a graph "
+                         f"({step.graph_error or 'PHI4FLASH_CUDA_GRAPHS=0'})")
+    walls = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        logits = model.step(cache, token)
+        walls.append(time.perf_counter() - t)
+        token = int(np.argmax(logits))
+
+    def host_us(fn, n=200):
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return 1e6 * (time.perf_counter() - t) / n
+    key_us = host_us(lambda: pf._graph_key(model, cache, step))
+    copy_us = host_us(lambda: step.host_logits.copy())
+    start, end = _cupy.cuda.Event(), _cupy.cuda.Event()
+    start.record(stream)
+    t = time.perf_counter()
+    for _ in range(steps):
+        step.graph.launch(stream)
+    launch_us = 1e6 * (time.perf_counter() - t) / steps
+    end.record(stream)
+    end.synchronize()
+    graph_ms = _cupy.cuda.get_elapsed_time(start, end) / steps
+    step_ms = 1e3 * float(np.median(walls))
+    return {"context": context, "model_step_ms": step_ms, "graph_ms": graph_ms, "host_ms": step_ms - graph_ms,
+            "graph_key_us": key_us, "launch_call_us": launch_us, "logits_copy_us": copy_us}
+
+
+def print_host_profile(rows):
+    print("\nthe host around a decode step's CUDA graph (model.step wall time, median; the graph alone, "
+          "launched back to back)\n| context | model.step ms | graph ms | host ms (the difference) | "
+          "_graph_key us | launch call us | logits copy us |\n|---|---|---|---|---|---|---|")
+    for h in rows:
+        print(f"| {h['context']} | {h['model_step_ms']:.3f} | {h['graph_ms']:.3f} | {h['host_ms']:.3f} | "
+              f"{h['graph_key_us']:.1f} | {h['launch_call_us']:.1f} | {h['logits_copy_us']:.1f} |")
+
+
+def bandwidth_line(r):
+    """The run's bandwidths, the roofline's denominator named."""
+    if "read_GBps" in r:
+        return (f"read bandwidth {r['read_GBps']:.1f} GB/s (a read-only kernel: the roofline's denominator), "
+                f"copy bandwidth {r['copy_GBps']:.1f} GB/s (read + write)")
+    return f"copy bandwidth {r['copy_GBps']:.1f} GB/s (read + write: the roofline's denominator)"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), default="mid")
@@ -568,6 +687,8 @@ def main(argv=None):
                     help="also: each kernel's time and GB/s in a decode step (from its header's traffic formula)")
     ap.add_argument("--prefill-profile", action="store_true",
                     help="also: where the first --prefill length's time goes (timers on phi4flash's functions)")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="also: the host's time around a decode step's CUDA graph at each context (GPU)")
     ap.add_argument("--profile", action="store_true",
                     help="also: where a decode step's time goes at each context (CPU; timers on phi4flash's functions)")
     args = ap.parse_args(argv)
@@ -596,7 +717,7 @@ def main(argv=None):
         results["device"] = f"cuda: {name.decode() if isinstance(name, bytes) else name}"
     try:
         if args.device == "cuda" and not args.model:
-            bw = device_copy_bandwidth()
+            bandwidths = device_bandwidths(_cupy)
             t = time.perf_counter()
             model = random_device_model(cfg, args.dtype)
             _sync()
@@ -608,19 +729,21 @@ def main(argv=None):
                 tmp = tempfile.mkdtemp(prefix="phi4flash-bench-", dir=os.environ.get("PHI4FLASH_BENCH_DIR"))
                 folder = os.path.join(tmp, "model")
                 results["generate_s"] = _timed(lambda: write_random_model(folder, cfg, args.dtype))
-            bw = device_copy_bandwidth() if _cupy is not None else copy_bandwidth()
+            bandwidths = device_bandwidths(_cupy) if _cupy is not None else {"copy_GBps": copy_bandwidth() / 1e9}
             reset_peak_rss()
             t = time.perf_counter()
             model = phi4flash.load(folder, device=args.device, kv_dtype=args.kv_dtype)
             results["load_s"] = time.perf_counter() - t
-        results["copy_GBps"] = bw / 1e9
+        results.update(bandwidths)  # the roofline's denominator: read on a GPU, copy on a CPU
+        results["roofline_bandwidth"] = "read" if "read_GBps" in bandwidths else "copy"
+        bw = 1e9 * bandwidths[results["roofline_bandwidth"] + "_GBps"]
         results["weights_GB"] = sum(t.nbytes for t in weight_tensors(model)) / 1e9
         rng = np.random.default_rng(0)
         results["decode"] = []
         for ctx in [int(c) for c in args.contexts.split(",") if c]:
             reset_peak_rss()
             reset_device_peak()
-            ids = rng.integers(0, cfg.vocab_size, ctx)
+            ids = rng.integers(0, model.config.vocab_size, ctx)
             _, cache = model.prefill(ids, model.new_cache(ctx + args.steps + 2))
             token = 1
             for _ in range(2):  # warm-up: first touches of the mapped weights, thread pool start; on a GPU
@@ -631,10 +754,11 @@ def main(argv=None):
                 token = int(np.argmax(model.step(cache, token)))
                 times.append(time.perf_counter() - t)
             per_token = float(np.median(times))  # the median step: robust to a noisy neighbour on a shared machine
-            floor = decode_bytes(model, ctx + 2 + args.steps // 2) / bw
+            floor = roofline_s(model, ctx + 2 + args.steps // 2, bw)
             results["decode"].append({"context": ctx, "s_per_token": per_token, "tok_per_s": 1 / per_token,
                                       "mean_s_per_token": float(np.mean(times)),
                                       "roofline_s": floor, "x_roofline": per_token / floor,
+                                      "share_of_roofline": floor / per_token,
                                       "peak_rss_GB": rss()[1] / 1e9})
             if _cupy is not None:
                 results["decode"][-1]["peak_device_GB"] = device_peak() / 1e9
@@ -644,13 +768,18 @@ def main(argv=None):
                 raise SystemExit("error: --kernels times kernels.cu's kernels: add --device cuda")
             results["kernels"] = {c: kernel_profile(model, c, args.steps) for c in
                                   [int(c) for c in args.contexts.split(",") if c]}
+        if args.host_profile:
+            if model.device != "cuda":
+                raise SystemExit("error: --host-profile times the host around a CUDA graph: add --device cuda")
+            results["host_profile"] = [host_profile(model, c, max(args.steps, 32)) for c in
+                                       [int(c) for c in args.contexts.split(",") if c]]
         if args.profile:
             results["profile"] = decode_profile(model, [int(c) for c in args.contexts.split(",") if c], args.steps)
         results["prefill"] = []
         for n in [int(c) for c in args.prefill.split(",") if c]:
             reset_peak_rss()
             reset_device_peak()
-            ids = rng.integers(0, cfg.vocab_size, n)
+            ids = rng.integers(0, model.config.vocab_size, n)
             cache = model.new_cache(n + 1)
             seconds = _timed(lambda: model.prefill(ids, cache))
             results["prefill"].append({"tokens": n, "s": seconds, "tok_per_s": n / seconds, "peak_rss_GB": rss()[1] / 1e9})
@@ -673,16 +802,17 @@ def main(argv=None):
 def report(r):
     print(f"size {r['size']}, {r['dtype']} weights ({r['weights_GB']:.2f} GB), {r.get('kv_dtype', 'float32')} K/V, "
           f"device {r['device']}, {r['cpus']} CPUs; "
-          f"copy bandwidth {r['copy_GBps']:.1f} GB/s; load {r['load_s']:.3f} s; load average "
+          f"{bandwidth_line(r)}; load {r['load_s']:.3f} s; load average "
           f"{r['loadavg_start'][0]:.2f} at the start, {r['loadavg_end'][0]:.2f} at the end")
     if "peak_device_GB" in (r["decode"] or r["prefill"] or [{}])[0]:
         print("\npeak device memory (CuPy pools' high-water mark, GB): decode "
               + ", ".join(f"{d['context']}: {d['peak_device_GB']:.2f}" for d in r["decode"]) + "; prefill "
               + ", ".join(f"{p['tokens']}: {p['peak_device_GB']:.2f}" for p in r["prefill"]))
-    print("\n| context | s/token (median step) | tok/s | roofline s/token | time / roofline | peak RSS GB |\n|---|---|---|---|---|---|")
+    print(f"\n| context | s/token (median step) | tok/s | roofline s/token ({r.get('roofline_bandwidth', 'copy')}) | "
+          "time / roofline | share of the roofline | peak RSS GB |\n|---|---|---|---|---|---|---|")
     for d in r["decode"]:
         print(f"| {d['context']} | {d['s_per_token']:.4f} | {d['tok_per_s']:.1f} | {d['roofline_s']:.4f} | "
-              f"{d['x_roofline']:.2f} | {d['peak_rss_GB']:.2f} |")
+              f"{d['x_roofline']:.2f} | {d['roofline_s'] / d['s_per_token']:.0%} | {d['peak_rss_GB']:.2f} |")
     print("\n| prompt tokens | prefill s | tok/s | peak RSS GB |\n|---|---|---|---|")
     for p in r["prefill"]:
         print(f"| {p['tokens']} | {p['s']:.3f} | {p['tok_per_s']:.0f} | {p['peak_rss_GB']:.2f} |")
@@ -690,6 +820,8 @@ def report(r):
         print_profile(r["profile"])
     if "kernels" in r:
         print_kernels(r)
+    if "host_profile" in r:
+        print_host_profile(r["host_profile"])
     if "prefill_profile" in r:
         p = r["prefill_profile"]
         print(f"\nprefill of {p['tokens']} tokens, timed part by part: {p['total_ms']:.1f} ms\n| part | ms | share |\n|---|---|---|")

@@ -10,8 +10,14 @@ built and in variants: the numbers behind notes/gpu.md's "Decode on a GPU: the m
    every read comes from HBM, not L2; GB/s counts the weight bytes. A variant is kernels.cu's source
    with some text replaced and/or another split-K policy (VARIANTS below), compiled by NVRTC with
    CuPy's options and launched as phi4flash.cuda_gemv launches the real one.
-3. References: a read-only kernel's and a device-to-device copy's bandwidth, an empty launch inside
-   a graph, and torch's bf16 linear on the same shapes when torch is importable.
+3. References: the run's read and copy bandwidths (notes/bench.py's device_bandwidths, the same
+   denominator as bench.py's roofline: the products' floor is their weight bytes over the read
+   bandwidth), an empty launch inside a graph, and torch's bf16 linear on the same shapes when torch
+   is importable.
+
+Which products a decode step makes, and how many of each, comes from the config's layer schedule
+(decode_products), not from a typed table; tests/test_gpu_roofline.py checks it against the
+launches of phi4flash.cuda_step_layers. Nothing here needs a GPU until main() runs.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "notes")]
+import bench  # noqa: E402
 import phi4flash as pf  # noqa: E402
 
 LB = '__launch_bounds__(GEMV_WARPS * WARP, 4)\ngemv_bf16('
@@ -48,13 +55,36 @@ VARIANTS = {  # name -> ([(text in kernels.cu, replacement)], split policy)
     "short-warps-512": ([], lambda o, i: short_warps(o, i, 512)),
     "short-warps-2048": ([], lambda o, i: short_warps(o, i, 2048)),
 }
-# (name, out_features, in_features, mode): the products of one decode step, and how many per step
-SHAPES = [("LM head", 200064, 2560, pf.GEMV_PLAIN, 1), ("mlp fc1 (SwiGLU)", 10240, 2560, pf.GEMV_SWIGLU, 32),
-          ("mlp fc2", 2560, 10240, pf.GEMV_RESIDUAL, 32), ("mamba in_proj", 10240, 2560, pf.GEMV_PLAIN, 9),
-          ("mamba x_proj", 192, 5120, pf.GEMV_PLAIN, 9), ("mamba out_proj", 2560, 5120, pf.GEMV_RESIDUAL, 9),
-          ("attn Wqkv", 5120, 2560, pf.GEMV_PLAIN, 8), ("attn Wq (cross)", 2560, 2560, pf.GEMV_PLAIN, 8),
-          ("attn out_proj", 2560, 2560, pf.GEMV_RESIDUAL, 16), ("gmu in_proj", 5120, 2560, pf.GEMV_GATE, 7),
-          ("gmu out_proj", 2560, 5120, pf.GEMV_RESIDUAL, 7)]
+
+
+def decode_products(cfg):
+    """The products (kernel 7 launches) of one decode step of this config, from its layer schedule:
+    [(label, out_features, in_features, mode, launches per step)]. For the real model: 9 Mamba
+    layers, 8 sliding-window + 1 full attention layer (Wqkv), 7 cross-attention layers (Wq only),
+    7 GMUs, an MLP in each of the 32 layers, and the tied LM head: 138 launches."""
+    kinds = cfg.layer_kinds
+    D, F, V, d_inner = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.d_inner
+    H, H_kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    mamba, gmu, cross = kinds.count("mamba"), kinds.count("gmu"), kinds.count("cross")
+    qkv = kinds.count("swa") + kinds.count("full")                       # layers with their own K/V
+    products = [("LM head", V, D, pf.GEMV_PLAIN, 1),
+                ("mlp fc1 (SwiGLU)", F, D, pf.GEMV_SWIGLU, len(kinds)), ("mlp fc2", D, F, pf.GEMV_RESIDUAL, len(kinds)),
+                ("mamba in_proj", 2 * d_inner, D, pf.GEMV_PLAIN, mamba),
+                ("mamba x_proj", cfg.mamba_dt_rank + 2 * cfg.mamba_d_state, d_inner, pf.GEMV_PLAIN, mamba),
+                ("mamba out_proj", D, d_inner, pf.GEMV_RESIDUAL, mamba),
+                ("attn Wqkv", (H + 2 * H_kv) * hd, D, pf.GEMV_PLAIN, qkv), ("attn Wq (cross)", H * hd, D, pf.GEMV_PLAIN, cross),
+                ("attn out_proj", D, H * hd, pf.GEMV_RESIDUAL, qkv + cross),
+                ("gmu in_proj", d_inner, D, pf.GEMV_GATE, gmu), ("gmu out_proj", D, d_inner, pf.GEMV_RESIDUAL, gmu)]
+    return [p for p in products if p[4]]
+
+
+def weight_bytes(product):
+    """Bytes of bf16 weights one launch of this product reads (SwiGLU reads [gate; up])."""
+    _, out, inp, mode, _ = product
+    return 2 * (2 * out if mode == pf.GEMV_SWIGLU else out) * inp
+
+
+SHAPES = decode_products(bench.SIZES["real"])
 
 
 def graph_time(cp, launches, repeats=3):
@@ -157,28 +187,13 @@ def empty_launch_us(cp, n=263):
     return 1e6 * graph_time(cp, [lambda: kernel((1,), (32,), (p,))] * n)
 
 
-def read_GBps(cp, nbytes=1 << 30):
-    """A kernel that only reads 16-byte vectors, grid-stride: the read bandwidth a GEMV can hope for."""
-    kernel = cp.RawKernel(r'''extern "C" __global__ void read_all(const uint4* p, long long n, unsigned* out) {
-        unsigned acc = 0;
-        for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-            uint4 v = p[i];
-            acc ^= v.x ^ v.y ^ v.z ^ v.w;
-        }
-        if (acc == 0x12345678u) out[0] = acc;
-    }''', "read_all")
-    a, out = cp.zeros(nbytes // 4, cp.uint32), cp.zeros(1, cp.uint32)
-    sms = cp.cuda.Device().attributes["MultiProcessorCount"]
-    return nbytes / graph_time(cp, [lambda: kernel((8 * sms,), (256,), (a, np.int64(nbytes // 16), out))] * 10) / 1e9
-
-
-def step_breakdown(cp, context):
+def step_breakdown(cp, context, read_GBps):
     """The real decode step's GPU time at this context (random real-size weights), captured as a
-    graph three ways: every launch, only the GEMVs, everything but the GEMVs; and model.step()'s
-    wall time (the graph, the token/position writes, the logits' copy to the host)."""
+    graph with every launch, and with only some kept (the GEMVs, everything but them, ...);
+    model.step()'s wall time (the graph with its copies in and out, its launch and sync, the logits'
+    copy out of the pinned buffer); and the step's roofline at the read bandwidth (bench.roofline_s)."""
     import time
 
-    import bench
     bench._cupy = cp
     model = bench.random_device_model(bench.SIZES["real"], "bfloat16")
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, context)
@@ -191,7 +206,8 @@ def step_breakdown(cp, context):
         model.step(cache, token)
         walls.append(time.perf_counter() - t)
     real = pf._launch
-    out = {"context": context, "model_step_ms": 1e3 * float(np.median(walls))}
+    out = {"context": context, "model_step_ms": 1e3 * float(np.median(walls)),
+           "roofline_ms": 1e3 * bench.roofline_s(model, context, 1e9 * read_GBps)}
     for label, keep in (("all", lambda n: True), ("gemv only", lambda n: n.startswith("gemv")),
                         ("all but gemv", lambda n: not n.startswith("gemv")),
                         ("attention only", lambda n: n.startswith("attention")),
@@ -219,15 +235,14 @@ def main(argv=None):
     except pf.Phi4FlashError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    a = cp.ones(1 << 28, cp.float32)
-    b = cp.empty_like(a)
-    copy = graph_time(cp, [lambda: cp.copyto(b, a)] * 10)
-    results = {"copy_GBps": 2 * a.nbytes / copy / 1e9, "empty_launch_in_graph_us": empty_launch_us(cp)}
-    del a, b
-    results["read_GBps"] = read_GBps(cp)
-    print(f"copy {results['copy_GBps']:.0f} GB/s, read {results['read_GBps']:.0f} GB/s; "
-          f"an empty launch in a graph {results['empty_launch_in_graph_us']:.2f} us", flush=True)
-    results["steps"] = [step_breakdown(cp, int(c)) for c in args.contexts.split(",") if c]
+    results = bench.device_bandwidths(cp)                                # the roofline's read bandwidth, and the copy's
+    results["empty_launch_in_graph_us"] = empty_launch_us(cp)
+    floor = sum(weight_bytes(p) * p[4] for p in SHAPES) / (1e9 * results["read_GBps"])
+    results["products_floor_ms"] = 1e3 * floor
+    print(f"read {results['read_GBps']:.0f} GB/s (the roofline's denominator), copy {results['copy_GBps']:.0f} GB/s; "
+          f"the products' floor {1e3 * floor:.3f} ms per step; an empty launch in a graph "
+          f"{results['empty_launch_in_graph_us']:.2f} us", flush=True)
+    results["steps"] = [step_breakdown(cp, int(c), results["read_GBps"]) for c in args.contexts.split(",") if c]
     results["variants"] = sweep(cp, args.variants.split(","))
     results["torch"] = torch_reference(cp)
     if args.json:
