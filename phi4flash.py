@@ -2188,6 +2188,7 @@ class CudaStep:
     graph_key: tuple = ()         # what the step's λ and graph were made for (_graph_key)
     eager_steps: int = 0          # the first step runs eagerly (it compiles the kernels), then a graph
     graph_error: str = ""         # why capture failed; then every step runs eagerly
+    sms: int = CPU_SMS            # the GPU's SM count (device_sms), asked once: it sets the attention's splits
 
 
 def _pinned(xp, shape, dtype):
@@ -2210,7 +2211,7 @@ def new_cuda_step(model, xp):
     token_pos = xp.zeros(2, xp.int64)                                     # (2,) [token, position]
     return CudaStep(token_pos[0:1], token_pos[1:2], _lambdas(model, xp),
                     {name: xp.zeros((1, n), xp.float32) for name, n in widths.items()}, token_pos,
-                    _pinned(xp, (2,), np.int64), _pinned(xp, (1, cfg.vocab_size), np.float32))
+                    _pinned(xp, (2,), np.int64), _pinned(xp, (1, cfg.vocab_size), np.float32), sms=device_sms(xp))
 
 
 def step_partials(cfg, step, slots, xp):
@@ -2218,7 +2219,7 @@ def step_partials(cfg, step, slots, xp):
     the most splits any of them takes, grown with them (decode_splits stops at the SM count's), and
     the split counters."""
     H, H_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    n_splits = max(decode_splits(S, H_kv, device_sms(xp)) for S in slots)
+    n_splits = max(decode_splits(S, H_kv, step.sms) for S in slots)
     if "partial_m" not in step.buf or step.buf["partial_m"].shape[0] < n_splits:
         scratch = decode_scratch(H, H_kv, cfg.head_dim, n_splits, xp)
         step.buf.update(zip(("partial_m", "partial_l", "partial_acc", "splits_done"), scratch))
@@ -2270,7 +2271,7 @@ def cuda_step_layers(model, cache, step):
                         (b["qkv"][:, H * hd:(H + H_kv) * hd], b["qkv"][:, (H + H_kv) * hd:], kv.k, kv.v, kv.pos,
                          step.pos, np.int32(H_kv), np.int32(hd), np.int32(kv.k.shape[1]), np.int32(kv.window or 0)))
             cuda_decode_attention(q.reshape(H, hd), kv.k, kv.v, step.pos, kv.pos, kv.window, step.lam[i],
-                                  lambda_init_for(i), p["subln"], out=b["attn"], scratch=scratch)  # the live slots
+                                  lambda_init_for(i), p["subln"], out=b["attn"], scratch=scratch, sms=step.sms)
             cuda_gemv(b["attn"], p["out_proj"], b["hidden"], GEMV_RESIDUAL, bias=p["out_proj_bias"], aux=b["hidden"])
         cuda_layer_norm(b["hidden"], layer["post_attention_layernorm"], b["normed"], eps)
         cuda_gemv(b["normed"], layer["mlp"]["fc1"], b["mlp"], GEMV_SWIGLU, out_features=cfg.intermediate_size)

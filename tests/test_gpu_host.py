@@ -187,11 +187,13 @@ class FakeCupy(types.ModuleType):
         self.device_memory, self.pinned_memory, self.made = [], [], []
         null = FakeStream(self, "null")
         self.current = [null]
-        self.float32, self.int64, self.uint16, self.uint32 = np.float32, np.int64, np.uint16, np.uint32
+        self.float32, self.int64, self.int32, self.int8, self.uint16, self.uint32 = (np.float32, np.int64, np.int32,
+                                                                                 np.int8, np.uint16, np.uint32)
         runtime = Strict(self, "cuda.runtime", memcpyHostToDevice=1, memcpyDeviceToHost=2,
-                         memcpyAsync=self.memcpyAsync, deviceSynchronize=self.deviceSynchronize)
+                         memcpyAsync=self.memcpyAsync, deviceSynchronize=self.deviceSynchronize,
+                         getDeviceProperties=lambda device: {"multiProcessorCount": 4})
         self.cuda = Strict(self, "cuda", runtime=runtime, alloc_pinned_memory=self.alloc_pinned_memory,
-                           Stream=self.Stream)
+                           Stream=self.Stream, Device=lambda: types.SimpleNamespace(id=0))  # device_sms asks once
 
     def __getattr__(self, attr):
         if attr.startswith("__"):
