@@ -489,16 +489,25 @@ def kernel_bytes(twin, args):
         return 16 * i("head_dim") * i("S") * i("H_kv") // 2 + 8 * i("S") * i("H_kv") // 2
     if name == "attention_decode_reduce":
         return 4 * i("n_splits") * i("H") * (2 * i("head_dim") + 2) + 4 * i("H") * i("head_dim")
-    if name == "kv_write":
-        return 16 * i("H_kv") * i("head_dim")
-    if name in ("gemv_bf16", "gemv_f32"):
-        rows, out, inp, mode = i("rows"), i("out_features"), i("in_features"), i("mode")
-        w = get("W").dtype.itemsize * out * inp * (2 if mode == phi4flash.GEMV_SWIGLU else 1)
-        return w + 4 * rows * inp + 4 * rows * out * (2 if mode in (phi4flash.GEMV_RESIDUAL, phi4flash.GEMV_GATE) else 1)
+    if name.startswith("gemv_"):                # gemv_<format>[_<epilogue>]: the fused ones are one row
+        epilogue = name.split("_")[2] if name.count("_") > 1 else ""
+        out, inp = i("out_features"), i("in_features")
+        rows, mode = (i("rows"), i("mode")) if "mode" in names else (1, phi4flash.GEMV_PLAIN)
+        w = (get("W").nbytes + (get("scales").nbytes if "scales" in names else 0)) // get("W").shape[0] * out
+        w *= 2 if mode == phi4flash.GEMV_SWIGLU else 1
+        moved = 4 * rows * inp + 4 * rows * out * (2 if mode in (phi4flash.GEMV_RESIDUAL, phi4flash.GEMV_GATE) else 1)
+        if epilogue.startswith("qkv"):
+            moved += get("k_cache").itemsize * (out - i("q_features"))
+        elif epilogue == "conv":
+            moved += 4 * (out // 2) * (3 * i("d_conv") - 1)
+        elif epilogue == "norm":
+            moved += 20 * out
+        return w + moved
     if name == "layer_norm_rows":
         return 8 * get("x").size + 8 * i("D")
-    if name in ("embed_bf16", "embed_f32"):
-        return (get("E").dtype.itemsize + 4) * i("D")
+    if name.startswith("embed_"):
+        row = get("E").itemsize * i("D") + (4 * i("D") // phi4flash.GROUP if name == "embed_int8" else 0)
+        return row + 4 * i("D")
     raise KeyError(f"{name}: no traffic formula (add the one in its kernels.cu header)")
 
 

@@ -35,17 +35,22 @@ import cuda_cpu
 import phi4flash as pf
 from conftest import PROMPTS
 from test_gpu import assert_forward_matches_reference, gpu_code_path, greedy_decode, maxdiff
-from test_kernels import (PREFILL_CASES, SIGNATURES, LaunchChecker, attention_case, bf16_bits, find_nvcc,
-                          gemv_epilogue_checks, mamba_checks, rand, scan_checks, scan_step_checks)
+from test_kernels import (EPILOGUE_SHAPES, PREFILL_CASES, SIGNATURES, LaunchChecker, StepBuffers, attention_case,
+                          bf16_bits, conv_gemv_checks, find_nvcc, gemv_epilogue_checks, mamba_checks, norm_gemv_checks,
+                          qkv_checks, rand, scan_checks, scan_step_checks, unaligned_int8_checks, weight_as, widened)
 
 SELFTEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_cpu", "selftest.cu")
-WRITTEN = ("float*", "long long*")
+WRITTEN = ("float*", "long long*", "unsigned short*", "int*")
 # Kernel vs twin, relative to max(1, |twin|). The twins follow the kernels' tiling, online-softmax
 # and reduction order, so what differs is the order inside a dot product (BLAS or einsum in the
 # twin, a sequential loop in the kernel) and glibc's expf/tanhf against NumPy's: a few float32 ulps.
 # Measured worst over every case here: 5.5e-7 (attention_prefill), 3.4e-7 (decode split), 2.1e-7
-# (gemv), 1.9e-7 (scan), 1e-7 (conv); kv_write is exact.
+# (gemv), 1.9e-7 (scan), 1e-7 (conv); the K/V the Wqkv GEMV stores, and every integer, exactly.
 TWIN_TOL = 2e-6
+# A K/V cache of bf16 bits: the twin's k and the kernel's differ by a few fp32 ulps (above), which may
+# round to neighbouring bf16 numbers, one step of 2^-8 relative. That the kernel rounds its own k
+# exactly as f32_to_bf16 does is checked bit for bit apart (test_bf16_kv_is_stored_as_f32_to_bf16_rounds).
+BF16_TWIN_TOL = 2 ** -8
 # Against the model's own functions (attend, selective_scan_sequential, ...): test_kernels.py's bar
 # for the twins. Measured worst: 5.3e-7 on the small cases, 1.6e-6 for the real-shape prefill.
 MODEL_TOL = 1e-5
@@ -71,8 +76,11 @@ def asan_or_skip():
         pytest.skip("no C++ compiler with AddressSanitizer (libasan.so) found")
 
 
-def relative_error(want, got):
-    """max |got − want| / max(1, max |want|); inf where non-finite values differ; integers exact."""
+def relative_error(want, got, bf16_bits=False):
+    """max |got − want| / max(1, max |want|); inf where non-finite values differ; integers exact,
+    unless bf16_bits: uint16 arrays of bf16 bits compared as the numbers they hold."""
+    if bf16_bits and want.dtype == np.uint16:
+        want, got = pf.bf16_to_f32(want), pf.bf16_to_f32(got)
     if want.dtype.kind in "iu":
         return 0.0 if np.array_equal(want, got) else np.inf
     want, got = np.asarray(want, np.float64), np.asarray(got, np.float64)
@@ -94,7 +102,7 @@ class TwinVsKernel:
 
     def __init__(self, kernels, **launch_options):
         self.kernels, self.options = kernels, launch_options
-        self.errors, self.launches = {}, []
+        self.errors, self.bf16_errors, self.launches = {}, {}, []
 
     def __call__(self, twin, grid, block, args):
         name = twin.__name__
@@ -103,8 +111,12 @@ class TwinVsKernel:
         twin(*twin_args)
         self.kernels.launch(name, grid, block, args, **self.options)
         params = self.kernels.kernels[name].params
-        err = max(relative_error(t, a) for (ctype, _), t, a in zip(params, twin_args, args) if ctype in WRITTEN)
+        written = [(ctype, t, a) for (ctype, _), t, a in zip(params, twin_args, args) if ctype in WRITTEN]
+        err = max(relative_error(t, a) for ctype, t, a in written if ctype != "unsigned short*")
+        bf16 = max((relative_error(t, a, bf16_bits=True) for ctype, t, a in written if ctype == "unsigned short*"),
+                   default=0.0)                                         # K/V caches of bf16 bits
         self.errors[name] = max(self.errors.get(name, 0.0), err)
+        self.bf16_errors[name] = max(self.bf16_errors.get(name, 0.0), bf16)
 
 
 class Recorder:
@@ -290,8 +302,8 @@ def test_the_compiler_sees_the_parameter_types_the_parser_reads(real):
     for name, params in SIGNATURES.items():
         assert [t for t, _ in real.kernels[name].params] == [t for t, _ in params]
     declared = {"attention_prefill": pf.PREFILL_THREADS, "attention_decode_split": pf.DECODE_THREADS,
-                "attention_decode_reduce": pf.REDUCE_THREADS, "gemv_bf16": pf.GEMV_WARPS * 32,
-                "gemv_f32": pf.GEMV_WARPS * 32, "layer_norm_rows": pf.NORM_THREADS}
+                "attention_decode_reduce": pf.REDUCE_THREADS, "layer_norm_rows": pf.NORM_THREADS,
+                **{twin.__name__: pf.GEMV_WARPS * 32 for twin in pf.GEMV_INSTANCES.values()}}
     for name, kernel in real.kernels.items():                           # no __launch_bounds__: CUDA's 1024
         assert real.bounds[name] == (declared[name] if kernel.bound else 1024), name
 
@@ -320,6 +332,29 @@ def test_out_of_bounds_reads_are_caught_by_the_sanitized_build(selftest):
     for launch, report in cases:
         with pytest.raises(cuda_cpu.KernelError, match=report):
             cuda_cpu.run_sanitized([launch], SELFTEST)
+
+
+@pytest.mark.parametrize("offset", [0, 1, 2, 3])
+def test_the_sanitized_build_keeps_each_array_s_alignment_and_guards_its_start(selftest, offset):
+    """An array that starts 4·offset bytes past a 16-byte boundary (a row view, say) is at the same
+    address modulo 16 in the sanitized child, as a GPU path chosen by alignment needs (kernel 7's
+    vector loads). A read of the element before it is still reported when that element is in an
+    8-byte granule of its own (ASan's shadow cannot poison part of a granule that the array uses)."""
+    asan_or_skip()
+    buf = np.empty(80 * 4, np.uint8)
+    x = np.ndarray((64,), np.float32, buf, (-buf.ctypes.data) % 16 + 4 * offset)   # offset floats past a boundary
+    x[...] = np.arange(64)
+    out = np.empty(2 * 32, np.float32)
+    assert x.ctypes.data % 16 == 4 * offset
+    plain = out.copy()
+    selftest.launch("address_and_before", (1,), (32,), (x, plain, np.int32(0)))
+    (_, sanitized, _), = cuda_cpu.run_sanitized([cuda_cpu.Launch("address_and_before", (1,), (32,), [x, out, np.int32(0)])],
+                                                SELFTEST)
+    assert np.array_equal(sanitized, plain) and set(plain[0::2]) == {4.0 * offset}
+    if offset % 2:
+        return
+    with pytest.raises(cuda_cpu.KernelError, match=r"AddressSanitizer: (use-after-poison|heap-buffer-overflow)"):
+        cuda_cpu.run_sanitized([cuda_cpu.Launch("address_and_before", (1,), (32,), [x, out, np.int32(1)])], SELFTEST)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -385,24 +420,6 @@ def ring_checks():
     return checks
 
 
-def kv_write_checks():
-    """Ring slots pos % W for 20 positions, then the append buffer, including a slot past its end."""
-    rng = np.random.default_rng(3)
-    H_kv, hd, W = 4, 8, 8
-    ring = [np.zeros((H_kv, W, hd), np.float32), np.zeros((H_kv, W, hd), np.float32), np.full(W, -1)]
-    want = [a.copy() for a in ring]
-    for p in range(20):
-        kn, vn = rand(rng, H_kv, hd), rand(rng, H_kv, hd)
-        pf._launch(pf.kv_write, (pf._blocks(H_kv * hd, 256),), (256,),
-                   (kn, vn, *ring, np.array([p]), np.int32(H_kv), np.int32(hd), np.int32(W), np.int32(W)))
-        want[0][:, p % W], want[1][:, p % W], want[2][p % W] = kn, vn, p
-    buf = [np.zeros((H_kv, 5, hd), np.float32), np.zeros((H_kv, 5, hd), np.float32), np.full(5, -1)]
-    for p in (3, 5):
-        pf._launch(pf.kv_write, (1,), (256,), (kn, vn, *buf, np.array([p]), np.int32(H_kv), np.int32(hd), np.int32(5), np.int32(0)))
-    return [("ring k", ring[0], want[0]), ("ring v", ring[1], want[1]), ("ring pos", ring[2], want[2]),
-            ("buffer pos", buf[2], np.array([-1, -1, -1, 3, -1])), ("buffer v", buf[1][:, 3], vn)]
-
-
 def gemv_checks(rows, out, inp):
     rng = np.random.default_rng(rows * out + inp)
     W, x = bf16_bits(rand(rng, out, inp)), rand(rng, rows, inp)
@@ -417,12 +434,12 @@ def layer_norm_checks(rows, D):
 
 
 def embed_checks(dtype):
+    """The row of id 41, bit for bit the CPU path's (bf16 widened, int8 dequantised as Int8Weight rows)."""
     rng = np.random.default_rng(4)
-    E = rand(rng, 50, 96)
-    table, twin = (bf16_bits(E), pf.embed_bf16) if dtype == "bf16" else (E, pf.embed_f32)
+    table = weight_as(dtype, rand(rng, 50, 96))
     y = np.empty((1, 96), np.float32)
-    pf._launch(twin, (1,), (256,), (table, np.array([41]), y, np.int32(96)))
-    return [("row", y[0], pf.f32(table)[41])]
+    pf.cuda_embed(table, np.array([41]), y)
+    return [("row", y[0], pf.f32(table[41]))]
 
 
 def case_table():
@@ -447,15 +464,22 @@ def case_table():
             yield kernel, "H{}-Hkv{}-hd{}-S{}-W{}".format(*c), lambda mp, c=c: decode_checks(*c)
     for kernel in ("attention_decode_split", "attention_decode_reduce"):
         yield kernel, "buffer-and-rings", lambda mp: ring_checks()
-    yield "kv_write", "ring-and-append", lambda mp: kv_write_checks()
     for c in [(1, 37, 64), (3, 37, 300), (8, 37, 4), (1, 256, 2560), (2, 9, 1000)]:
         yield "gemv_bf16", "rows{}-out{}-in{}".format(*c), lambda mp, c=c: gemv_checks(*c)
-    for dtype in ("bf16", "f32"):
-        for c in [(1, 37, 5120), (3, 9, 300), (2, 5, 7)]:
+    for dtype in ("bf16", "f32", "int8"):
+        for c in [(1, 37, 5120)] + EPILOGUE_SHAPES[dtype][1:2] + [(2, 5, 32 if dtype == "int8" else 7)]:
             yield f"gemv_{dtype}", "epilogues-rows{}-out{}-in{}".format(*c), lambda mp, d=dtype, c=c: gemv_epilogue_checks(d, *c)
+    yield "gemv_int8", "unaligned", lambda mp: unaligned_int8_checks()
+    for dtype in ("bf16", "f32", "int8"):
+        for kv, suffix in (("float32", ""), ("bfloat16", "16")):   # a wrapping ring of 8; an append buffer of 32
+            yield f"gemv_{dtype}_qkv{suffix}", "ring8", lambda mp, d=dtype, kv=kv: qkv_checks(d, 8, 4, 8, 64, 8, 8, range(12), kv)
+            yield f"gemv_{dtype}_qkv{suffix}", "append32", lambda mp, d=dtype, kv=kv: qkv_checks(d, 8, 4, 8, 64, None, 32, (0, 5, 31), kv)
+        yield f"gemv_{dtype}_conv", "in64-d_inner96", lambda mp, d=dtype: conv_gemv_checks(d, 64, 96)
+        yield f"gemv_{dtype}_norm", "in320-D70", lambda mp, d=dtype: norm_gemv_checks(d, 320, 70)
+        yield f"gemv_{dtype}_norm", "in5120-D37-no-bias", lambda mp, d=dtype: norm_gemv_checks(d, 5120, 37, has_bias=False)
     for c in [(1, 64), (3, 2560), (2, 77)]:
         yield "layer_norm_rows", "rows{}-D{}".format(*c), lambda mp, c=c: layer_norm_checks(*c)
-    for dtype in ("bf16", "f32"):
+    for dtype in ("bf16", "f32", "int8"):
         yield f"embed_{dtype}", "row41", lambda mp, d=dtype: embed_checks(d)
 
 
@@ -482,7 +506,7 @@ def test_kernel_equals_its_twin(real, monkeypatch, kernel, case):
     compare, checks = run_case(real, monkeypatch, kernel, case)
     assert kernel in compare.errors, f"the case never launched {kernel}"
     for name, err in compare.errors.items():
-        assert err <= TWIN_TOL, (name, err)
+        assert err <= TWIN_TOL and compare.bf16_errors[name] <= BF16_TWIN_TOL, (name, err, compare.bf16_errors[name])
     for what, got, want in checks:                                      # the host result, from real kernels
         assert relative_error(np.asarray(want), got) <= MODEL_TOL, what
 
@@ -738,9 +762,10 @@ def test_real_kernels_decode_equals_full_recompute_past_three_windows(real, mode
     full = model.forward(seq)                                           # the plain NumPy path
     assert maxdiff(np.array(cached), full[prompt_len - 1:]) <= WHOLE_MODEL_TOL
     steps, kinds = 3 * W + 5 + (prompt_len == 1), model.config.layer_kinds
-    assert launches.counts["kv_write"] == steps * (kinds.count("swa") + 1)   # sliding layers + layer L/2+1
-    assert launches.counts["scan_step"] == steps * kinds.count("mamba")
-    for kernel in ("embed_bf16", "layer_norm_rows", "gemv_bf16", "conv1d_silu_step", "attention_decode_reduce"):
+    assert launches.counts["gemv_bf16_qkv"] == steps * (kinds.count("swa") + 1)   # sliding layers + layer L/2+1
+    assert launches.counts["gemv_bf16_conv"] == launches.counts["scan_step"] == steps * kinds.count("mamba")
+    assert launches.counts["gemv_bf16_norm"] == steps * 2 * len(kinds) and "conv1d_silu_step" not in launches.counts
+    for kernel in ("embed_bf16", "layer_norm_rows", "gemv_bf16", "attention_decode_reduce"):
         assert launches.counts.get(kernel), kernel
 
 

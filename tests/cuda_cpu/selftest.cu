@@ -124,3 +124,11 @@ extern "C" __global__ void histogram(const long long* x, long long* counts, int 
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) atomicAdd(reinterpret_cast<unsigned long long*>(&counts[x[i]]), 1ull);
 }
+
+// out[t] = the address of x modulo 16 (every thread), and x[t - shift]: shift > 0 reads before x's
+// start. Kernel 7 picks its path by alignment, so the sanitized build must keep it.
+extern "C" __global__ void address_and_before(const float* x, float* out, int shift) {
+    const int t = threadIdx.x;
+    out[2 * t] = (float)((unsigned long long)x % 16);
+    out[2 * t + 1] = x[t - shift];
+}
