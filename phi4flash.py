@@ -2197,7 +2197,7 @@ def cuda_layers(model, cache, ids, logits, trace):
                 kv = cache.kv[i]
                 k_new = cuda_linear(u, p["Wk"], p["bk"]).reshape(T, H_kv, -1).transpose(1, 0, 2)  # (H_kv, T, hd)
                 v_new = cuda_linear(u, p["Wv"], p["bv"]).reshape(T, H_kv, -1).transpose(1, 0, 2)  # (H_kv, T, hd)
-                k, v, kpos = (kv_ring if kv.window else kv_append)(kv, k_new, v_new, start)
+                k, v, kpos = (kv_ring if kv.window else kv_append)(kv, *kv_stored(kv, k_new, v_new), start)
             q = cuda_linear(u[rows], p["Wq"], p["bq"]).reshape(-1, H, cfg.head_dim).transpose(1, 0, 2)  # (H, T_q, hd)
             o = cuda_attend(q, k, v, pos[rows], kpos, kv.window, lam[i], lambda_init_for(i), p["subln"])  # (T_q, H·hd)
             out = cuda_linear(o, p["out_proj"], p["out_proj_bias"])       # (T_q, D)

@@ -137,6 +137,71 @@ def test_gpu_code_path_greedy_generation_matches_reference_targets(model, ref, m
             assert ids == ref[f"{p}_greedy_full_ids"].tolist(), p
 
 
+# int8 weights: the GPU code path and the CPU path both compute fp32 over the same q · s; only the
+# order of the sums differs (and the kernels scale a group's sum once, (Σ x·q)·s). Measured on the
+# fixture: 1.5e-6 of the logits' largest magnitude, through the twins and through the real kernels.
+INT8_TOL = 5e-6
+
+
+def assert_int8_matches_cpu(gpu, launches, cpu, ref, steps=12):
+    """The int8 model on the GPU code path (its launch checker) against the CPU int8 model: a
+    forward's logits and `steps` greedy decode steps after a prefill, for every prompt; the decode
+    steps ran the fused int8 instances."""
+    for p in PROMPTS:
+        ids = ref[f"{p}_input_ids"]
+        want = cpu.forward(ids)
+        assert maxdiff(gpu.forward(ids), want) <= INT8_TOL * np.abs(want).max(), p
+        got_seq, got, _ = greedy_decode(gpu, ids, steps)
+        want_seq, want, _ = greedy_decode(cpu, ids, steps)
+        assert got_seq == want_seq and maxdiff(np.array(got), np.array(want)) <= INT8_TOL * np.abs(want).max(), p
+    for kernel in ("gemv_int8", "gemv_int8_qkv", "gemv_int8_conv", "gemv_int8_norm", "embed_int8"):
+        assert launches.counts.get(kernel), kernel
+
+
+def test_gpu_code_path_int8_equals_the_cpu_int8_model(model_int8, ref, monkeypatch):
+    with gpu_code_path(model_int8, monkeypatch) as (gpu, launches):
+        assert_int8_matches_cpu(gpu, launches, model_int8, ref)
+
+
+def assert_a_short_kv_buffer_fails_the_step_in_one_line(gpu, monkeypatch):
+    """A shared K/V buffer that the host failed to grow (kv_grow made a no-op): the Wqkv GEMV of
+    layer L/2+1 stores nothing and sets the step's error flag, which the host turns into one line
+    after the step; the flag is cleared and the cache keeps its length."""
+    cache = gpu.new_cache(4)
+    _, cache = gpu.prefill([5, 68, 417, 322], cache)
+    monkeypatch.setattr(pf, "kv_grow", lambda kv, needed: None)
+    with pytest.raises(pf.Phi4FlashError) as e:
+        gpu.step(cache, 76)
+    layer = gpu.config.kv_layer
+    assert str(e.value) == (f"decode step at position 4: no K/V slot for it (layer {layer}'s has 4 slots); its K/V "
+                            "were not stored, so this cache cannot be used further")
+    assert cache.length == 4 and cache.cuda.buf["error"][0] == 0 and (cache.shared(gpu.config).pos == np.arange(4)).all()
+
+
+def test_a_short_kv_buffer_fails_the_decode_step_in_one_line(model, monkeypatch):
+    with gpu_code_path(model, monkeypatch) as (gpu, _):
+        assert_a_short_kv_buffer_fails_the_step_in_one_line(gpu, monkeypatch)
+
+
+def test_gpu_prefill_stores_the_bf16_kv_as_the_cpu_path(converted, monkeypatch):
+    """cuda_layers writes K/V through kv_stored as extend() does: bf16 bits, the CPU path's within
+    one rounding step (the products' sums differ in order). The attention is stubbed: its kernels
+    read fp32 K/V only so far."""
+    cpu = pf.load(converted, kv_dtype="bfloat16")
+    _, want = cpu.prefill(np.arange(5, 25), cpu.new_cache(32), logits=False)
+    with gpu_code_path(cpu, monkeypatch) as (gpu, _):
+        monkeypatch.setattr(pf, "cuda_attend", lambda q, k, v, qpos, *rest: np.zeros((len(qpos), q.shape[0] * q.shape[2]),
+                                                                                      np.float32))
+        got = gpu.new_cache(32)
+        gpu.run(got, np.arange(5, 25), None)
+    for i, kv in want.kv.items():
+        assert got.kv[i].k.dtype == np.uint16 and np.array_equal(got.kv[i].pos, kv.pos), i
+    first = min(want.kv)                                                  # later layers' inputs saw the stub
+    for a, b in ((got.kv[first].k, want.kv[first].k), (got.kv[first].v, want.kv[first].v)):
+        a, b = pf.bf16_to_f32(a), pf.bf16_to_f32(b)
+        assert np.abs(a - b).max() <= 2 ** -8 * np.abs(b).max() and np.mean(a == b) > 0.99
+
+
 def random_model(cfg, seed=0):
     """A Model of random float32/bf16 arrays in memory with the tensors of `cfg` (no file, no tokenizer)."""
     rng = np.random.default_rng(seed)

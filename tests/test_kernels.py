@@ -551,6 +551,29 @@ def test_kernels_cu_compiles_with_nvcc_without_spills(tmp_path):
         assert props.group(1).strip() == "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads", (name, props.group(1))
 
 
+def test_int8_gemvs_convert_no_integer_to_float(tmp_path):
+    """Kernel 7's int8 instances turn each int8 weight into a float with an integer OR and an FP32
+    add (kernels.cu, section 7), never with an int-to-float conversion, which issues at a fraction
+    of the FP32 rate: in their PTX the only cvt.rn.f32 from an integer are the two of
+    layer_norm_row's `/ D` (in the _norm instances, as in layer_norm_rows itself)."""
+    nvcc = find_nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found: the PTX check needs the CUDA toolkit")
+    ptx = tmp_path / "kernels.ptx"
+    run = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", "-ftz=true", "-ptx", "-o", str(ptx), KERNELS_CU],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    text = ptx.read_text()
+
+    def conversions(name):
+        body = re.search(rf"\.entry {name}\((.*?)\n}}\n", text, re.S)
+        assert body, name
+        return len(re.findall(r"cvt\.rn\.f32\.[su]\d+", body.group(0)))
+    assert conversions("layer_norm_rows") == 2
+    for name in (n for n in SIGNATURES if n.startswith("gemv_int8")):
+        assert conversions(name) == (2 if name.endswith("_norm") else 0), name
+
+
 def find_libnvrtc():
     candidates = []
     for base in sys.path:
@@ -646,13 +669,58 @@ def test_gpu_bf16_matmul_equals_twin(rows, out, inp):
     assert_close(host, dev, tol=1e-5, what="gemv")
 
 
-def test_gpu_kv_write_equals_twin():
+def on_device(cupy, a):
+    """A NumPy array, an Int8Weight, a KVCache or StepBuffers as CuPy arrays (the same type)."""
+    if isinstance(a, pf.Int8Weight):
+        return pf.Int8Weight(cupy.asarray(a.q), cupy.asarray(a.scales))
+    if isinstance(a, pf.KVCache):
+        return pf.KVCache(cupy.asarray(a.k), cupy.asarray(a.v), cupy.asarray(a.pos), a.window)
+    if isinstance(a, StepBuffers):
+        step = StepBuffers()
+        step.pos, step.buf = cupy.asarray(a.pos), {k: cupy.asarray(v) for k, v in a.buf.items()}
+        return step
+    return cupy.asarray(a) if isinstance(a, np.ndarray) else a
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_gpu_int8_and_fused_gemvs_equal_twins(fmt):
+    """Kernel 7's instances at the real shapes on the GPU against their twins: the plain product
+    (1 and 3 rows, and 20 rows through the dequantised blocks), Wqkv storing K/V into a ring and
+    the append buffer (fp32; bf16 bits within one rounding step), in_proj with the conv, fc2 with
+    the next LayerNorm (the counter back at 0)."""
     cupy = gpu_or_skip()
-    rng = np.random.default_rng(0)
-    kn, vn = rand(rng, 20, 64), rand(rng, 20, 64)
-    for window, slots, p in ((512, 512, 1000), (0, 4096, 77)):
-        kc, vc, kp = np.zeros((20, slots, 64), np.float32), np.zeros((20, slots, 64), np.float32), np.full(slots, -1)
-        args = (kn, vn, kc, vc, kp, np.array([p]), np.int32(20), np.int32(64), np.int32(slots), np.int32(window))
-        _, _, ha, da = on_both(cupy, lambda *a: pf._launch(pf.kv_write, (5,), (256,), a), *args)
-        for i in (2, 3, 4):
-            assert np.array_equal(ha[i], da[i])
+    rng = np.random.default_rng(19)
+    host_and_device = lambda fn, *args: (fn(*args), fn(*[on_device(cupy, a) for a in args]))  # noqa: E731
+    W = weight_as(fmt, rand(rng, 2560, 10240, scale=10240 ** -0.5))
+    for rows in (1, 3, 20):
+        h, d = host_and_device(pf.cuda_linear, rand(rng, rows, 10240), W)
+        assert_close([h], [cupy.asnumpy(d)], what=f"{rows} rows")
+    Wqkv, bqkv = weight_as(fmt, rand(rng, 5120, 2560, scale=2560 ** -0.5)), rand(rng, 5120)
+    x = rand(rng, 1, 2560)
+    for window, slots, p, kv_dtype in ((512, 512, 1000, "float32"), (None, 4096, 77, "float32"), (512, 512, 700, "bfloat16")):
+        bits = pf.KV_DTYPES[kv_dtype]
+        kv = pf.KVCache(np.zeros((20, slots, 64), bits), np.zeros((20, slots, 64), bits), np.full(slots, -1), window)
+        hkv, dkv, hstep, dstep = kv, on_device(cupy, kv), StepBuffers(p), on_device(cupy, StepBuffers(p))
+        yh = pf.cuda_gemv_qkv(x, Wqkv, bqkv, np.empty((1, 5120), np.float32), hkv, hstep, 2560)
+        yd = pf.cuda_gemv_qkv(cupy.asarray(x), on_device(cupy, Wqkv), cupy.asarray(bqkv), cupy.empty((1, 5120), cupy.float32),
+                              dkv, dstep, 2560)
+        assert_close([yh], [cupy.asnumpy(yd)], what="qkv")
+        assert np.array_equal(hkv.pos, cupy.asnumpy(dkv.pos)) and int(dstep.buf["error"][0]) == 0
+        for a, b in ((hkv.k, dkv.k), (hkv.v, dkv.v)):
+            a, b = pf.f32(a), pf.f32(cupy.asnumpy(b))
+            assert np.abs(a - b).max() <= (1e-5 if kv_dtype == "float32" else 2 ** -8) * np.abs(a).max(), kv_dtype
+    in_proj, state = weight_as(fmt, rand(rng, 10240, 2560, scale=2560 ** -0.5)), rand(rng, 3, 5120)
+    conv_w, conv_b = rand(rng, 5120, 4, scale=0.5), rand(rng, 5120, scale=0.1)
+    hstate, dstate = state.copy(), cupy.asarray(state)
+    yh = pf.cuda_gemv_conv(x, in_proj, np.empty((1, 10240), np.float32), hstate, conv_w, conv_b)
+    yd = pf.cuda_gemv_conv(cupy.asarray(x), on_device(cupy, in_proj), cupy.empty((1, 10240), cupy.float32), dstate,
+                           cupy.asarray(conv_w), cupy.asarray(conv_b))
+    assert_close([yh, hstate], [cupy.asnumpy(yd), cupy.asnumpy(dstate)], what="conv")
+    hidden, norm = rand(rng, 1, 2560), {"weight": 1 + rand(rng, 2560, scale=0.1), "bias": rand(rng, 2560, scale=0.1)}
+    m = rand(rng, 1, 10240)
+    hh, dh, hstep, dstep = hidden.copy(), cupy.asarray(hidden), StepBuffers(), on_device(cupy, StepBuffers())
+    nh = pf.cuda_gemv_norm(m, W, None, hh, norm, np.empty((1, 2560), np.float32), hstep, 1e-5)
+    nd = pf.cuda_gemv_norm(cupy.asarray(m), on_device(cupy, W), None, dh, {k: cupy.asarray(v) for k, v in norm.items()},
+                           cupy.empty((1, 2560), cupy.float32), dstep, 1e-5)
+    assert_close([hh, nh], [cupy.asnumpy(dh), cupy.asnumpy(nd)], what="norm")
+    assert int(dstep.buf["counter"][0]) == 0
