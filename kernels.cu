@@ -8,7 +8,10 @@
 //
 // Conventions
 //   * Everything is float32, except bf16 weights, which stay as their raw 16 bits (unsigned short)
-//     and are widened exactly (bits << 16) right before use. No fp16 anywhere.
+//     and are widened exactly (bits << 16) right before use; int8 weights (signed char, with one
+//     float32 scale per GROUP = 32 of a row: w = q · s), dequantised right before use; and a K/V
+//     cache of bf16 bits, rounded as phi4flash.py's f32_to_bf16 when stored. No fp16 anywhere.
+//   * Flags a kernel sets and counters it shares between blocks are int (NumPy int32).
 //   * Arrays are row-major, as the NumPy shapes in each header say; sizes arrive as int arguments.
 //   * Positions are long long (NumPy int64), -1 marks an empty cache slot (KVCache.pos).
 //   * The glossary letters are phi4flash.py's: T tokens, S key slots, d_inner, d_state (N),
@@ -795,9 +798,10 @@ struct F32Weights {
     }
 };
 
-// Byte k of a sign-flipped word of four int8 numbers, as the exact float q (see the header above).
+// Byte k of a sign-flipped word of four int8 numbers, as the exact float q (see the header above):
+// (2^23 + q + 128) − (2^23 + 128).
 __device__ __forceinline__ float int8_at(unsigned int flipped, int k) {
-    return __uint_as_float(0x4B000000u | ((flipped >> (8 * k)) & 0xffu)) - 8388736.0f;   // (2^23 + q + 128) − (2^23 + 128)
+    return __uint_as_float(0x4B000000u | ((flipped >> (8 * k)) & 0xffu)) - 8388736.0f;
 }
 
 __device__ __forceinline__ float int8_dot4(float4 x, unsigned int q) {
@@ -815,7 +819,9 @@ struct Int8Weights {
         r.q = load16(q + i);
         r.s = __ldg(scales + i / GROUP);
     }
-    __device__ float load1(long long i) const { return int8_at((unsigned char)q[i] ^ 0x80u, 0) * scales[i / GROUP]; }
+    __device__ float load1(long long i) const {
+        return int8_at((unsigned char)q[i] ^ 0x80u, 0) * scales[i / GROUP];
+    }
     __device__ static float dot(const float* x, const Raw& r) {
         const float4* x4 = reinterpret_cast<const float4*>(x);
         return (int8_dot4(x4[0], r.q.x) + int8_dot4(x4[1], r.q.y) + int8_dot4(x4[2], r.q.z) +

@@ -1867,8 +1867,9 @@ def check_step_error(cache, step, flag):
     p = cache.length
     short = [f"layer {i}'s has {kv.k.shape[1]} slots" for i, kv in sorted(cache.kv.items())
              if (p % kv.window if kv.window else p) >= kv.k.shape[1]]
-    raise Phi4FlashError(f"decode step at position {p}: no K/V slot for it ({', '.join(short) or 'a K/V buffer is too short'}); "
-                         "its K/V were not stored, so this cache cannot be used further")
+    where = ", ".join(short) or "a buffer too short"
+    raise Phi4FlashError(f"decode step at position {p}: no K/V slot for it ({where}); its K/V were not stored, "
+                         "so this cache cannot be used further")
 
 
 # --- 7. The GEMVs: the products of a decode step, with their epilogues; bf16, float32 or int8 weights
@@ -2340,7 +2341,8 @@ def cuda_step_layers(model, cache, step):
             cuda_decode_attention(q.reshape(H, hd), kv.k, kv.v, step.pos, kv.pos, kv.window, step.lam[i],
                                   lambda_init_for(i), p["subln"], out=b["attn"], partials=partials)  # over every slot
             mixed, out_proj, out_bias = b["attn"], p["out_proj"], p["out_proj_bias"]
-        cuda_gemv_norm(mixed, out_proj, out_bias, b["hidden"], layer["post_attention_layernorm"], b["normed"], step, eps)
+        post_norm = layer["post_attention_layernorm"]
+        cuda_gemv_norm(mixed, out_proj, out_bias, b["hidden"], post_norm, b["normed"], step, eps)
         cuda_gemv(b["normed"], layer["mlp"]["fc1"], b["mlp"], GEMV_SWIGLU, out_features=cfg.intermediate_size)
         cuda_gemv_norm(b["mlp"], layer["mlp"]["fc2"], None, b["hidden"], next_norm, b["normed"], step, eps)
     return cuda_gemv(b["normed"], model.embed_tokens, b["logits"])        # (1, V), the tied head
