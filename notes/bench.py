@@ -156,7 +156,9 @@ def device_copy_bandwidth(nbytes=1 << 30, repeats=5):
 
 def random_device_model(cfg, dtype, seed=0):
     """A phi4flash.Model built directly from random CuPy arrays (the layout load(device="cuda")
-    gives: bf16 matrices as uint16 bits, float32 vectors), scaled as write_random_model scales them."""
+    gives: bf16 matrices as uint16 bits, or int8 groups as Int8Weight values and scales, float32
+    vectors), scaled as write_random_model scales them (int8: uniform q in [-127, 127] and one scale
+    for the matrix, about the same variance)."""
     cp = _cupy
     phi4flash.check_cuda_config(cfg)
     rng = cp.random.default_rng(seed)
@@ -177,7 +179,11 @@ def random_device_model(cfg, dtype, seed=0):
         else:
             fan_in = shape[1] if len(shape) > 1 else 1
             a = rng.standard_normal(shape, dtype=cp.float32) / cp.float32(math.sqrt(fan_in))
-        if len(shape) == 2 and dtype == "bfloat16" and last not in ("A_log", "conv1d_weight"):
+        if dtype == "int8" and phi4flash.is_matrix(name) and shape[1] % phi4flash.GROUP == 0:
+            q = (rng.integers(0, 255, size=shape, dtype=cp.int32) - 127).astype(cp.int8)
+            scale = math.sqrt(3.0 / shape[1]) / 127                # uniform q: variance 127² / 3 · scale² = 1 / fan_in
+            a = phi4flash.Int8Weight(q, cp.full((shape[0], shape[1] // phi4flash.GROUP), scale, cp.float32))
+        elif len(shape) == 2 and dtype in ("bfloat16", "int8") and last not in ("A_log", "conv1d_weight"):
             a = (a.view(cp.uint32) >> 16).astype(cp.uint16)  # truncated to bf16 bits: random values anyway
         tensors[name] = a
 

@@ -322,6 +322,29 @@ def test_bench_kernel_traffic_counts_every_weight_once_per_step(request, monkeyp
     assert ("gemv_int8" in stats) == ("embed_int8" in stats) == (which == "model_int8")
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_bench_random_device_model_decodes(monkeypatch, dtype):
+    """notes/bench.py's random model for a GPU run (NumPy standing in for CuPy, so the twins run):
+    int8 matrices as Int8Weight (the tiny width-4 dt_proj stays bf16, as convert.py leaves it), and
+    a prefill and decode steps through the GPU code path give finite logits."""
+    sys.path.insert(0, os.path.join(ROOT, "notes"))
+    import bench
+    monkeypatch.setattr(bench, "_cupy", np)
+    cfg = pf.Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=8,
+                    num_key_value_heads=4, sliding_window=tuple(8 if i % 2 and i < 4 else None for i in range(8)),
+                    mamba_dt_rank=4)
+    model = bench.random_device_model(cfg, dtype)
+    int8 = dtype == "int8"
+    assert isinstance(model.embed_tokens, pf.Int8Weight) == int8
+    assert isinstance(model.layers[1]["attn"]["Wqkv"], pf.Int8Weight) == int8
+    assert model.layers[0]["mamba"]["dt_proj"].dtype == np.float32
+    monkeypatch.setattr(pf, "_launch", LaunchChecker(pf._launch))
+    logits, cache = model.prefill([1, 2, 3])
+    rows = [logits] + [model.step(cache, t) for t in (4, 5)]
+    assert np.isfinite(rows).all() and pf._launch.counts[f"gemv_{'int8' if int8 else 'bf16'}_norm"] == 2 * 2 * 8
+    assert bench.decode_bytes(model, 8) > sum(t.nbytes for t in bench.weight_tensors(model))
+
+
 def test_check_cuda_config_accepts_the_real_and_tiny_models_only_when_supported(model):
     real = convert.config_from_hf({"vocab_size": 200064, "hidden_size": 2560, "intermediate_size": 10240,
                                    "num_hidden_layers": 32, "num_attention_heads": 40, "num_key_value_heads": 20,
