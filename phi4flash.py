@@ -2325,11 +2325,11 @@ def cuda_step_layers(model, cache, step):
             _launch(scan_step, (_blocks(d_inner, SCAN_CHANNELS),), (SCAN_CHANNELS * N,),
                     (x, b["xdbc"], p["dt_proj"], p["dt_proj_bias"], p["A_log"], p["D"], z, cache.ssm_state[i],
                      y, b["y_gated"], np.int32(d_inner), np.int32(N), np.int32(cfg.mamba_dt_rank)))
-            mixed, out_proj, out_bias = b["y_gated"], p["out_proj"], None
+            mixed, out_proj, out_bias = b["y_gated"], p["out_proj"], None   # what out_proj reads, (1, d_inner)
         elif kind == "gmu":
             p = layer["gmu"]
             cuda_gemv(b["normed"], p["in_proj"], b["gmu"], GEMV_GATE, aux=b["memory"])  # silu(x·in_projᵀ) ⊙ m
-            mixed, out_proj, out_bias = b["gmu"], p["out_proj"], None
+            mixed, out_proj, out_bias = b["gmu"], p["out_proj"], None       # (1, d_inner)
         else:
             p, q = layer["attn"], b["qkv"][:, :H * hd]
             if kind == "cross":
@@ -2340,11 +2340,11 @@ def cuda_step_layers(model, cache, step):
                 cuda_gemv_qkv(b["normed"], p["Wqkv"], p["bqkv"], b["qkv"], kv, step, H * hd)
             cuda_decode_attention(q.reshape(H, hd), kv.k, kv.v, step.pos, kv.pos, kv.window, step.lam[i],
                                   lambda_init_for(i), p["subln"], out=b["attn"], partials=partials)  # over every slot
-            mixed, out_proj, out_bias = b["attn"], p["out_proj"], p["out_proj_bias"]
-        post_norm = layer["post_attention_layernorm"]
+            mixed, out_proj, out_bias = b["attn"], p["out_proj"], p["out_proj_bias"]  # (1, H·hd)
+        post_norm = layer["post_attention_layernorm"]                     # hidden += mixer out; normed = LN2(hidden)
         cuda_gemv_norm(mixed, out_proj, out_bias, b["hidden"], post_norm, b["normed"], step, eps)
         cuda_gemv(b["normed"], layer["mlp"]["fc1"], b["mlp"], GEMV_SWIGLU, out_features=cfg.intermediate_size)
-        cuda_gemv_norm(b["mlp"], layer["mlp"]["fc2"], None, b["hidden"], next_norm, b["normed"], step, eps)
+        cuda_gemv_norm(b["mlp"], layer["mlp"]["fc2"], None, b["hidden"], next_norm, b["normed"], step, eps)  # next LN1
     return cuda_gemv(b["normed"], model.embed_tokens, b["logits"])        # (1, V), the tied head
 
 

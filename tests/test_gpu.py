@@ -410,6 +410,26 @@ def gpu_model_f32(cupy_gpu, model_f32):
     return pf.load(model_f32.path, device="cuda")
 
 
+@pytest.fixture(scope="module")
+def gpu_model_int8(cupy_gpu, converted_int8):
+    return pf.load(converted_int8, device="cuda")
+
+
+def test_gpu_int8_equals_the_cpu_int8_model(cupy_gpu, gpu_model_int8, model_int8, ref):
+    """int8 weights on the device (gemv_int8 and its fused instances, embed_int8, dequantised blocks
+    for a prefill) against the CPU int8 path, forward and 24 greedy steps replayed as a CUDA graph:
+    TOL, the bar of the bf16 GPU-vs-NumPy test (the GPU's expf and FMAs round apart from NumPy's)."""
+    assert isinstance(gpu_model_int8.embed_tokens, pf.Int8Weight)
+    assert isinstance(gpu_model_int8.embed_tokens.q, cupy_gpu.ndarray) and gpu_model_int8.embed_tokens.q.dtype == np.int8
+    for p in PROMPTS:
+        ids = ref[f"{p}_input_ids"]
+        assert maxdiff(gpu_model_int8.forward(ids), model_int8.forward(ids)) <= TOL, p
+        seq, rows, cache = greedy_decode(gpu_model_int8, ids, 24)
+        want_seq, want_rows, _ = greedy_decode(model_int8, ids, 24)
+        assert seq == want_seq and maxdiff(np.array(rows), np.array(want_rows)) <= TOL, p
+        assert cache.cuda.graph is not None and cache.cuda.graph_error == ""
+
+
 def test_gpu_weights_stay_bf16_bits_on_the_device(cupy_gpu, gpu_model):
     assert isinstance(gpu_model.embed_tokens, cupy_gpu.ndarray) and gpu_model.embed_tokens.dtype == np.uint16
     assert gpu_model.layers[0]["mamba"]["A_log"].dtype == np.float32

@@ -724,3 +724,5 @@ def test_gpu_int8_and_fused_gemvs_equal_twins(fmt):
                            cupy.empty((1, 2560), cupy.float32), dstep, 1e-5)
     assert_close([hh, nh], [cupy.asnumpy(dh), cupy.asnumpy(nd)], what="norm")
     assert int(dstep.buf["counter"][0]) == 0
+    alone = pf.cuda_layer_norm(dh, {k: cupy.asarray(v) for k, v in norm.items()}, cupy.empty_like(nd), 1e-5)
+    assert np.array_equal(cupy.asnumpy(alone).view(np.uint32), cupy.asnumpy(nd).view(np.uint32))  # the same bits
