@@ -727,14 +727,14 @@ __device__ __forceinline__ void kv_store(float v, int f, KV* k_cache, KV* v_cach
 //   flight for bf16 and int8); they are widened and multiplied by the matching x columns for every
 //   row of x at once (x is small and comes from L1/L2): each weight is read once per call. One row (a
 //   decode step) has its own instance, without the per-row predicates of up to GEMV_MAX_ROWS rows.
-//   When in_features is not a multiple of the group, or a pointer is not 16-byte aligned, lanes take
+//   When in_features is not a multiple of the vector group, or W or x is not 16-byte aligned, lanes take
 //   single columns lane + 32·(p + splits·i) instead. Lane sums meet in a butterfly, the splits of an
 //   output in shared memory; then lane 0 of the output's first warp runs the epilogue.
 //   int8 → float without a conversion instruction: int-to-float (I2F) issues at a fraction of the
 //   FP32 rate (the CUDA programming guide's throughput table), and this GEMV needs one per byte it
 //   reads. So each byte, sign-flipped (q ^ 0x80 = q + 128, in 0..255), becomes the low mantissa bits of
 //   2^23 (0x4B000000 | byte is the float 2^23 + byte, exactly), and 2^23 + 128 is subtracted: an
-//   integer OR and an FP32 add, exact. A group's 16 products are summed, then scaled once (Σ x·q)·s.
+//   integer OR and an FP32 add, exact. A lane's 16 products are summed, then scaled once: (Σ x·q)·s.
 // Traffic: the weights once (2, 4 or 1.125 · out · in bytes, twice that for SwiGLU's two rows): the
 //   decode roofline; plus 4 · rows · out written (and read, for aux); x re-reads hit the caches.
 //   _qkv: + (4 or 2) · (out − q_features) for the cache; _conv: + 4 · d_inner · (3·d_conv − 1) for
