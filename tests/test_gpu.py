@@ -143,11 +143,11 @@ def test_gpu_code_path_greedy_generation_matches_reference_targets(model, ref, m
 INT8_TOL = 5e-6
 
 
-def assert_int8_matches_cpu(gpu, launches, cpu, ref, steps=12):
+def assert_int8_matches_cpu(gpu, launches, cpu, ref, steps=12, prompts=PROMPTS):
     """The int8 model on the GPU code path (its launch checker) against the CPU int8 model: a
-    forward's logits and `steps` greedy decode steps after a prefill, for every prompt; the decode
+    forward's logits and `steps` greedy decode steps after a prefill, for each prompt; the decode
     steps ran the fused int8 instances."""
-    for p in PROMPTS:
+    for p in prompts:
         ids = ref[f"{p}_input_ids"]
         want = cpu.forward(ids)
         assert maxdiff(gpu.forward(ids), want) <= INT8_TOL * np.abs(want).max(), p
