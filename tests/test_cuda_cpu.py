@@ -329,6 +329,32 @@ def test_launches_are_checked_against_the_signature_and_limits(selftest, real):
                                                   np.int32(1)))
 
 
+def test_int8_int_and_bf16_cache_pointers_are_checked(real):
+    """The pointer types of the int8 and fused GEMVs: int8 values must be int8 (not uint8 bytes),
+    the flag and the counter int32 (not int64, which the kernel would read half of), a bf16 cache
+    uint16 (not float32) and writable."""
+    rng = np.random.default_rng(0)
+    W = weight_as("int8", rand(rng, 8, 64))
+    x, y, hidden = rand(rng, 1, 64), np.zeros((1, 8), np.float32), np.zeros((1, 8), np.float32)
+    ones, counter = np.ones(8, np.float32), np.zeros(1, np.int32)
+    norm = lambda W_q, counter: (x, W_q, W.scales, ones, hidden, ones, ones, y, counter, np.int32(8),  # noqa: E731
+                                 np.int32(64), np.int32(1), np.int32(1), np.float32(1e-5))
+    real.launch("gemv_int8_norm", (1,), (256,), norm(W.q, counter))
+    assert counter[0] == 0 and np.abs(y).max() > 0
+    for args, message in ((norm(W.q.view(np.uint8), counter), r"W must be a int8 array \(const signed char\*\)"),
+                          (norm(W.q, counter.astype(np.int64)), r"counter must be a int32 array \(int\*\)")):
+        with pytest.raises(cuda_cpu.KernelError, match=r"^gemv_int8_norm: " + message):
+            real.launch("gemv_int8_norm", (1,), (256,), args)
+    cache, kpos, pos, error = np.zeros((4, 8, 8), np.uint16), np.full(8, -1), np.zeros(1, np.int64), np.zeros(1, np.int32)
+    qkv = lambda k, v: (x, weight_as("bf16", rand(rng, 128, 64)), rand(rng, 128), np.zeros((1, 128), np.float32),  # noqa: E731
+                        k, v, kpos, pos, error, np.int32(128), np.int32(64), np.int32(1), np.int32(64), np.int32(8),
+                        np.int32(8), np.int32(8))
+    for args, message in ((qkv(cache.astype(np.float32), cache), r"k_cache must be a uint16 array \(unsigned short\*\)"),
+                          (qkv(cache, np.broadcast_to(cache, cache.shape)), r"v_cache \(unsigned short\*\) is written")):
+        with pytest.raises(cuda_cpu.KernelError, match=r"^gemv_bf16_qkv16: " + message):
+            real.launch("gemv_bf16_qkv16", (16,), (256,), args)
+
+
 def test_the_compiler_sees_the_parameter_types_the_parser_reads(real):
     """cuda_cpu_params_<kernel> spells the compiled C++ types; Kernels() refuses a mismatch, so the
     launch checks rest on the real signatures. Also: every kernel of SIGNATURES is in the build."""
