@@ -1898,9 +1898,12 @@ def gemv_bf16(x, W, bias, aux, y, rows, out_features, in_features, mode, has_bia
 
 def gemv_int8(x, W, scales, bias, aux, y, rows, out_features, in_features, mode, has_bias, splits):
     """Twin of kernel 7 with int8 groups W and their scales (w = q · s); see gemv_f32. The kernel
-    scales each group's sum once, (Σ x·q)·s: only the rounding differs."""
+    scales a lane's sum of 16 products once, (Σ x·q)·s: only the rounding differs."""
     gemv_f32(x, dequantize_int8(W, scales), bias, aux, y, rows, out_features, in_features, mode, has_bias, splits)
 
+
+# The decode step's fused instances (one row). Each is written once over fp32 W; the bf16 and int8
+# twins below it are the same over W widened (bits << 16) or dequantised (q · s).
 
 def gemv_f32_qkv(x, W, bias, y, k_cache, v_cache, kpos, pos, error, out_features, in_features, splits, q_features,
                  head_dim, slots, window):

@@ -181,7 +181,7 @@ def random_device_model(cfg, dtype, seed=0):
             a = rng.standard_normal(shape, dtype=cp.float32) / cp.float32(math.sqrt(fan_in))
         if dtype == "int8" and phi4flash.is_matrix(name) and shape[1] % phi4flash.GROUP == 0:
             q = (rng.integers(0, 255, size=shape, dtype=cp.int32) - 127).astype(cp.int8)
-            scale = math.sqrt(3.0 / shape[1]) / 127                # uniform q: variance 127² / 3 · scale² = 1 / fan_in
+            scale = math.sqrt(3.0 / shape[1]) / 127   # uniform q: variance ≈ 127² / 3 · scale² = 1 / fan_in
             a = phi4flash.Int8Weight(q, cp.full((shape[0], shape[1] // phi4flash.GROUP), scale, cp.float32))
         elif len(shape) == 2 and dtype in ("bfloat16", "int8") and last not in ("A_log", "conv1d_weight"):
             a = (a.view(cp.uint32) >> 16).astype(cp.uint16)  # truncated to bf16 bits: random values anyway
