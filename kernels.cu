@@ -7,8 +7,11 @@
 // attend, linear).
 //
 // Conventions
-//   * Everything is float32, except bf16 weights and a bf16 K/V cache, which stay as their raw 16
-//     bits (unsigned short) and are widened exactly (bits << 16) right before use. No fp16 anywhere.
+//   * Everything is float32, except bf16 weights, which stay as their raw 16 bits (unsigned short)
+//     and are widened exactly (bits << 16) right before use; int8 weights (signed char, with one
+//     float32 scale per GROUP = 32 of a row: w = q · s), dequantised right before use; and a K/V
+//     cache of bf16 bits, rounded as phi4flash.py's f32_to_bf16 when stored. No fp16 anywhere.
+//   * Flags a kernel sets and counters it shares between blocks are int (NumPy int32).
 //   * Arrays are row-major, as the NumPy shapes in each header say; sizes arrive as int arguments.
 //   * Positions are long long (NumPy int64), -1 marks an empty cache slot (KVCache.pos).
 //   * The glossary letters are phi4flash.py's: T tokens, S key slots, d_inner, d_state (N),
@@ -104,24 +107,31 @@ extern "C" __global__ void conv1d_silu_prefill(const float* x, const float* conv
 //   x (d_inner,), conv_state (d_conv-1, d_inner), weight (d_inner, d_conv), bias (d_inner,) -> out (d_inner,)
 // Mapping: one thread per channel c; it alone reads and writes its column of conv_state, so the
 //   in-place shift has no race. Grid ceil(d_inner / 256), block 256. d_conv <= MAX_D_CONV.
+//   conv_step is one channel: the decode step runs it in the epilogue of in_proj's GEMV (kernel 7,
+//   gemv_*_conv), on the raw x[c] its sum has just made; this kernel serves a one-token chunk.
 // Traffic: 4 * d_inner * (2 * d_conv + 2) bytes, a few hundred KB for the real model.
 #define MAX_D_CONV 8
-extern "C" __global__ void conv1d_silu_step(const float* x, float* conv_state, const float* weight,
-                                            const float* bias, float* out, int d_inner, int d_conv) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= d_inner) return;
+
+__device__ __forceinline__ float conv_step(float x_new, float* conv_state, const float* weight, const float* bias,
+                                           int c, int d_inner, int d_conv) {
     float window[MAX_D_CONV];
 #pragma unroll
     for (int k = 0; k < MAX_D_CONV; k++)                     // constant indices keep `window` in registers
-        if (k < d_conv) window[k] = k < d_conv - 1 ? conv_state[k * d_inner + c] : x[c];
+        if (k < d_conv) window[k] = k < d_conv - 1 ? conv_state[k * d_inner + c] : x_new;
     float acc = bias[c];
 #pragma unroll
     for (int k = 0; k < MAX_D_CONV; k++)
         if (k < d_conv) acc += weight[c * d_conv + k] * window[k];
-    out[c] = silu(acc);
 #pragma unroll
     for (int k = 0; k < MAX_D_CONV - 1; k++)
         if (k < d_conv - 1) conv_state[k * d_inner + c] = window[k + 1];
+    return silu(acc);
+}
+
+extern "C" __global__ void conv1d_silu_step(const float* x, float* conv_state, const float* weight,
+                                            const float* bias, float* out, int d_inner, int d_conv) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c < d_inner) out[c] = conv_step(x[c], conv_state, weight, bias, c, d_inner, d_conv);
 }
 
 // ================================================================================================
@@ -768,132 +778,228 @@ attention_decode_bf16(const float* q, const unsigned short* k, const unsigned sh
 }
 
 // ================================================================================================
-// 6. kv_write: store one decode token's K/V into a layer's cache, at a slot computed on the device.
+// 6. kv_store: one decode token's K/V into a layer's cache, at a slot computed on the device. It is
+//    the epilogue of the Wqkv GEMV (kernel 7, gemv_*_qkv and gemv_*_qkv16): the thread that has
+//    just made feature f of [k | v] stores it, so no launch of its own is needed.
 //
 //   slot = pos % W for a sliding layer (the W-slot ring), pos for the append buffer (window = 0);
-//   k_cache[h, slot, :] = k_new[h, :], v_cache likewise, kpos[slot] = pos.
-//   k_new, v_new (H_kv, hd); k_cache, v_cache (H_kv, slots, hd); kpos (slots,); pos (1,)
-// Mapping: one thread per element of k_new, grid ceil(H_kv · hd / 256), block 256. The host makes
-//   sure the append buffer has room before the step; a slot past the end is not written.
-// Traffic: 16 · H_kv · hd bytes.
-extern "C" __global__ void kv_write(const float* k_new, const float* v_new, float* k_cache, float* v_cache,
-                                    long long* kpos, const long long* pos, int H_kv, int head_dim, int slots,
-                                    int window) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    long long p = pos[0];
-    long long slot = window ? p % window : p;
-    if (i >= H_kv * head_dim || slot >= slots) return;
-    int h = i / head_dim, d = i % head_dim;
-    k_cache[((long long)h * slots + slot) * head_dim + d] = k_new[i];
-    v_cache[((long long)h * slots + slot) * head_dim + d] = v_new[i];
-    if (i == 0) kpos[slot] = p;
+//   k_cache[h, slot, d] = k[h·hd + d], v_cache likewise, kpos[slot] = pos.
+//   k_cache, v_cache (H_kv, slots, hd) float32, or bf16 bits rounded to nearest even exactly as
+//   phi4flash.py's f32_to_bf16 (a NaN stays a NaN), so GPU and CPU store the same bits; kpos
+//   (slots,); pos (1,). The host grows the append buffer before each step, so a slot past the end
+//   means a bug: nothing is stored, *error = KV_SLOT_PAST_END, and the host says so after the step.
+// Traffic: 4 or 2 bytes per stored number: (8 or 4) · H_kv · hd per layer and step.
+#define KV_SLOT_PAST_END 1
+
+__device__ __forceinline__ unsigned short f32_to_bf16(float v) {
+    const unsigned int u = __float_as_uint(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x0040u);   // NaN: quiet, never inf
+    return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);   // + half an ulp, ties to the even one
+}
+
+__device__ __forceinline__ void store_kv(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store_kv(unsigned short* p, float v) { *p = f32_to_bf16(v); }
+
+// Feature f (0 <= f < 2·kv_features) of [k | v], value v, into its cache.
+template <typename KV>
+__device__ __forceinline__ void kv_store(float v, int f, KV* k_cache, KV* v_cache, long long* kpos,
+                                         const long long* pos, int* error, int kv_features, int head_dim, int slots,
+                                         int window) {
+    const long long p = pos[0];
+    const long long slot = window ? p % window : p;
+    if (slot >= slots) {
+        *error = KV_SLOT_PAST_END;                           // every storing thread writes the same value
+        return;
+    }
+    const int e = f % kv_features, h = e / head_dim, d = e % head_dim;
+    store_kv((f < kv_features ? k_cache : v_cache) + ((long long)h * slots + slot) * head_dim + d, v);
+    if (f == 0) kpos[slot] = p;
 }
 
 // ================================================================================================
-// 7. gemv_bf16 / gemv_f32: y = epilogue(x · Wᵀ) for a few rows of x (decode), fp32 sums, W stored as
-//    bf16 bits (widened exactly, bits << 16) or float32; the two kernels differ only in W's type.
+// 7. The GEMVs: y = epilogue(x · Wᵀ) for a few rows of x (decode), fp32 sums. W comes in three
+//    formats, one instance each: bf16 bits (gemv_bf16*: widened exactly, bits << 16), float32
+//    (gemv_f32*), and int8 groups (gemv_int8*: w = q · s, one fp32 scale per GROUP = 32 weights of a
+//    row, phi4flash.py section 11; the instance takes q as W and the scales (out, in / GROUP)).
 //
 //   acc[t, o] = Σ_k x[t, k] · W[o, k]
-//   mode 0 (GEMV_PLAIN):    y[t, o] = acc + bias[o]                   (no bias unless has_bias)
-//   mode 1 (GEMV_RESIDUAL): y[t, o] = aux[t, o] + (acc + bias[o])     (aux: the residual stream; y may be aux)
-//   mode 2 (GEMV_SWIGLU):   y[t, o] = silu(acc[t, o]) · acc[t, o + out_features]   (W = [gate; up], 2·out rows)
-//   mode 3 (GEMV_GATE):     y[t, o] = silu(acc) · aux[t, o]           (the GMU: aux = the memory m)
+//   gemv_bf16, gemv_f32, gemv_int8 (rows <= GEMV_MAX_ROWS), the epilogue `mode`:
+//     mode 0 (GEMV_PLAIN):    y[t, o] = acc + bias[o]                   (no bias unless has_bias)
+//     mode 1 (GEMV_RESIDUAL): y[t, o] = aux[t, o] + (acc + bias[o])     (aux: the residual stream; y may be aux)
+//     mode 2 (GEMV_SWIGLU):   y[t, o] = silu(acc[t, o]) · acc[t, o + out_features]   (W = [gate; up], 2·out rows)
+//     mode 3 (GEMV_GATE):     y[t, o] = silu(acc) · aux[t, o]           (the GMU: aux = the memory m)
+//   The decode step's fused instances (one row; each saves the launch that followed the GEMV):
+//     _qkv, _qkv16: y = acc + bias = [q | k | v] of a "swa" or "full" layer (q_features = H·hd), and
+//                   feature f of [k | v] also goes into the layer's cache (kv_store, section 6):
+//                   float32 K/V (_qkv) or bf16 bits (_qkv16).
+//     _conv:        W = in_proj = [x; z] (out_features = 2·d_inner): y[c] = conv_step(acc[c]) for
+//                   c < d_inner (Mamba's conv + SiLU of the new raw x[c], conv_state[:, c] shifted;
+//                   section 1b), y[c] = acc[c] above (z). So y = [x̂ | z].
+//     _norm:        hidden[o] = hidden[o] + (acc + bias[o]) (out_proj, fc2: the residual stream, in
+//                   place), then normed = LayerNorm(hidden) with the NEXT LayerNorm's weight and bias,
+//                   by whichever block finishes last: each block, once its outputs are written and
+//                   fenced (__threadfence), adds 1 to *counter; the one that sees gridDim.x − 1 runs
+//                   layer_norm_row (section 8: the code and thread layout of layer_norm_rows, so the
+//                   same bits) over the whole row and sets *counter back to 0 for the next launch (a
+//                   CUDA graph replays the same one). The block must be NORM_THREADS threads.
 //   x (rows, in_features); W (out_features or 2·out_features, in_features); bias, aux, y as above.
 // Mapping: 8 warps per block; `splits` (1, 2, 4 or 8) consecutive warps share one output feature
 //   (split-K), so a small output (x_proj's 192 rows, out_proj, fc2) still gives every SM work:
-//   grid ceil(out_features / (8 / splits)). Warp part p of output o reads the 8-weight groups
-//   j = lane + 32·(p + splits·i), i = 0, 1, ..., of W's row (16 or 32 contiguous bytes per lane;
-//   GEMV_UNROLL groups loaded before any is used: 2 KB per warp in flight for bf16), widens them and
-//   multiplies by the matching x columns for every row of x at once (x is small and comes from
-//   L1/L2): each weight is read once per call. One row (a decode step) has its own instance, without
-//   the per-row predicates of up to GEMV_MAX_ROWS rows.
-//   When in_features is not a multiple of 8, or a pointer is not 16-byte aligned, lanes take single
-//   columns lane + 32·(p + splits·i) instead. Lane sums meet in a butterfly, the splits of an output
-//   in shared memory; then the epilogue. rows <= GEMV_MAX_ROWS.
-// Traffic: the weights once (2 or 4 · out · in bytes, twice that for SwiGLU's two rows): the decode
-//   roofline; plus 4 · rows · out written (and read, for aux); x re-reads hit the caches.
+//   grid ceil(out_features / (8 / splits)). Warp part p of output o reads the vector groups
+//   j = lane + 32·(p + splits·i), i = 0, 1, ..., of W's row: 8 weights per lane for bf16 (one 16-byte
+//   load) and fp32 (two), 16 for int8 (one 16-byte load, and the group's fp32 scale, which the two
+//   lanes of a group share). GEMV_UNROLL groups are loaded before any is used (2 KB per warp in
+//   flight for bf16 and int8); they are widened and multiplied by the matching x columns for every
+//   row of x at once (x is small and comes from L1/L2): each weight is read once per call. One row (a
+//   decode step) has its own instance, without the per-row predicates of up to GEMV_MAX_ROWS rows.
+//   When in_features is not a multiple of the vector group, or W or x is not 16-byte aligned, lanes take
+//   single columns lane + 32·(p + splits·i) instead. Lane sums meet in a butterfly, the splits of an
+//   output in shared memory; then lane 0 of the output's first warp runs the epilogue.
+//   int8 → float without a conversion instruction: int-to-float (I2F) issues at a fraction of the
+//   FP32 rate (the CUDA programming guide's throughput table), and this GEMV needs one per byte it
+//   reads. So each byte, sign-flipped (q ^ 0x80 = q + 128, in 0..255), becomes the low mantissa bits of
+//   2^23 (0x4B000000 | byte is the float 2^23 + byte, exactly), and 2^23 + 128 is subtracted: an
+//   integer OR and an FP32 add, exact. A lane's 16 products are summed, then scaled once: (Σ x·q)·s.
+// Traffic: the weights once (2, 4 or 1.125 · out · in bytes, twice that for SwiGLU's two rows): the
+//   decode roofline; plus 4 · rows · out written (and read, for aux); x re-reads hit the caches.
+//   _qkv: + (4 or 2) · (out − q_features) for the cache; _conv: + 4 · d_inner · (3·d_conv − 1) for
+//   conv_state (read and written), the conv weights and bias; _norm: + 20 · out (hidden read for the
+//   residual and again by the last block, the norm's weight and bias, normed written).
 #define GEMV_WARPS 8
 #define GEMV_MAX_ROWS 8
-#define GEMV_UNROLL 4          // 8-weight groups in flight per lane: 64 bytes of bf16, 128 of fp32
+#define GEMV_UNROLL 4          // vector groups in flight per lane: 64 bytes of bf16 or int8, 128 of fp32
 #define GEMV_UNROLL_ROWS 2     // the same for up to GEMV_MAX_ROWS rows (their sums take the registers)
 #define GEMV_PLAIN 0
 #define GEMV_RESIDUAL 1
 #define GEMV_SWIGLU 2
 #define GEMV_GATE 3
+#define GROUP 32               // int8 weights per fp32 scale, along a row
 
-// 8 consecutive weights as loaded: 16 bytes of bf16 bits or 32 bytes of float32, widened at use
-template <typename WT> struct Raw8;
-template <> struct Raw8<unsigned short> { uint4 a; };
-template <> struct Raw8<float> { float4 a, b; };
-
-__device__ __forceinline__ void load8(const unsigned short* p, Raw8<unsigned short>& w) {
+// 16 bytes of weights that are only read: not kept in L1, and L2 fetches the whole 256-byte line.
+__device__ __forceinline__ uint4 load16(const void* p) {
+    uint4 v;
 #ifdef __CUDA_ARCH__  // read-only, not kept in L1, and L2 fetches the whole 256-byte line: +4% (notes/gpu.md)
     asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(w.a.x), "=r"(w.a.y), "=r"(w.a.z), "=r"(w.a.w) : "l"(p));
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
 #else                 // the same load where kernels.cu runs on the CPU (tests/cuda_cpu)
-    w.a = __ldg(reinterpret_cast<const uint4*>(p));
+    v = __ldg(reinterpret_cast<const uint4*>(p));
 #endif
+    return v;
 }
 
-__device__ __forceinline__ void load8(const float* p, Raw8<float>& w) {
-    w.a = __ldg(reinterpret_cast<const float4*>(p));
-    w.b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+// The three weight formats. Each reads VEC consecutive weights of a row at element index i (row ·
+// in_features + column) into Raw, and multiplies them by the VEC matching floats of x (dot); load1
+// reads one weight, for the unaligned path.
+struct Bf16Weights {
+    static constexpr int VEC = 8;
+    struct Raw { uint4 a; };
+    const unsigned short* w;
+    __device__ bool aligned() const { return ((unsigned long long)w % 16) == 0; }
+    __device__ void load(long long i, Raw& r) const { r.a = load16(w + i); }
+    __device__ float load1(long long i) const { return bf16_bits_to_float(w[i]); }
+    __device__ static float dot(const float* x, const Raw& r) {
+        float4 a = reinterpret_cast<const float4*>(x)[0], b = reinterpret_cast<const float4*>(x)[1];
+        return a.x * bf16_bits_to_float(r.a.x & 0xffffu) + a.y * bf16_bits_to_float(r.a.x >> 16) +
+               a.z * bf16_bits_to_float(r.a.y & 0xffffu) + a.w * bf16_bits_to_float(r.a.y >> 16) +
+               b.x * bf16_bits_to_float(r.a.z & 0xffffu) + b.y * bf16_bits_to_float(r.a.z >> 16) +
+               b.z * bf16_bits_to_float(r.a.w & 0xffffu) + b.w * bf16_bits_to_float(r.a.w >> 16);
+    }
+};
+
+struct F32Weights {
+    static constexpr int VEC = 8;
+    struct Raw { float4 a, b; };
+    const float* w;
+    __device__ bool aligned() const { return ((unsigned long long)w % 16) == 0; }
+    __device__ void load(long long i, Raw& r) const {
+        r.a = __ldg(reinterpret_cast<const float4*>(w + i));
+        r.b = __ldg(reinterpret_cast<const float4*>(w + i) + 1);
+    }
+    __device__ float load1(long long i) const { return w[i]; }
+    __device__ static float dot(const float* x, const Raw& r) {
+        float4 a = reinterpret_cast<const float4*>(x)[0], b = reinterpret_cast<const float4*>(x)[1];
+        return a.x * r.a.x + a.y * r.a.y + a.z * r.a.z + a.w * r.a.w + b.x * r.b.x + b.y * r.b.y + b.z * r.b.z +
+               b.w * r.b.w;
+    }
+};
+
+// Byte k of a sign-flipped word of four int8 numbers, as the exact float q (see the header above):
+// (2^23 + q + 128) − (2^23 + 128).
+__device__ __forceinline__ float int8_at(unsigned int flipped, int k) {
+    return __uint_as_float(0x4B000000u | ((flipped >> (8 * k)) & 0xffu)) - 8388736.0f;
 }
 
-__device__ __forceinline__ float dot8(const float* x, const Raw8<unsigned short>& w) {
-    float4 a = reinterpret_cast<const float4*>(x)[0], b = reinterpret_cast<const float4*>(x)[1];
-    return a.x * bf16_bits_to_float(w.a.x & 0xffffu) + a.y * bf16_bits_to_float(w.a.x >> 16) +
-           a.z * bf16_bits_to_float(w.a.y & 0xffffu) + a.w * bf16_bits_to_float(w.a.y >> 16) +
-           b.x * bf16_bits_to_float(w.a.z & 0xffffu) + b.y * bf16_bits_to_float(w.a.z >> 16) +
-           b.z * bf16_bits_to_float(w.a.w & 0xffffu) + b.w * bf16_bits_to_float(w.a.w >> 16);
+__device__ __forceinline__ float int8_dot4(float4 x, unsigned int q) {
+    const unsigned int u = q ^ 0x80808080u;
+    return x.x * int8_at(u, 0) + x.y * int8_at(u, 1) + x.z * int8_at(u, 2) + x.w * int8_at(u, 3);
 }
 
-__device__ __forceinline__ float dot8(const float* x, const Raw8<float>& w) {
-    float4 a = reinterpret_cast<const float4*>(x)[0], b = reinterpret_cast<const float4*>(x)[1];
-    return a.x * w.a.x + a.y * w.a.y + a.z * w.a.z + a.w * w.a.w + b.x * w.b.x + b.y * w.b.y + b.z * w.b.z + b.w * w.b.w;
+struct Int8Weights {
+    static constexpr int VEC = 16;
+    struct Raw { uint4 q; float s; };
+    const signed char* q;
+    const float* scales;       // (out, in_features / GROUP): in_features is a multiple of GROUP
+    __device__ bool aligned() const { return ((unsigned long long)q % 16) == 0; }
+    __device__ void load(long long i, Raw& r) const {
+        r.q = load16(q + i);
+        r.s = __ldg(scales + i / GROUP);
+    }
+    __device__ float load1(long long i) const {
+        return int8_at((unsigned char)q[i] ^ 0x80u, 0) * scales[i / GROUP];
+    }
+    __device__ static float dot(const float* x, const Raw& r) {
+        const float4* x4 = reinterpret_cast<const float4*>(x);
+        return (int8_dot4(x4[0], r.q.x) + int8_dot4(x4[1], r.q.y) + int8_dot4(x4[2], r.q.z) +
+                int8_dot4(x4[3], r.q.w)) * r.s;
+    }
+};
+
+// The output feature of this thread's warp, and whether this thread writes it (lane 0 of its first warp).
+__device__ __forceinline__ int gemv_output(int splits) {
+    return blockIdx.x * (GEMV_WARPS / splits) + threadIdx.x / WARP / splits;
 }
 
-__device__ __forceinline__ float load1(const unsigned short* p) { return bf16_bits_to_float(*p); }
-__device__ __forceinline__ float load1(const float* p) { return *p; }
+__device__ __forceinline__ bool gemv_writer(int o, int out_features, int splits) {
+    return o < out_features && threadIdx.x / WARP % splits == 0 && threadIdx.x % WARP == 0;
+}
 
+// The sums of output gemv_output(splits), rows t < rows, weight rows r < n_w (SwiGLU: the gate row o
+// and the up row o + out_features), complete in the writer thread. Every thread must call it.
 // ROWS: the most rows of x this instance handles (rows <= ROWS), UNROLL: groups in flight per lane.
-template <typename WT, int ROWS, int UNROLL>
-__device__ __forceinline__ void gemv_body(const float* x, const WT* W, const float* bias, const float* aux, float* y,
-                                          int rows, int out_features, int in_features, int mode, int has_bias,
-                                          int splits, float (*s_part)[GEMV_MAX_ROWS][2]) {
+template <typename F, int ROWS, int UNROLL>
+__device__ __forceinline__ void gemv_sums(const F& W, const float* x, int rows, int out_features, int in_features,
+                                          int n_w, int splits, float (*s_part)[GEMV_MAX_ROWS][2],
+                                          float (&sum)[2][ROWS]) {
     const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
-    const int o = blockIdx.x * (GEMV_WARPS / splits) + warp / splits, part = warp % splits;
+    const int o = gemv_output(splits), part = warp % splits;
     const bool live = o < out_features;                      // a whole warp is live or not: no divergence
-    const int n_w = mode == GEMV_SWIGLU ? 2 : 1;             // SwiGLU: the gate row o and the up row o + out
-    float sum[2][ROWS];
 #pragma unroll
     for (int r = 0; r < 2; r++)
 #pragma unroll
         for (int t = 0; t < ROWS; t++) sum[r][t] = 0.0f;
-    const bool vector_path = in_features % 8 == 0 && ((unsigned long long)W % 16) == 0 &&
-                             ((unsigned long long)x % 16) == 0;
+    const bool vector_path = in_features % F::VEC == 0 && W.aligned() && ((unsigned long long)x % 16) == 0;
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         if (r >= n_w || !live) break;
-        const WT* w_row = W + (long long)(o + r * out_features) * in_features;
+        const long long row = (long long)(o + r * out_features) * in_features;
         if (vector_path) {
-            const int step = 8 * WARP * splits;              // columns between a lane's groups
-            for (int col = 8 * (lane + WARP * part); col < in_features; col += UNROLL * step) {
-                Raw8<WT> w[UNROLL];
+            const int step = F::VEC * WARP * splits;         // columns between a lane's groups
+            for (int col = F::VEC * (lane + WARP * part); col < in_features; col += UNROLL * step) {
+                typename F::Raw w[UNROLL];
 #pragma unroll
                 for (int u = 0; u < UNROLL; u++)        // every load issued before any FMA
-                    if (col + u * step < in_features) load8(w_row + col + u * step, w[u]);
+                    if (col + u * step < in_features) W.load(row + col + u * step, w[u]);
 #pragma unroll
                 for (int u = 0; u < UNROLL; u++)
                     if (col + u * step < in_features) {
 #pragma unroll
                         for (int t = 0; t < ROWS; t++)
-                            if (t < rows) sum[r][t] += dot8(x + (long long)t * in_features + col + u * step, w[u]);
+                            if (t < rows) sum[r][t] += F::dot(x + (long long)t * in_features + col + u * step, w[u]);
                     }
             }
         } else {
             for (int col = lane + WARP * part; col < in_features; col += WARP * splits) {
-                float w = load1(w_row + col);
+                float w = W.load1(row + col);
 #pragma unroll
                 for (int t = 0; t < ROWS; t++)
                     if (t < rows) sum[r][t] += x[(long long)t * in_features + col] * w;
@@ -922,7 +1028,17 @@ __device__ __forceinline__ void gemv_body(const float* x, const WT* W, const flo
                     }
         }
     }
-    if (!live || part != 0 || lane != 0) return;
+}
+
+template <typename F, int ROWS, int UNROLL>
+__device__ __forceinline__ void gemv_rows(const F& W, const float* x, const float* bias, const float* aux, float* y,
+                                          int rows, int out_features, int in_features, int mode, int has_bias,
+                                          int splits, float (*s_part)[GEMV_MAX_ROWS][2]) {
+    float sum[2][ROWS];
+    gemv_sums<F, ROWS, UNROLL>(W, x, rows, out_features, in_features, mode == GEMV_SWIGLU ? 2 : 1, splits, s_part,
+                               sum);
+    const int o = gemv_output(splits);
+    if (!gemv_writer(o, out_features, splits)) return;
 #pragma unroll
     for (int t = 0; t < ROWS; t++) {
         if (t >= rows) break;
@@ -938,31 +1054,202 @@ __device__ __forceinline__ void gemv_body(const float* x, const WT* W, const flo
     }
 }
 
-template <typename WT>
-__device__ __forceinline__ void gemv(const float* x, const WT* W, const float* bias, const float* aux, float* y,
+template <typename F>
+__device__ __forceinline__ void gemv(const F& W, const float* x, const float* bias, const float* aux, float* y,
                                      int rows, int out_features, int in_features, int mode, int has_bias, int splits,
                                      float (*s_part)[GEMV_MAX_ROWS][2]) {
     if (rows == 1)  // a decode step: one row, no per-row predicates (they cost a quarter of its speed)
-        gemv_body<WT, 1, GEMV_UNROLL>(x, W, bias, aux, y, rows, out_features, in_features, mode, has_bias, splits,
-                                      s_part);
+        gemv_rows<F, 1, GEMV_UNROLL>(W, x, bias, aux, y, rows, out_features, in_features, mode, has_bias, splits,
+                                     s_part);
     else
-        gemv_body<WT, GEMV_MAX_ROWS, GEMV_UNROLL_ROWS>(x, W, bias, aux, y, rows, out_features, in_features, mode,
-                                                       has_bias, splits, s_part);
+        gemv_rows<F, GEMV_MAX_ROWS, GEMV_UNROLL_ROWS>(W, x, bias, aux, y, rows, out_features, in_features, mode,
+                                                      has_bias, splits, s_part);
 }
 
+template <typename F, typename KV>
+__device__ __forceinline__ void gemv_qkv(const F& W, const float* x, const float* bias, float* y, KV* k_cache,
+                                         KV* v_cache, long long* kpos, const long long* pos, int* error,
+                                         int out_features, int in_features, int splits, int q_features, int head_dim,
+                                         int slots, int window, float (*s_part)[GEMV_MAX_ROWS][2]) {
+    float sum[2][1];
+    gemv_sums<F, 1, GEMV_UNROLL>(W, x, 1, out_features, in_features, 1, splits, s_part, sum);
+    const int o = gemv_output(splits);
+    if (!gemv_writer(o, out_features, splits)) return;
+    const float v = sum[0][0] + bias[o];
+    y[o] = v;
+    if (o >= q_features)
+        kv_store(v, o - q_features, k_cache, v_cache, kpos, pos, error, (out_features - q_features) / 2, head_dim,
+                 slots, window);
+}
+
+template <typename F>
+__device__ __forceinline__ void gemv_conv(const F& W, const float* x, float* y, float* conv_state,
+                                          const float* conv_weight, const float* conv_bias, int out_features,
+                                          int in_features, int splits, int d_conv, float (*s_part)[GEMV_MAX_ROWS][2]) {
+    float sum[2][1];
+    gemv_sums<F, 1, GEMV_UNROLL>(W, x, 1, out_features, in_features, 1, splits, s_part, sum);
+    const int o = gemv_output(splits), d_inner = out_features / 2;
+    if (!gemv_writer(o, out_features, splits)) return;
+    y[o] = o < d_inner ? conv_step(sum[0][0], conv_state, conv_weight, conv_bias, o, d_inner, d_conv) : sum[0][0];
+}
+
+__device__ __forceinline__ void layer_norm_row(const float* x, const float* weight, const float* bias, float* y, int D,
+                                               float eps, float* s_warp);   // section 8
+
+template <typename F>
+__device__ __forceinline__ void gemv_norm(const F& W, const float* x, const float* bias, float* hidden,
+                                          const float* norm_weight, const float* norm_bias, float* normed,
+                                          int* counter, int out_features, int in_features, int has_bias, int splits,
+                                          float eps, float (*s_part)[GEMV_MAX_ROWS][2], float* s_warp, int* s_last) {
+    float sum[2][1];
+    gemv_sums<F, 1, GEMV_UNROLL>(W, x, 1, out_features, in_features, 1, splits, s_part, sum);
+    const int o = gemv_output(splits);
+    if (gemv_writer(o, out_features, splits)) {
+        hidden[o] = hidden[o] + (has_bias ? sum[0][0] + bias[o] : sum[0][0]);
+        __threadfence();                                     // visible to every block before this one counts
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) *s_last = atomicAdd(counter, 1) == (int)gridDim.x - 1;
+    __syncthreads();
+    if (!*s_last) return;                                    // the whole block, or none of it
+    __threadfence();                                         // every other block's hidden[] before the reads below
+    layer_norm_row(hidden, norm_weight, norm_bias, normed, out_features, eps, s_warp);
+    if (threadIdx.x == 0) *counter = 0;                      // for the next launch
+}
+
+// The instances: one per weight format and epilogue. bf16 and int8 keep 4 blocks per SM (at most 64
+// registers); fp32 takes 2 (up to 128: ptxas spills its 8-wide loads when it keeps 64).
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * WARP, 4)
 gemv_bf16(const float* x, const unsigned short* W, const float* bias, const float* aux, float* y, int rows,
           int out_features, int in_features, int mode, int has_bias, int splits) {
     __shared__ float s_part[GEMV_WARPS][GEMV_MAX_ROWS][2];
-    gemv(x, W, bias, aux, y, rows, out_features, in_features, mode, has_bias, splits, s_part);
+    gemv(Bf16Weights{W}, x, bias, aux, y, rows, out_features, in_features, mode, has_bias, splits, s_part);
 }
 
-// (at least 2 blocks per SM, so up to 128 registers: ptxas spills fp32's 8-wide loads when it keeps 64)
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * WARP, 2)
 gemv_f32(const float* x, const float* W, const float* bias, const float* aux, float* y, int rows,
          int out_features, int in_features, int mode, int has_bias, int splits) {
     __shared__ float s_part[GEMV_WARPS][GEMV_MAX_ROWS][2];
-    gemv(x, W, bias, aux, y, rows, out_features, in_features, mode, has_bias, splits, s_part);
+    gemv(F32Weights{W}, x, bias, aux, y, rows, out_features, in_features, mode, has_bias, splits, s_part);
+}
+
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * WARP, 4)
+gemv_int8(const float* x, const signed char* W, const float* scales, const float* bias, const float* aux, float* y,
+          int rows, int out_features, int in_features, int mode, int has_bias, int splits) {
+    __shared__ float s_part[GEMV_WARPS][GEMV_MAX_ROWS][2];
+    gemv(Int8Weights{W, scales}, x, bias, aux, y, rows, out_features, in_features, mode, has_bias, splits, s_part);
+}
+
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * WARP, 4)
+gemv_bf16_qkv(const float* x, const unsigned short* W, const float* bias, float* y, float* k_cache, float* v_cache,
+              long long* kpos, const long long* pos, int* error, int out_features, int in_features, int splits,
+              int q_features, int head_dim, int slots, int window) {
+    __shared__ float s_part[GEMV_WARPS][GEMV_MAX_ROWS][2];
+    gemv_qkv(Bf16Weights{W}, x, bias, y, k_cache, v_cache, kpos, pos, error, out_features, in_features, splits,
+             q_features, head_dim, slots, window, s_part);
+}
+
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * WARP, 2)
+gemv_f32_qkv(const float* x, const float* W, const float* bias, float* y, float* k_cache, float* v_cache,
+             long long* kpos, const long long* pos, int* error, int out_features, int in_features, int splits,
+             int q_features, int head_dim, int slots, int window) {
+    __shared__ float s_part[GEMV_WARPS][GEMV_MAX_ROWS][2];
+    gemv_qkv(F32Weights{W}, x, bias, y, k_cache, v_cache, kpos, pos, error, out_features, in_features, splits,
+             q_features, head_dim, slots, window, s_part);
+}
+
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * WARP, 4)
+gemv_int8_qkv(const float* x, const signed char* W, const float* scales, const float* bias, float* y, float* k_cache,
+              float* v_cache, long long* kpos, const long long* pos, int* error, int out_features, int in_features,
+              int splits, int q_features, int head_dim, int slots, int window) {
+    __shared__ float s_part[GEMV_WARPS][GEMV_MAX_ROWS][2];
+    gemv_qkv(Int8Weights{W, scales}, x, bias, y, k_cache, v_cache, kpos, pos, error, out_features, in_features,
+             splits, q_features, head_dim, slots, window, s_part);
+}
+
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * WARP, 4)
+gemv_bf16_qkv16(const float* x, const unsigned short* W, const float* bias, float* y, unsigned short* k_cache,
+                unsigned short* v_cache, long long* kpos, const long long* pos, int* error, int out_features,
+                int in_features, int splits, int q_features, int head_dim, int slots, int window) {
+    __shared__ float s_part[GEMV_WARPS][GEMV_MAX_ROWS][2];
+    gemv_qkv(Bf16Weights{W}, x, bias, y, k_cache, v_cache, kpos, pos, error, out_features, in_features, splits,
+             q_features, head_dim, slots, window, s_part);
+}
+
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * WARP, 2)
+gemv_f32_qkv16(const float* x, const float* W, const float* bias, float* y, unsigned short* k_cache,
+               unsigned short* v_cache, long long* kpos, const long long* pos, int* error, int out_features,
+               int in_features, int splits, int q_features, int head_dim, int slots, int window) {
+    __shared__ float s_part[GEMV_WARPS][GEMV_MAX_ROWS][2];
+    gemv_qkv(F32Weights{W}, x, bias, y, k_cache, v_cache, kpos, pos, error, out_features, in_features, splits,
+             q_features, head_dim, slots, window, s_part);
+}
+
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * WARP, 4)
+gemv_int8_qkv16(const float* x, const signed char* W, const float* scales, const float* bias, float* y,
+                unsigned short* k_cache, unsigned short* v_cache, long long* kpos, const long long* pos, int* error,
+                int out_features, int in_features, int splits, int q_features, int head_dim, int slots, int window) {
+    __shared__ float s_part[GEMV_WARPS][GEMV_MAX_ROWS][2];
+    gemv_qkv(Int8Weights{W, scales}, x, bias, y, k_cache, v_cache, kpos, pos, error, out_features, in_features,
+             splits, q_features, head_dim, slots, window, s_part);
+}
+
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * WARP, 4)
+gemv_bf16_conv(const float* x, const unsigned short* W, float* y, float* conv_state, const float* conv_weight,
+               const float* conv_bias, int out_features, int in_features, int splits, int d_conv) {
+    __shared__ float s_part[GEMV_WARPS][GEMV_MAX_ROWS][2];
+    gemv_conv(Bf16Weights{W}, x, y, conv_state, conv_weight, conv_bias, out_features, in_features, splits, d_conv,
+              s_part);
+}
+
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * WARP, 2)
+gemv_f32_conv(const float* x, const float* W, float* y, float* conv_state, const float* conv_weight,
+              const float* conv_bias, int out_features, int in_features, int splits, int d_conv) {
+    __shared__ float s_part[GEMV_WARPS][GEMV_MAX_ROWS][2];
+    gemv_conv(F32Weights{W}, x, y, conv_state, conv_weight, conv_bias, out_features, in_features, splits, d_conv,
+              s_part);
+}
+
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * WARP, 4)
+gemv_int8_conv(const float* x, const signed char* W, const float* scales, float* y, float* conv_state,
+               const float* conv_weight, const float* conv_bias, int out_features, int in_features, int splits,
+               int d_conv) {
+    __shared__ float s_part[GEMV_WARPS][GEMV_MAX_ROWS][2];
+    gemv_conv(Int8Weights{W, scales}, x, y, conv_state, conv_weight, conv_bias, out_features, in_features, splits,
+              d_conv, s_part);
+}
+
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * WARP, 4)
+gemv_bf16_norm(const float* x, const unsigned short* W, const float* bias, float* hidden, const float* norm_weight,
+               const float* norm_bias, float* normed, int* counter, int out_features, int in_features, int has_bias,
+               int splits, float eps) {
+    __shared__ float s_part[GEMV_WARPS][GEMV_MAX_ROWS][2];
+    __shared__ float s_warp[GEMV_WARPS];
+    __shared__ int s_last;
+    gemv_norm(Bf16Weights{W}, x, bias, hidden, norm_weight, norm_bias, normed, counter, out_features, in_features,
+              has_bias, splits, eps, s_part, s_warp, &s_last);
+}
+
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * WARP, 2)
+gemv_f32_norm(const float* x, const float* W, const float* bias, float* hidden, const float* norm_weight,
+              const float* norm_bias, float* normed, int* counter, int out_features, int in_features, int has_bias,
+              int splits, float eps) {
+    __shared__ float s_part[GEMV_WARPS][GEMV_MAX_ROWS][2];
+    __shared__ float s_warp[GEMV_WARPS];
+    __shared__ int s_last;
+    gemv_norm(F32Weights{W}, x, bias, hidden, norm_weight, norm_bias, normed, counter, out_features, in_features,
+              has_bias, splits, eps, s_part, s_warp, &s_last);
+}
+
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * WARP, 4)
+gemv_int8_norm(const float* x, const signed char* W, const float* scales, const float* bias, float* hidden,
+               const float* norm_weight, const float* norm_bias, float* normed, int* counter, int out_features,
+               int in_features, int has_bias, int splits, float eps) {
+    __shared__ float s_part[GEMV_WARPS][GEMV_MAX_ROWS][2];
+    __shared__ float s_warp[GEMV_WARPS];
+    __shared__ int s_last;
+    gemv_norm(Int8Weights{W, scales}, x, bias, hidden, norm_weight, norm_bias, normed, counter, out_features,
+              in_features, has_bias, splits, eps, s_part, s_warp, &s_last);
 }
 
 // ================================================================================================
@@ -970,24 +1257,23 @@ gemv_f32(const float* x, const float* W, const float* bias, const float* aux, fl
 //
 //   x, y (rows, D); weight, bias (D,). y may not be x.
 // Mapping: one block of NORM_THREADS per row (grid rows); thread tid holds features tid, tid + 256, ...
-//   (at most NORM_PER_THREAD of them: D <= 4096) of x, weight and bias in registers, all loaded at
-//   once (one trip to memory); the mean, then the variance about it, are block sums (warp shuffles,
-//   one shared slot per warp, every thread adds the slots).
+//   (at most NORM_PER_THREAD of them: D <= 4096) of x in registers, all loaded at once (one trip to
+//   memory); the mean, then the variance about it, are block sums (warp shuffles, one shared slot per
+//   warp, every thread adds the slots); weight and bias are read as y is written. layer_norm_row is
+//   one row; kernel 7's _norm instances run it too, in the block that finishes last. x is read
+//   through L2 (ld.global.cg): there other blocks wrote it during the launch, and L1 is not coherent.
 // Traffic: x read and y written once, 8 · rows · D bytes, and weight and bias, 8 · D bytes.
 #define NORM_THREADS 256
 #define NORM_PER_THREAD 16
+static_assert(NORM_THREADS == GEMV_WARPS * WARP, "kernel 7's _norm instances run layer_norm_row with their block");
 
-extern "C" __global__ void __launch_bounds__(NORM_THREADS)
-layer_norm_rows(const float* x, const float* weight, const float* bias, float* y, int D, float eps) {
-    __shared__ float s_warp[NORM_THREADS / WARP];
-    const float* xr = x + (long long)blockIdx.x * D;
-    float* yr = y + (long long)blockIdx.x * D;
-    float xv[NORM_PER_THREAD], wv[NORM_PER_THREAD], bv[NORM_PER_THREAD];
+__device__ __forceinline__ void layer_norm_row(const float* x, const float* weight, const float* bias, float* y, int D,
+                                               float eps, float* s_warp) {
+    float xv[NORM_PER_THREAD];
 #pragma unroll
     for (int j = 0; j < NORM_PER_THREAD; j++) {
         const int i = (int)threadIdx.x + j * NORM_THREADS;
-        const bool in = i < D;
-        xv[j] = in ? xr[i] : 0.0f, wv[j] = in ? weight[i] : 0.0f, bv[j] = in ? bias[i] : 0.0f;
+        xv[j] = i < D ? __ldcg(x + i) : 0.0f;
     }
     float s = 0.0f;
 #pragma unroll
@@ -1001,16 +1287,23 @@ layer_norm_rows(const float* x, const float* weight, const float* bias, float* y
 #pragma unroll
     for (int j = 0; j < NORM_PER_THREAD; j++) {
         const int i = (int)threadIdx.x + j * NORM_THREADS;
-        if (i < D) yr[i] = (xv[j] - mean) / sd * wv[j] + bv[j];
+        if (i < D) y[i] = (xv[j] - mean) / sd * weight[i] + bias[i];
     }
 }
 
+extern "C" __global__ void __launch_bounds__(NORM_THREADS)
+layer_norm_rows(const float* x, const float* weight, const float* bias, float* y, int D, float eps) {
+    __shared__ float s_warp[NORM_THREADS / WARP];
+    layer_norm_row(x + (long long)blockIdx.x * D, weight, bias, y + (long long)blockIdx.x * D, D, eps, s_warp);
+}
+
 // ================================================================================================
-// 9. embed_bf16 / embed_f32: the decode step's first op, y = E[token[0]] widened to float32.
+// 9. embed_bf16 / embed_f32 / embed_int8: the decode step's first op, y = E[token[0]] as float32.
 //
-//   E (V, D) bf16 bits or float32; token (1,) int64 on the device (a CUDA graph replays the step
-//   with a new id written there) -> y (D,).
-// Mapping: one thread per feature, grid ceil(D / 256), block 256. Traffic: 2 or 4 · D + 4 · D bytes.
+//   E (V, D) bf16 bits, float32, or int8 with scales (V, D / GROUP) (dequantised: q · s, as the CPU
+//   path's Int8Weight rows); token (1,) int64 on the device (a CUDA graph replays the step with a new
+//   id written there) -> y (D,).
+// Mapping: one thread per feature, grid ceil(D / 256), block 256. Traffic: (2, 4 or 1.125) · D + 4 · D bytes.
 extern "C" __global__ void embed_bf16(const unsigned short* E, const long long* token, float* y, int D) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < D) y[i] = bf16_bits_to_float(E[token[0] * D + i]);
@@ -1019,4 +1312,13 @@ extern "C" __global__ void embed_bf16(const unsigned short* E, const long long* 
 extern "C" __global__ void embed_f32(const float* E, const long long* token, float* y, int D) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < D) y[i] = E[token[0] * D + i];
+}
+
+extern "C" __global__ void embed_int8(const signed char* E, const float* scales, const long long* token, float* y,
+                                      int D) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < D) {
+        long long e = token[0] * D + i;
+        y[i] = (float)E[e] * scales[e / GROUP];
+    }
 }

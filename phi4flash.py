@@ -59,8 +59,8 @@ class Phi4FlashError(ValueError):
 
 
 def get_xp(a):
-    """The array namespace of `a`: numpy for host arrays, cupy for device arrays."""
-    if type(a).__module__.startswith("cupy"):
+    """The array namespace of `a` (of an Int8Weight's values): numpy for host arrays, cupy for device arrays."""
+    if type(a.q if isinstance(a, Int8Weight) else a).__module__.startswith("cupy"):
         import cupy
         return cupy
     return np
@@ -1489,6 +1489,7 @@ CPU_SMS = 4               # the SM count the CPU path (NumPy arrays) stands in w
 GEMV_WARPS = 8            # warps per gemv block: 8 / splits output features
 GEMV_MAX_ROWS = 8         # more rows than this go to the widened-tile cuBLAS path
 GEMV_PLAIN, GEMV_RESIDUAL, GEMV_SWIGLU, GEMV_GATE = 0, 1, 2, 3  # gemv epilogues (kernel 7)
+KV_SLOT_PAST_END = 1      # the decode step's error flag: a K/V slot past the end of its buffer (kv_store)
 NORM_THREADS = 256        # threads per layer_norm_rows block (one row each)
 NORM_PER_THREAD = 16      # features per layer_norm_rows thread, in registers: hidden_size <= 4096
 
@@ -1531,16 +1532,15 @@ def check_cuda_config(cfg):
 
 
 def to_device(model):
-    """Copy every weight to the GPU: bf16 bits stay uint16, float32 stays float32."""
+    """Copy every weight to the GPU: bf16 bits stay uint16, int8 groups stay int8 with their float32
+    scales (an Int8Weight of CuPy arrays), float32 stays float32."""
     cupy = require_cupy()
     check_cuda_config(model.config)
-    if isinstance(model.embed_tokens, Int8Weight) or any(
-            isinstance(a, Int8Weight) for layer in model.layers for group in layer.values() for a in group.values()):
-        raise Phi4FlashError("device 'cuda': int8 weights run on the CPU only so far; "
-                             "use a bfloat16 or float32 conversion on a GPU")
-    model.embed_tokens = cupy.asarray(model.embed_tokens)
-    model.final_layernorm = {k: cupy.asarray(a) for k, a in model.final_layernorm.items()}
-    model.layers = [{group: {k: cupy.asarray(a) for k, a in params.items()} for group, params in layer.items()}
+    def copy(a):
+        return Int8Weight(cupy.asarray(a.q), cupy.asarray(a.scales)) if isinstance(a, Int8Weight) else cupy.asarray(a)
+    model.embed_tokens = copy(model.embed_tokens)
+    model.final_layernorm = {k: copy(a) for k, a in model.final_layernorm.items()}
+    model.layers = [{group: {k: copy(a) for k, a in params.items()} for group, params in layer.items()}
                     for layer in model.layers]
     model.device, model.prefill_chunk = "cuda", CUDA_PREFILL_CHUNK
     return fuse_for_decode(model)
@@ -1900,29 +1900,43 @@ def cuda_attend(q, k, v, qpos, kpos, window, lam, lambda_init, subln):
     return cuda_prefill_attention(q, k, v, qpos, kpos, window, lam, lambda_init, subln)
 
 
-# --- 6. kv_write: one decode token's K/V into its cache slot, the slot computed on the device
+# --- 6. kv_store: one decode token's K/V into its cache slot (the Wqkv GEMV's epilogue)
 
-def kv_write(k_new, v_new, k_cache, v_cache, kpos, pos, H_kv, head_dim, slots, window):
-    """Twin of kernel 6: store one token's K/V at slot pos % W (ring) or pos (append buffer);
-    kpos[slot] = pos."""
+def kv_store(kv, k_cache, v_cache, kpos, pos, error, slots, window):
+    """Twin of kernels.cu's kv_store for all of [k | v] (2, H_kv, hd) at once: slot pos % W (ring) or
+    pos (append buffer), kpos[slot] = pos, the K/V as float32 or bf16 bits (f32_to_bf16, as the CPU
+    path stores them). A slot past the buffer stores nothing and sets error[0] = KV_SLOT_PAST_END."""
     p = int(pos.reshape(-1)[0])
     slot = p % window if window else p
-    if slot < slots:
-        k_cache[:, slot], v_cache[:, slot], kpos[slot] = k_new.reshape(H_kv, head_dim), v_new.reshape(H_kv, head_dim), p
+    if slot >= slots:
+        error[0] = KV_SLOT_PAST_END
+        return
+    k, v = kv if k_cache.dtype == np.float32 else f32_to_bf16(np.ascontiguousarray(kv))  # (H_kv, hd) each
+    k_cache[:, slot], v_cache[:, slot], kpos[slot] = k, v, p
 
 
-# --- 7. gemv_bf16 / gemv_f32: the products of a decode step, with their epilogues
+def check_step_error(cache, step, flag):
+    """A decode step's device error flag, read after its synchronisation: nothing when 0, else the
+    flag is cleared and the step's failure is one Phi4FlashError line (only a bug gets here: the host
+    grows the shared K/V before each step)."""
+    if not flag:
+        return
+    step.buf["error"].fill(0)
+    p = cache.length
+    short = [f"layer {i}'s has {kv.k.shape[1]} slots" for i, kv in sorted(cache.kv.items())
+             if (p % kv.window if kv.window else p) >= kv.k.shape[1]]
+    where = ", ".join(short) or "a buffer too short"
+    raise Phi4FlashError(f"decode step at position {p}: no K/V slot for it ({where}); its K/V were not stored, "
+                         "so this cache cannot be used further")
 
-def gemv_bf16(x, W, bias, aux, y, rows, out_features, in_features, mode, has_bias, splits):
-    """Twin of kernel 7 (bf16 bits W): acc = x·widen(W)ᵀ in fp32, then the epilogue of `mode`:
-    GEMV_PLAIN acc (+ bias), GEMV_RESIDUAL aux + (acc (+ bias)), GEMV_SWIGLU silu(acc[:, :out]) ⊙
-    acc[:, out:] (W = [gate; up]), GEMV_GATE silu(acc) ⊙ aux. The kernel's split-K and lane order
-    change only the summation order. x (rows, in) -> y (rows, out)."""
-    gemv_f32(x, bf16_to_f32(W), bias, aux, y, rows, out_features, in_features, mode, has_bias, splits)
 
+# --- 7. The GEMVs: the products of a decode step, with their epilogues; bf16, float32 or int8 weights
 
 def gemv_f32(x, W, bias, aux, y, rows, out_features, in_features, mode, has_bias, splits):
-    """Twin of kernel 7 with float32 W; see gemv_bf16."""
+    """Twin of kernel 7 (float32 W): acc = x·Wᵀ in fp32, then the epilogue of `mode`: GEMV_PLAIN acc
+    (+ bias), GEMV_RESIDUAL aux + (acc (+ bias)), GEMV_SWIGLU silu(acc[:, :out]) ⊙ acc[:, out:]
+    (W = [gate; up]), GEMV_GATE silu(acc) ⊙ aux. The kernel's split-K and lane order change only the
+    summation order. x (rows, in) -> y (rows, out). The other formats widen W and call this."""
     acc = x.reshape(rows, in_features) @ W.T                              # (rows, out) or (rows, 2·out)
     if mode == GEMV_SWIGLU:
         out = silu(acc[:, :out_features]) * acc[:, out_features:]
@@ -1935,40 +1949,181 @@ def gemv_f32(x, W, bias, aux, y, rows, out_features, in_features, mode, has_bias
     y.reshape(rows, out_features)[...] = out
 
 
-def gemv_splits(out_features, in_features):
+def gemv_bf16(x, W, bias, aux, y, rows, out_features, in_features, mode, has_bias, splits):
+    """Twin of kernel 7 with bf16 bits W (widened exactly); see gemv_f32."""
+    gemv_f32(x, bf16_to_f32(W), bias, aux, y, rows, out_features, in_features, mode, has_bias, splits)
+
+
+def gemv_int8(x, W, scales, bias, aux, y, rows, out_features, in_features, mode, has_bias, splits):
+    """Twin of kernel 7 with int8 groups W and their scales (w = q · s); see gemv_f32. The kernel
+    scales a lane's sum of 16 products once, (Σ x·q)·s: only the rounding differs."""
+    gemv_f32(x, dequantize_int8(W, scales), bias, aux, y, rows, out_features, in_features, mode, has_bias, splits)
+
+
+# The decode step's fused instances (one row). Each is written once over fp32 W; the bf16 and int8
+# twins below it are the same over W widened (bits << 16) or dequantised (q · s).
+
+def gemv_f32_qkv(x, W, bias, y, k_cache, v_cache, kpos, pos, error, out_features, in_features, splits, q_features,
+                 head_dim, slots, window):
+    """Twin of kernel 7's Wqkv instance (one row): y = x·Wᵀ + bias = [q | k | v], and [k | v] stored
+    into the layer's cache at the step's slot (kv_store)."""
+    gemv_f32(x, W, bias, y, y, 1, out_features, in_features, GEMV_PLAIN, 1, splits)
+    kv = y.reshape(-1)[q_features:].reshape(2, -1, head_dim)             # (2, H_kv, hd)  [k | v]
+    kv_store(kv, k_cache, v_cache, kpos, pos, error, slots, window)
+
+
+def gemv_f32_qkv16(x, W, bias, y, k_cache, v_cache, kpos, pos, error, out_features, in_features, splits, q_features,
+                   head_dim, slots, window):
+    """gemv_f32_qkv into a cache of bf16 bits."""
+    gemv_f32_qkv(x, W, bias, y, k_cache, v_cache, kpos, pos, error, out_features, in_features, splits, q_features,
+                 head_dim, slots, window)
+
+
+def gemv_bf16_qkv(x, W, bias, y, k_cache, v_cache, kpos, pos, error, out_features, in_features, splits, q_features,
+                  head_dim, slots, window):
+    gemv_f32_qkv(x, bf16_to_f32(W), bias, y, k_cache, v_cache, kpos, pos, error, out_features, in_features, splits,
+                 q_features, head_dim, slots, window)
+
+
+def gemv_bf16_qkv16(x, W, bias, y, k_cache, v_cache, kpos, pos, error, out_features, in_features, splits,
+                    q_features, head_dim, slots, window):
+    gemv_f32_qkv(x, bf16_to_f32(W), bias, y, k_cache, v_cache, kpos, pos, error, out_features, in_features, splits,
+                 q_features, head_dim, slots, window)
+
+
+def gemv_int8_qkv(x, W, scales, bias, y, k_cache, v_cache, kpos, pos, error, out_features, in_features, splits,
+                  q_features, head_dim, slots, window):
+    gemv_f32_qkv(x, dequantize_int8(W, scales), bias, y, k_cache, v_cache, kpos, pos, error, out_features,
+                 in_features, splits, q_features, head_dim, slots, window)
+
+
+def gemv_int8_qkv16(x, W, scales, bias, y, k_cache, v_cache, kpos, pos, error, out_features, in_features, splits,
+                    q_features, head_dim, slots, window):
+    gemv_f32_qkv(x, dequantize_int8(W, scales), bias, y, k_cache, v_cache, kpos, pos, error, out_features,
+                 in_features, splits, q_features, head_dim, slots, window)
+
+
+def gemv_f32_conv(x, W, y, conv_state, conv_weight, conv_bias, out_features, in_features, splits, d_conv):
+    """Twin of kernel 7's in_proj instance (one row): [x | z] = x·Wᵀ, then the new raw x through
+    conv1d_silu_step (conv_state shifted): y = [x̂ | z]."""
+    gemv_f32(x, W, y, y, y, 1, out_features, in_features, GEMV_PLAIN, 0, splits)
+    d_inner = out_features // 2
+    x_new = y[:, :d_inner].copy()                                         # (1, d_inner) raw x
+    conv1d_silu_step(x_new, conv_state, conv_weight, conv_bias, y[:, :d_inner], d_inner, d_conv)
+
+
+def gemv_bf16_conv(x, W, y, conv_state, conv_weight, conv_bias, out_features, in_features, splits, d_conv):
+    gemv_f32_conv(x, bf16_to_f32(W), y, conv_state, conv_weight, conv_bias, out_features, in_features, splits, d_conv)
+
+
+def gemv_int8_conv(x, W, scales, y, conv_state, conv_weight, conv_bias, out_features, in_features, splits, d_conv):
+    gemv_f32_conv(x, dequantize_int8(W, scales), y, conv_state, conv_weight, conv_bias, out_features, in_features,
+                  splits, d_conv)
+
+
+def gemv_f32_norm(x, W, bias, hidden, norm_weight, norm_bias, normed, counter, out_features, in_features, has_bias,
+                  splits, eps):
+    """Twin of kernel 7's residual + LayerNorm instance (one row): hidden += x·Wᵀ (+ bias), then
+    normed = LayerNorm(hidden) (layer_norm_rows: the kernel's last block runs its code); the block
+    counter is back at 0 when the kernel ends."""
+    gemv_f32(x, W, bias, hidden, hidden, 1, out_features, in_features, GEMV_RESIDUAL, has_bias, splits)
+    layer_norm_rows(hidden, norm_weight, norm_bias, normed, out_features, eps)
+
+
+def gemv_bf16_norm(x, W, bias, hidden, norm_weight, norm_bias, normed, counter, out_features, in_features, has_bias,
+                   splits, eps):
+    gemv_f32_norm(x, bf16_to_f32(W), bias, hidden, norm_weight, norm_bias, normed, counter, out_features, in_features,
+                  has_bias, splits, eps)
+
+
+def gemv_int8_norm(x, W, scales, bias, hidden, norm_weight, norm_bias, normed, counter, out_features, in_features,
+                   has_bias, splits, eps):
+    gemv_f32_norm(x, dequantize_int8(W, scales), bias, hidden, norm_weight, norm_bias, normed, counter, out_features,
+                  in_features, has_bias, splits, eps)
+
+
+GEMV_INSTANCES = {(fmt, epilogue): globals()[f"gemv_{fmt}{epilogue}"]  # kernel 7's instance: weight format, epilogue
+                  for fmt in ("bf16", "f32", "int8") for epilogue in ("", "_qkv", "_qkv16", "_conv", "_norm")}
+
+
+def gemv_splits(out_features, in_features, vec=8):
     """Warps per output feature: enough outputs x splits for every SM to have warps in flight, yet
-    at least one 256-column step per warp."""
+    at least one vector step per warp (32 lanes x `vec` weights: 8 for bf16 and fp32, 16 for int8)."""
     splits = 1
-    while splits < GEMV_WARPS and out_features * splits < 8192 and in_features >= 2 * 256 * splits:
+    while splits < GEMV_WARPS and out_features * splits < 8192 and in_features >= 2 * 32 * vec * splits:
         splits *= 2
     return splits
 
 
+def gemv_launch(W, epilogue, out_features, in_features):
+    """How kernel 7 multiplies by W: (its instance for W's format and the epilogue, grid, block,
+    splits, W's pointer arguments: the bf16 bits or float32 matrix, or an int8 matrix's q and scales)."""
+    int8 = isinstance(W, Int8Weight)
+    fmt = "int8" if int8 else "bf16" if W.dtype == np.uint16 else "f32"
+    splits = gemv_splits(out_features, in_features, 16 if int8 else 8)
+    return (GEMV_INSTANCES[fmt, epilogue], (_blocks(out_features, GEMV_WARPS // splits),), (GEMV_WARPS * 32,),
+            np.int32(splits), (W.q, W.scales) if int8 else (W,))
+
+
 def cuda_gemv(x, W, y, mode=GEMV_PLAIN, bias=None, aux=None, out_features=None):
-    """Launch kernel 7 into y (rows, out): W bf16 bits -> gemv_bf16, float32 -> gemv_f32. bias and
-    aux may be None (then y itself stands in for the unused pointer: the kernel does not read it)."""
+    """Launch kernel 7 into y (rows, out) with epilogue `mode`. bias and aux may be None (then y itself
+    stands in for the unused pointer: the kernel does not read it)."""
     rows, in_features = x.shape
     out_features = out_features or W.shape[0]
-    splits = gemv_splits(out_features, in_features)
-    kernel = gemv_bf16 if W.dtype == np.uint16 else gemv_f32
-    _launch(kernel, (_blocks(out_features, GEMV_WARPS // splits),), (GEMV_WARPS * 32,),
-            (x, W, y if bias is None else bias, y if aux is None else aux, y, np.int32(rows), np.int32(out_features),
-             np.int32(in_features), np.int32(mode), np.int32(bias is not None), np.int32(splits)))
+    twin, grid, block, splits, w = gemv_launch(W, "", out_features, in_features)
+    _launch(twin, grid, block, (x, *w, y if bias is None else bias, y if aux is None else aux, y, np.int32(rows),
+                                np.int32(out_features), np.int32(in_features), np.int32(mode),
+                                np.int32(bias is not None), splits))
     return y
+
+
+def cuda_gemv_qkv(x, W, bias, y, kv, step, q_features):
+    """[q | k | v] = x·Wᵀ + bias into y (1, out) for the decode step, k and v also into the layer's
+    cache `kv` (a KVCache: fp32 or bf16 bits) at the slot of step.pos; a slot past the buffer sets
+    the step's error flag."""
+    out_features, in_features = W.shape[0], x.shape[1]
+    twin, grid, block, splits, w = gemv_launch(W, "_qkv" if kv.k.dtype == np.float32 else "_qkv16", out_features,
+                                               in_features)
+    _launch(twin, grid, block, (x, *w, bias, y, kv.k, kv.v, kv.pos, step.pos, step.buf["error"],
+                                np.int32(out_features), np.int32(in_features), splits, np.int32(q_features),
+                                np.int32(kv.k.shape[2]), np.int32(kv.k.shape[1]), np.int32(kv.window or 0)))
+    return y
+
+
+def cuda_gemv_conv(x, W, y, conv_state, conv_weight, conv_bias):
+    """Mamba's in_proj for the decode step: y (1, 2·d_inner) = [x̂ | z], x̂ = the conv + SiLU of the
+    new raw x with conv_state (d_conv-1, d_inner) shifted in place."""
+    out_features, in_features = W.shape[0], x.shape[1]
+    twin, grid, block, splits, w = gemv_launch(W, "_conv", out_features, in_features)
+    _launch(twin, grid, block, (x, *w, y, conv_state, conv_weight, conv_bias, np.int32(out_features),
+                                np.int32(in_features), splits, np.int32(conv_weight.shape[1])))
+    return y
+
+
+def cuda_gemv_norm(x, W, bias, hidden, norm, normed, step, eps):
+    """hidden (1, D) += x·Wᵀ (+ bias) in place, then normed = LayerNorm(hidden) with norm's weight
+    and bias, in the same launch (the decode step's residual products: out_proj, fc2)."""
+    out_features, in_features = W.shape[0], x.shape[1]
+    twin, grid, block, splits, w = gemv_launch(W, "_norm", out_features, in_features)
+    _launch(twin, grid, block, (x, *w, hidden if bias is None else bias, hidden, norm["weight"], norm["bias"], normed,
+                                step.buf["counter"], np.int32(out_features), np.int32(in_features),
+                                np.int32(bias is not None), splits, np.float32(eps)))
+    return normed
 
 
 def cuda_linear(x, W, b=None):
     """linear() on the GPU. A few rows (decode, short chunks): kernel 7 reads each weight once, the
     roofline of a decode step. Many rows (prefill): the product is compute-bound and goes to cuBLAS,
-    bf16 bits widened a block of rows at a time (exact); see matmul_t for its precision."""
+    bf16 bits widened (int8 groups dequantised, q · s) a block of rows at a time, exactly as on the
+    CPU; see matmul_t for its precision."""
     xp = get_xp(x)
     T, rows = x.shape[0], W.shape[0]
     if T <= GEMV_MAX_ROWS:
         return cuda_gemv(_contiguous(x), W, xp.empty((T, rows), xp.float32), bias=b)
     x, y = _contiguous(x), xp.empty((T, rows), xp.float32)                # (T, in), (T, out)
-    step = rows if W.dtype != np.uint16 else max(1, (16 << 20) // W.shape[1])  # 64 MB of fp32 per widened block
+    step = rows if W.dtype == np.float32 else max(1, (16 << 20) // W.shape[1])  # 64 MB of fp32 per widened block
     for r in range(0, rows, step):
-        matmul_t(x, f32(W[r:r + step]), y[:, r:r + step])
+        matmul_t(x, f32(W[r:r + step]), y[:, r:r + step])                # an Int8Weight's rows come dequantised
     return y if b is None else y + b
 
 
@@ -2012,7 +2167,7 @@ CUDA_R_32F, CUBLAS_OP_N, CUBLAS_OP_T, CUBLAS_POINTER_MODE_HOST = 0, 0, 1, 0
 CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_GEMM_DEFAULT = 77, -1
 
 
-# --- 8. layer_norm_rows: the decode step's LayerNorms
+# --- 8. layer_norm_rows: a LayerNorm of its own (the decode step's first; the others run in kernel 7's _norm)
 
 def layer_norm_rows(x, weight, bias, y, D, eps):
     """Twin of kernel 8: layer_norm() of every row of x into y."""
@@ -2026,7 +2181,7 @@ def cuda_layer_norm(x, p, y, eps):
     return y
 
 
-# --- 9. embed_bf16 / embed_f32: the decode step's embedding row
+# --- 9. embed_bf16 / embed_f32 / embed_int8: the decode step's embedding row
 
 def embed_bf16(E, token, y, D):
     """Twin of kernel 9 (bf16 bits E): y = widen(E[token[0]])."""
@@ -2036,6 +2191,23 @@ def embed_bf16(E, token, y, D):
 def embed_f32(E, token, y, D):
     """Twin of kernel 9 (float32 E): y = E[token[0]]."""
     y.reshape(D)[...] = E[int(token.reshape(-1)[0])]
+
+
+def embed_int8(E, scales, token, y, D):
+    """Twin of kernel 9 (int8 groups E): y = E[token[0]] · its scales, the row dequantised."""
+    t = int(token.reshape(-1)[0])
+    y.reshape(D)[...] = dequantize_int8(E[t], scales[t])
+
+
+def cuda_embed(E, token, y):
+    """y (1, D) = the embedding row of the id in token (1,), read on the device."""
+    D = y.shape[-1]
+    if isinstance(E, Int8Weight):
+        twin, table = embed_int8, (E.q, E.scales)
+    else:
+        twin, table = embed_bf16 if E.dtype == np.uint16 else embed_f32, (E,)
+    _launch(twin, (_blocks(D, 256),), (256,), (*table, token, y, np.int32(D)))
+    return y
 
 
 # --- The layer loop on the GPU
@@ -2148,16 +2320,23 @@ def fuse_for_decode(model):
     """One matrix per product of a decode step: the converter's split projections are concatenated
     back (mamba in_proj = [x; z], x_proj = [dt; B; C]; attention Wqkv = [Wq; Wk; Wv] and bqkv;
     mlp fc1 = [gate; up]) and the split names become row views of them, so nothing is stored twice;
-    dt_proj becomes float32 for the fused scan step (3.3 MB per layer). Done once, by to_device."""
+    dt_proj becomes float32 for the fused scan step (3.3 MB per layer). An int8 matrix's values and
+    scales are concatenated alike (an Int8Weight of the whole, row views of it). Done once, by to_device."""
     xp = get_xp(model.embed_tokens)
+
+    def rows(a, r0, r1):
+        return Int8Weight(a.q[r0:r1], a.scales[r0:r1]) if isinstance(a, Int8Weight) else a[r0:r1]
 
     def fuse(p, whole_name, parts):
         if whole_name in p:
             return
-        p[whole_name] = whole = xp.concatenate([p[n] for n in parts])     # (Σ rows, in) or (Σ rows,)
-        r = 0
+        if isinstance(p[parts[0]], Int8Weight):
+            whole = Int8Weight(xp.concatenate([p[n].q for n in parts]), xp.concatenate([p[n].scales for n in parts]))
+        else:
+            whole = xp.concatenate([p[n] for n in parts])                # (Σ rows, in) or (Σ rows,)
+        p[whole_name], r = whole, 0
         for n in parts:
-            p[n], r = whole[r:r + p[n].shape[0]], r + p[n].shape[0]
+            p[n], r = rows(whole, r, r + p[n].shape[0]), r + p[n].shape[0]
 
     for kind, layer in zip(model.config.layer_kinds, model.layers):
         fuse(layer["mlp"], "fc1", ("fc1_gate", "fc1_up"))
@@ -2165,7 +2344,7 @@ def fuse_for_decode(model):
             p = layer["mamba"]
             fuse(p, "in_proj", ("in_proj_x", "in_proj_z"))
             fuse(p, "x_proj", ("x_proj_dt", "x_proj_B", "x_proj_C"))
-            p["dt_proj"] = xp.ascontiguousarray(f32(p["dt_proj"]))         # (d_inner, dt_rank)
+            p["dt_proj"] = xp.ascontiguousarray(f32(p["dt_proj"][:]))      # (d_inner, dt_rank); int8 dequantised
         elif kind in ("swa", "full"):
             fuse(layer["attn"], "Wqkv", ("Wq", "Wk", "Wv"))
             fuse(layer["attn"], "bqkv", ("bq", "bk", "bv"))
@@ -2184,6 +2363,7 @@ class CudaStep:
     token_pos: object = None      # (2,) int64 on the device: [token, position], the graph's first node writes it
     host_in: object = None        # (2,) int64 in pinned host memory: [token, position], written by the host
     host_logits: object = None    # (1, V) float32 in pinned host memory: the graph's last node writes the logits
+    host_error: object = None     # (1,) int32 in pinned host memory: the kernels' error flag, copied out before them
     graph: object = None          # the captured step, valid for graph_key
     graph_key: tuple = ()         # what the step's λ and graph were made for (_graph_key)
     eager_steps: int = 0          # the first step runs eagerly (it compiles the kernels), then a graph
@@ -2204,14 +2384,18 @@ def new_cuda_step(model, xp):
     """The buffers of a cache's decode step, made at its first step (on the model's stream)."""
     cfg = model.config
     d_inner, N, hd = cfg.d_inner, cfg.mamba_d_state, cfg.head_dim
-    widths = {"hidden": cfg.hidden_size, "normed": cfg.hidden_size, "xz": 2 * d_inner, "xc": d_inner,
+    widths = {"hidden": cfg.hidden_size, "normed": cfg.hidden_size, "xz": 2 * d_inner,
               "xdbc": cfg.mamba_dt_rank + 2 * N, "y": d_inner, "y_gated": d_inner, "memory": d_inner,
               "qkv": (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * hd, "attn": cfg.num_attention_heads * hd,
               "mlp": cfg.intermediate_size, "gmu": d_inner, "logits": cfg.vocab_size}
     token_pos = xp.zeros(2, xp.int64)                                     # (2,) [token, position]
-    return CudaStep(token_pos[0:1], token_pos[1:2], _lambdas(model, xp),
+    step = CudaStep(token_pos[0:1], token_pos[1:2], _lambdas(model, xp),
                     {name: xp.zeros((1, n), xp.float32) for name, n in widths.items()}, token_pos,
-                    _pinned(xp, (2,), np.int64), _pinned(xp, (1, cfg.vocab_size), np.float32), sms=device_sms(xp))
+                    _pinned(xp, (2,), np.int64), _pinned(xp, (1, cfg.vocab_size), np.float32),
+                    _pinned(xp, (1,), np.int32), sms=device_sms(xp))
+    step.buf["counter"] = xp.zeros(1, xp.int32)   # kernel 7's _norm: blocks done; the last one resets it to 0
+    step.buf["error"] = xp.zeros(1, xp.int32)     # set by a kernel that could not do its work (kv_store)
+    return step
 
 
 def step_partials(cfg, step, slots, xp):
@@ -2228,56 +2412,50 @@ def step_partials(cfg, step, slots, xp):
 def cuda_step_layers(model, cache, step):
     """extend() for the one token in step.token at position step.pos, as a fixed sequence of kernel
     launches into the step's buffers: nothing is allocated, nothing synchronises, no index depends
-    on the position on the host, so a CUDA graph can replay it. Per layer: LayerNorm, the mixer
-    (Mamba: in_proj, conv, x_proj, scan with dt_proj, out_proj + residual; attention: Wqkv,
-    kv_write, attention_decode, out_proj + residual; GMU: in_proj ⊙ memory, out_proj + residual),
-    LayerNorm, fc1 with SwiGLU, fc2 + residual. The states and K/V caches are updated in place
-    -> logits (1, V), the step's buffer."""
+    on the position on the host, so a CUDA graph can replay it. The embedding and the first
+    LayerNorm, then per layer the mixer (Mamba: in_proj with the conv, x_proj, scan with dt_proj;
+    attention: Wqkv storing K/V, attention_decode; GMU: in_proj ⊙ memory), its out_proj + residual +
+    the next LayerNorm, fc1 with SwiGLU, fc2 + residual + the next LayerNorm (the next layer's, or
+    the final one); the head. The states and K/V caches are updated in place -> logits (1, V), the
+    step's buffer."""
     cfg, eps, b = model.config, model.config.layer_norm_eps, step.buf
-    D, d_inner, N, d_conv = cfg.hidden_size, cfg.d_inner, cfg.mamba_d_state, cfg.mamba_d_conv
-    H, H_kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    d_inner, N, H, hd = cfg.d_inner, cfg.mamba_d_state, cfg.num_attention_heads, cfg.head_dim
     scratch = (b["partial_m"], b["partial_l"], b["partial_acc"], b["splits_done"])  # attention_decode's
-    embed = model.embed_tokens                                            # (V, D), also the tied head
-    _launch(embed_bf16 if embed.dtype == np.uint16 else embed_f32, (_blocks(D, 256),), (256,),
-            (embed, step.token, b["hidden"], np.int32(D)))
-    for i, (kind, layer) in enumerate(zip(cfg.layer_kinds, model.layers)):
-        cuda_layer_norm(b["hidden"], layer["input_layernorm"], b["normed"], eps)
+    next_norms = [layer["input_layernorm"] for layer in model.layers[1:]] + [model.final_layernorm]
+    cuda_embed(model.embed_tokens, step.token, b["hidden"])
+    cuda_layer_norm(b["hidden"], model.layers[0]["input_layernorm"], b["normed"], eps)
+    for i, (kind, layer, next_norm) in enumerate(zip(cfg.layer_kinds, model.layers, next_norms)):
         if kind == "mamba":
             p = layer["mamba"]
-            cuda_gemv(b["normed"], p["in_proj"], b["xz"])                 # (1, 2·d_inner)  [x | z]
+            cuda_gemv_conv(b["normed"], p["in_proj"], b["xz"], cache.conv_state[i], p["conv1d_weight"],
+                           p["conv1d_bias"])                              # (1, 2·d_inner)  [x̂ | z]
             x, z = b["xz"][:, :d_inner], b["xz"][:, d_inner:]
-            _launch(conv1d_silu_step, (_blocks(d_inner, 256),), (256,),
-                    (x, cache.conv_state[i], p["conv1d_weight"], p["conv1d_bias"], b["xc"], np.int32(d_inner),
-                     np.int32(d_conv)))                                   # (1, d_inner)  x̂
-            cuda_gemv(b["xc"], p["x_proj"], b["xdbc"])                    # (1, dt_rank + 2N)  [dt_low | B | C]
+            cuda_gemv(x, p["x_proj"], b["xdbc"])                          # (1, dt_rank + 2N)  [dt_low | B | C]
             y = b["memory"] if i == cfg.memory_layer else b["y"]          # layer L/2's y is the GMU memory
             _launch(scan_step, (_blocks(d_inner, SCAN_CHANNELS),), (SCAN_CHANNELS * N,),
-                    (b["xc"], b["xdbc"], p["dt_proj"], p["dt_proj_bias"], p["A_log"], p["D"], z, cache.ssm_state[i],
+                    (x, b["xdbc"], p["dt_proj"], p["dt_proj_bias"], p["A_log"], p["D"], z, cache.ssm_state[i],
                      y, b["y_gated"], np.int32(d_inner), np.int32(N), np.int32(cfg.mamba_dt_rank)))
-            cuda_gemv(b["y_gated"], p["out_proj"], b["hidden"], GEMV_RESIDUAL, aux=b["hidden"])
+            mixed, out_proj, out_bias = b["y_gated"], p["out_proj"], None   # what out_proj reads, (1, d_inner)
         elif kind == "gmu":
             p = layer["gmu"]
             cuda_gemv(b["normed"], p["in_proj"], b["gmu"], GEMV_GATE, aux=b["memory"])  # silu(x·in_projᵀ) ⊙ m
-            cuda_gemv(b["gmu"], p["out_proj"], b["hidden"], GEMV_RESIDUAL, aux=b["hidden"])
+            mixed, out_proj, out_bias = b["gmu"], p["out_proj"], None       # (1, d_inner)
         else:
             p, q = layer["attn"], b["qkv"][:, :H * hd]
             if kind == "cross":
                 cuda_gemv(b["normed"], p["Wq"], q, bias=p["bq"])          # (1, H·hd)
                 kv = cache.shared(cfg)                                    # layer L/2+1's K/V
             else:
-                cuda_gemv(b["normed"], p["Wqkv"], b["qkv"], bias=p["bqkv"])  # (1, (H + 2·H_kv)·hd)  [q | k | v]
-                kv = cache.kv[i]
-                _launch(kv_write, (_blocks(H_kv * hd, 256),), (256,),
-                        (b["qkv"][:, H * hd:(H + H_kv) * hd], b["qkv"][:, (H + H_kv) * hd:], kv.k, kv.v, kv.pos,
-                         step.pos, np.int32(H_kv), np.int32(hd), np.int32(kv.k.shape[1]), np.int32(kv.window or 0)))
+                kv = cache.kv[i]                                          # [q | k | v], k and v stored in kv
+                cuda_gemv_qkv(b["normed"], p["Wqkv"], p["bqkv"], b["qkv"], kv, step, H * hd)
             cuda_decode_attention(q.reshape(H, hd), kv.k, kv.v, step.pos, kv.pos, kv.window, step.lam[i],
                                   lambda_init_for(i), p["subln"], out=b["attn"], scratch=scratch, sms=step.sms)
-            cuda_gemv(b["attn"], p["out_proj"], b["hidden"], GEMV_RESIDUAL, bias=p["out_proj_bias"], aux=b["hidden"])
-        cuda_layer_norm(b["hidden"], layer["post_attention_layernorm"], b["normed"], eps)
+            mixed, out_proj, out_bias = b["attn"], p["out_proj"], p["out_proj_bias"]  # (1, H·hd)
+        post_norm = layer["post_attention_layernorm"]                     # hidden += mixer out; normed = LN2(hidden)
+        cuda_gemv_norm(mixed, out_proj, out_bias, b["hidden"], post_norm, b["normed"], step, eps)
         cuda_gemv(b["normed"], layer["mlp"]["fc1"], b["mlp"], GEMV_SWIGLU, out_features=cfg.intermediate_size)
-        cuda_gemv(b["mlp"], layer["mlp"]["fc2"], b["hidden"], GEMV_RESIDUAL, aux=b["hidden"])
-    cuda_layer_norm(b["hidden"], model.final_layernorm, b["normed"], eps)
-    return cuda_gemv(b["normed"], embed, b["logits"])                     # (1, V), the tied head
+        cuda_gemv_norm(b["mlp"], layer["mlp"]["fc2"], None, b["hidden"], next_norm, b["normed"], step, eps)  # next LN1
+    return cuda_gemv(b["normed"], model.embed_tokens, b["logits"])        # (1, V), the tied head
 
 
 def _graph_key(model, cache, step):
@@ -2289,6 +2467,7 @@ def _graph_key(model, cache, step):
     addresses for the real model)."""
     arrays = [model.embed_tokens, *model.final_layernorm.values()]
     arrays += [a for layer in model.layers for p in layer.values() for a in p.values()]
+    arrays = [b for a in arrays for b in ((a.q, a.scales) if isinstance(a, Int8Weight) else (a,))]  # int8: both parts
     arrays += [*cache.conv_state.values(), *cache.ssm_state.values(), *step.buf.values(), step.token_pos]
     arrays += [a for kv in cache.kv.values() for a in (kv.k, kv.v, kv.pos)]
     if isinstance(step.token_pos, np.ndarray):                            # the twins on the CPU
@@ -2330,6 +2509,7 @@ def cuda_decode(model, cache, ids, stream=None):
             step.eager_steps += 1
     if stream is not None:
         stream.synchronize()                                              # the one sync: the logits are in host_logits
+    check_step_error(cache, step, int(step.host_error[0]))               # a kernel's error flag, copied out with them
     cache.length += 1
     for kv in cache.kv.values():
         kv.length += 1
@@ -2338,9 +2518,12 @@ def cuda_decode(model, cache, ids, stream=None):
 
 def _step_nodes(model, cache, step, stream):
     """One decode step as its graph's nodes, in order on `stream`: host_in -> token_pos (the first),
-    the kernels of cuda_step_layers, the logits -> host_logits (the last)."""
+    the kernels of cuda_step_layers, the kernels' error flag -> host_error, the logits -> host_logits
+    (the last)."""
     _copy(step.token_pos, step.host_in, stream)
-    _copy(step.host_logits, cuda_step_layers(model, cache, step), stream)
+    logits = cuda_step_layers(model, cache, step)
+    _copy(step.host_error, step.buf["error"], stream)
+    _copy(step.host_logits, logits, stream)
 
 
 def _copy(dst, src, stream):

@@ -197,7 +197,9 @@ def device_bandwidths(cp, nbytes=1 << 30, repeats=5):
 
 def random_device_model(cfg, dtype, seed=0):
     """A phi4flash.Model built directly from random CuPy arrays (the layout load(device="cuda")
-    gives: bf16 matrices as uint16 bits, float32 vectors), scaled as write_random_model scales them."""
+    gives: bf16 matrices as uint16 bits, or int8 groups as Int8Weight values and scales, float32
+    vectors), scaled as write_random_model scales them (int8: uniform q in [-127, 127] and one scale
+    for the matrix, about the same variance)."""
     cp = _cupy
     phi4flash.check_cuda_config(cfg)
     rng = cp.random.default_rng(seed)
@@ -218,7 +220,11 @@ def random_device_model(cfg, dtype, seed=0):
         else:
             fan_in = shape[1] if len(shape) > 1 else 1
             a = rng.standard_normal(shape, dtype=cp.float32) / cp.float32(math.sqrt(fan_in))
-        if len(shape) == 2 and dtype == "bfloat16" and last not in ("A_log", "conv1d_weight"):
+        if dtype == "int8" and phi4flash.is_matrix(name) and shape[1] % phi4flash.GROUP == 0:
+            q = (rng.integers(0, 255, size=shape, dtype=cp.int32) - 127).astype(cp.int8)
+            scale = math.sqrt(3.0 / shape[1]) / 127   # uniform q: variance ≈ 127² / 3 · scale² = 1 / fan_in
+            a = phi4flash.Int8Weight(q, cp.full((shape[0], shape[1] // phi4flash.GROUP), scale, cp.float32))
+        elif len(shape) == 2 and dtype in ("bfloat16", "int8") and last not in ("A_log", "conv1d_weight"):
             a = (a.view(cp.uint32) >> 16).astype(cp.uint16)  # truncated to bf16 bits: random values anyway
         tensors[name] = a
 
@@ -545,16 +551,25 @@ def kernel_bytes(twin, args):
         hd, H, H_kv, kv = i("head_dim"), i("H"), i("H_kv"), get("k").dtype.itemsize
         live = min(i("S"), int(phi4flash.to_numpy(get("qpos")).reshape(-1)[0]) + 1)
         return (4 * hd * kv + 8) * live * H_kv // 2 + 8 * i("n_splits") * H * (2 * hd + 2) + 8 * H * hd
-    if name == "kv_write":
-        return 16 * i("H_kv") * i("head_dim")
-    if name in ("gemv_bf16", "gemv_f32"):
-        rows, out, inp, mode = i("rows"), i("out_features"), i("in_features"), i("mode")
-        w = get("W").dtype.itemsize * out * inp * (2 if mode == phi4flash.GEMV_SWIGLU else 1)
-        return w + 4 * rows * inp + 4 * rows * out * (2 if mode in (phi4flash.GEMV_RESIDUAL, phi4flash.GEMV_GATE) else 1)
+    if name.startswith("gemv_"):                # gemv_<format>[_<epilogue>]: the fused ones are one row
+        epilogue = name.split("_")[2] if name.count("_") > 1 else ""
+        out, inp = i("out_features"), i("in_features")
+        rows, mode = (i("rows"), i("mode")) if "mode" in names else (1, phi4flash.GEMV_PLAIN)
+        w = (get("W").nbytes + (get("scales").nbytes if "scales" in names else 0)) // get("W").shape[0] * out
+        w *= 2 if mode == phi4flash.GEMV_SWIGLU else 1
+        moved = 4 * rows * inp + 4 * rows * out * (2 if mode in (phi4flash.GEMV_RESIDUAL, phi4flash.GEMV_GATE) else 1)
+        if epilogue.startswith("qkv"):
+            moved += get("k_cache").itemsize * (out - i("q_features"))
+        elif epilogue == "conv":
+            moved += 4 * (out // 2) * (3 * i("d_conv") - 1)
+        elif epilogue == "norm":
+            moved += 20 * out
+        return w + moved
     if name == "layer_norm_rows":
         return 8 * get("x").size + 8 * i("D")
-    if name in ("embed_bf16", "embed_f32"):
-        return (get("E").dtype.itemsize + 4) * i("D")
+    if name.startswith("embed_"):
+        row = get("E").itemsize * i("D") + (4 * i("D") // phi4flash.GROUP if name == "embed_int8" else 0)
+        return row + 4 * i("D")
     raise KeyError(f"{name}: no traffic formula (add the one in its kernels.cu header)")
 
 

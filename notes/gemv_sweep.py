@@ -211,8 +211,7 @@ def step_breakdown(cp, context, read_GBps):
     for label, keep in (("all", lambda n: True), ("gemv only", lambda n: n.startswith("gemv")),
                         ("all but gemv", lambda n: not n.startswith("gemv")),
                         ("attention only", lambda n: n.startswith("attention")),
-                        ("layer_norm only", lambda n: n == "layer_norm_rows"),
-                        ("mamba conv + scan only", lambda n: n in ("conv1d_silu_step", "scan_step"))):
+                        ("mamba scan only", lambda n: n == "scan_step")):   # (the conv and the LayerNorms run in GEMVs)
         pf._launch = lambda twin, grid, block, args: real(twin, grid, block, args) if keep(twin.__name__) else None
         try:
             out[f"graph_ms ({label})"] = 1e3 * graph_time(cp, [lambda: pf.cuda_step_layers(model, cache, cache.cuda)])

@@ -42,6 +42,19 @@ def model_f32(tmp_path_factory):
     return phi4flash.load(str(dst))
 
 
+@pytest.fixture(scope="session")
+def converted_int8(tmp_path_factory):
+    """The tiny fixture converted with int8 weight matrices (groups of 32, one scale each)."""
+    dst = tmp_path_factory.mktemp("conv8") / "tiny8"
+    convert.convert(TINY, str(dst), dtype="int8")
+    return str(dst)
+
+
+@pytest.fixture(scope="session")
+def model_int8(converted_int8):
+    return phi4flash.load(converted_int8)
+
+
 def copy_snapshot(dst, **config_changes):
     """A writable copy of the tiny Hugging Face snapshot, optionally with config.json edited."""
     shutil.copytree(TINY, dst)

@@ -35,7 +35,8 @@ __syncthreads() does nothing, as if deleted (do the tests notice?). Denormals ar
 The sanitized build (-fsanitize=address,undefined) cannot be loaded into a Python that was not
 started with libasan preloaded, so run_sanitized runs the launches in a child Python with
 LD_PRELOAD=libasan; there each pointer argument is copied into a malloc'd buffer of exactly its
-extent, so a read one element past a NumPy array is reported.
+extent, so a read one element past a NumPy array is reported. The copy keeps the array's address
+modulo 16 (the bytes before it poisoned), so a kernel that looks at alignment takes the same path.
 
 Build folder: tests/.cuda_cpu_build/ (git-ignored), or $CUDA_CPU_BUILD_DIR; one subfolder per
 hash of (sources, header, runtime, compiler, flags), so edits rebuild and reruns do not.
@@ -63,7 +64,8 @@ HEADER = os.path.join(SUPPORT, "cuda_on_cpu.h")
 RUNTIME = os.path.join(SUPPORT, "runtime.cpp")
 
 POINTERS = {"const float*": np.float32, "float*": np.float32, "const long long*": np.int64, "long long*": np.int64,
-            "const unsigned short*": np.uint16, "int*": np.int32}
+            "const unsigned short*": np.uint16, "unsigned short*": np.uint16, "const signed char*": np.int8,
+            "int*": np.int32}
 SCALARS = {"int": np.int32, "long long": np.int64, "float": np.float32}
 STRIDED = {"kv_head_stride": ("k", "v")}   # a scalar parameter giving the head stride of these pointers
 
@@ -396,8 +398,8 @@ class Kernels:
         self.lib = ctypes.CDLL(self.path)
         self.lib.cuda_cpu_error.restype = ctypes.c_char_p
         self.lib.cuda_cpu_malloc.restype = ctypes.c_void_p
-        self.lib.cuda_cpu_malloc.argtypes = [ctypes.c_size_t]
-        self.lib.cuda_cpu_free.argtypes = [ctypes.c_void_p]
+        self.lib.cuda_cpu_malloc.argtypes = [ctypes.c_size_t, ctypes.c_size_t]
+        self.lib.cuda_cpu_free.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
         self.lib.cuda_cpu_set_arrays.argtypes = [ctypes.c_void_p, ctypes.c_int]
         self.exact_buffers = exact_buffers              # copy pointer arguments into exact-size mallocs (ASan)
         self.shared = self._shared_ranges()
@@ -507,17 +509,18 @@ class Kernels:
             for ptr, v, n, written in copies:
                 if written:
                     ctypes.memmove(v.ctypes.data, ptr, n)
-                self.lib.cuda_cpu_free(ptr)
+                self.lib.cuda_cpu_free(ptr, v.ctypes.data % 16)
         if rc:
             raise KernelError(f"{name}: {self.lib.cuda_cpu_error().decode()}")
 
     def _pointer(self, a, written, copies):
         """The address to pass for array `a`: its own, or with exact_buffers that of a malloc'd copy
-        of exactly its extent (recorded in `copies` to be copied back and freed)."""
+        of exactly its extent at the same address modulo 16 (recorded in `copies` to be copied back
+        and freed)."""
         if not self.exact_buffers:
             return a.ctypes.data
         n = extent(a)
-        ptr = self.lib.cuda_cpu_malloc(n)
+        ptr = self.lib.cuda_cpu_malloc(n, a.ctypes.data % 16)
         if n:
             ctypes.memmove(ptr, a.ctypes.data, n)
         copies.append((ptr, a, n, written))
@@ -559,16 +562,19 @@ def launcher(**options):
 # The sanitized build, in a child process
 
 def _pack(a):
-    """An array argument as picklable (bytes of its extent, dtype, shape, strides): pickle alone
-    would make a strided view contiguous and change what the kernel sees."""
+    """An array argument as picklable (bytes of its extent, dtype, shape, strides, address modulo 64):
+    pickle alone would make a strided view contiguous, or move it, and change what the kernel sees."""
     n = extent(a)
-    return ("array", ctypes.string_at(a.ctypes.data, n) if n else b"", a.dtype.str, a.shape, a.strides)
+    return ("array", ctypes.string_at(a.ctypes.data, n) if n else b"", a.dtype.str, a.shape, a.strides,
+            a.ctypes.data % 64)
 
 
 def _unpack(p):
-    _, data, dtype, shape, strides = p
-    buf = np.frombuffer(bytearray(data) or bytearray(1), np.uint8)
-    return np.ndarray(shape, np.dtype(dtype), buf, 0, strides)
+    _, data, dtype, shape, strides, address = p
+    buf = np.empty(len(data) + 64, np.uint8)
+    offset = (address - buf.ctypes.data) % 64
+    buf[offset:offset + len(data)] = np.frombuffer(data, np.uint8)
+    return np.ndarray(shape, np.dtype(dtype), buf, offset, strides)
 
 
 def _pack_args(args):

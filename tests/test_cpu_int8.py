@@ -30,18 +30,6 @@ numba = pytest.importorskip("numba", reason="numba is not installed: only the Nu
 
 
 @pytest.fixture(scope="session")
-def converted_int8(tmp_path_factory):
-    dst = tmp_path_factory.mktemp("conv8") / "tiny8"
-    convert.convert(TINY, str(dst), dtype="int8")
-    return str(dst)
-
-
-@pytest.fixture(scope="session")
-def model_int8(converted_int8):
-    return pf.load(converted_int8)
-
-
-@pytest.fixture(scope="session")
 def model_kv16(converted):
     return pf.load(converted, kv_dtype="bfloat16")
 
@@ -399,13 +387,25 @@ def test_load_options_are_checked_in_one_line(converted, kwargs, words):
     assert str(e.value) == words
 
 
-def test_the_gpu_refuses_the_cpu_only_options_in_one_line(model_int8, model_kv16, monkeypatch):
-    """Until kernels.cu runs them (the GPU issue), int8 weights stop before any copy. The bf16 K/V
-    goes to the device (its attention kernels read the bits): to_device keeps the option."""
-    monkeypatch.setattr(pf, "require_cupy", lambda: None)
-    with pytest.raises(pf.Phi4FlashError, match="device 'cuda': int8 weights run on the CPU only so far"):
-        pf.to_device(dataclasses.replace(model_int8))
-    monkeypatch.setattr(pf, "require_cupy", lambda: types.SimpleNamespace(asarray=np.asarray))  # "copies" in place
+def test_the_gpu_takes_int8_weights_and_the_bf16_kv(model_int8, model_kv16, monkeypatch):
+    """to_device (NumPy standing in for CuPy) keeps every Int8Weight an Int8Weight, int8 values and
+    float32 scales, fuses them as row views of one matrix, and dequantises dt_proj for the scan. The
+    bf16 K/V goes to the device too (its kernels write and read the bits): to_device keeps the option."""
+    monkeypatch.setattr(pf, "require_cupy", lambda: np)
+    layers = [{g: dict(p) for g, p in layer.items()} for layer in model_int8.layers]
+    gpu = pf.to_device(dataclasses.replace(model_int8, layers=layers))
+    assert gpu.device == "cuda" and isinstance(gpu.embed_tokens, pf.Int8Weight)
+    for i, group, whole, parts in ((1, "attn", "Wqkv", ("Wq", "Wk", "Wv")), (0, "mamba", "in_proj", ("in_proj_x", "in_proj_z"))):
+        fused, start = gpu.layers[i][group][whole], 0
+        assert isinstance(fused, pf.Int8Weight) and fused.q.dtype == np.int8 and fused.scales.dtype == np.float32
+        for name in parts:
+            view, old = gpu.layers[i][group][name], model_int8.layers[i][group][name]
+            assert view.q.base is fused.q and np.array_equal(view.q, fused.q[start:start + view.shape[0]])
+            assert np.array_equal(view.q, old.q) and np.array_equal(view.scales, old.scales)
+            start += view.shape[0]
+        assert start == fused.shape[0]
+    mamba = gpu.layers[0]["mamba"]
+    assert mamba["dt_proj"].dtype == np.float32
     gpu = pf.to_device(dataclasses.replace(model_kv16))
     assert gpu.device == "cuda" and gpu.kv_dtype == "bfloat16" and gpu.new_cache(4).kv[1].k.dtype == np.uint16
 

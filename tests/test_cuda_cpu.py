@@ -41,19 +41,25 @@ import pytest
 import cuda_cpu
 import phi4flash as pf
 from conftest import PROMPTS
-from test_gpu import (assert_bf16_kv_path_equals_cpu, assert_forward_matches_reference, gpu_code_path, greedy_decode,
-                      maxdiff)
-from test_kernels import (PREFILL_CASES, SIGNATURES, LaunchChecker, attention_case, bf16_bits, find_nvcc,
-                          gemv_epilogue_checks, live_slots_case, mamba_checks, rand, scan_checks, scan_step_checks)
+from test_gpu import (assert_a_short_kv_buffer_fails_the_step_in_one_line, assert_bf16_kv_path_equals_cpu,
+                      assert_forward_matches_reference, assert_int8_matches_cpu, gpu_code_path, greedy_decode, maxdiff)
+from test_kernels import (EPILOGUE_SHAPES, PREFILL_CASES, SIGNATURES, LaunchChecker, StepBuffers, attention_case,
+                          bf16_bits, conv_gemv_checks, find_nvcc, gemv_epilogue_checks, live_slots_case, mamba_checks,
+                          norm_gemv_checks, qkv_checks, rand, scan_checks, scan_step_checks, unaligned_int8_checks,
+                          weight_as, widened)
 
 SELFTEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_cpu", "selftest.cu")
-WRITTEN = ("float*", "long long*", "int*")
+WRITTEN = ("float*", "long long*", "unsigned short*", "int*")
 # Kernel vs twin, relative to max(1, |twin|). The twins follow the kernels' tiling, online-softmax
 # and reduction order, so what differs is the order inside a dot product (BLAS or einsum in the
 # twin, a sequential loop in the kernel) and glibc's expf/tanhf against NumPy's: a few float32 ulps.
 # Measured worst over every case here: 5.5e-7 (attention_prefill), 4.0e-7 (attention_decode), 2.1e-7
-# (gemv), 1.9e-7 (scan), 1e-7 (conv); kv_write is exact.
+# (gemv), 1.9e-7 (scan), 1e-7 (conv); the K/V the Wqkv GEMV stores, and every integer, exactly.
 TWIN_TOL = 2e-6
+# A K/V cache of bf16 bits: the twin's k and the kernel's differ by a few fp32 ulps (above), which may
+# round to neighbouring bf16 numbers, one step of 2^-8 relative. That the kernel rounds its own k
+# exactly as f32_to_bf16 does is checked bit for bit apart (test_bf16_kv_is_stored_as_f32_to_bf16_rounds).
+BF16_TWIN_TOL = 2 ** -8
 # Against the model's own functions (attend, selective_scan_sequential, ...): test_kernels.py's bar
 # for the twins. Measured worst: 5.3e-7 on the small cases, 1.6e-6 for the real-shape prefill.
 MODEL_TOL = 1e-5
@@ -79,8 +85,11 @@ def asan_or_skip():
         pytest.skip("no C++ compiler with AddressSanitizer (libasan.so) found")
 
 
-def relative_error(want, got):
-    """max |got − want| / max(1, max |want|); inf where non-finite values differ; integers exact."""
+def relative_error(want, got, as_bf16=False):
+    """max |got − want| / max(1, max |want|); inf where non-finite values differ; integers exact,
+    unless as_bf16: uint16 arrays of bf16 bits compared as the numbers they hold."""
+    if as_bf16 and want.dtype == np.uint16:
+        want, got = pf.bf16_to_f32(want), pf.bf16_to_f32(got)
     if want.dtype.kind in "iu":
         return 0.0 if np.array_equal(want, got) else np.inf
     want, got = np.asarray(want, np.float64), np.asarray(got, np.float64)
@@ -102,7 +111,7 @@ class TwinVsKernel:
 
     def __init__(self, kernels, **launch_options):
         self.kernels, self.options = kernels, launch_options
-        self.errors, self.launches = {}, []
+        self.errors, self.bf16_errors, self.launches = {}, {}, []
 
     def __call__(self, twin, grid, block, args):
         name = twin.__name__
@@ -111,8 +120,12 @@ class TwinVsKernel:
         twin(*twin_args)
         self.kernels.launch(name, grid, block, args, **self.options)
         params = self.kernels.kernels[name].params
-        err = max(relative_error(t, a) for (ctype, _), t, a in zip(params, twin_args, args) if ctype in WRITTEN)
+        written = [(ctype, t, a) for (ctype, _), t, a in zip(params, twin_args, args) if ctype in WRITTEN]
+        err = max(relative_error(t, a) for ctype, t, a in written if ctype != "unsigned short*")
+        bf16 = max((relative_error(t, a, as_bf16=True) for ctype, t, a in written if ctype == "unsigned short*"),
+                   default=0.0)                                         # K/V caches of bf16 bits
         self.errors[name] = max(self.errors.get(name, 0.0), err)
+        self.bf16_errors[name] = max(self.bf16_errors.get(name, 0.0), bf16)
 
 
 class Recorder:
@@ -341,6 +354,39 @@ def test_a_thread_that_never_waits_for_its_copies_is_reported(selftest):
         selftest.launch("copy_async_rotate", (1,), (32,), (x, np.empty_like(x), np.int32(3)))
 
 
+def last_block_runs(selftest, bug, seeds=(None, 1, 2, 3, 4, 5)):
+    """last_block_sum over 16 blocks of 64 in each order -> [(total, counter after)], the partials
+    NaN before each launch (what a block reads of another that has not run yet)."""
+    x = np.random.default_rng(7).standard_normal(1024).astype(np.float32)
+    runs, counter = [], np.zeros(1, np.int32)
+    for seed in seeds:
+        partial, total = np.full(16, np.nan, np.float32), np.full(1, -1.0, np.float32)
+        selftest.launch("last_block_sum", (16,), (64,), (x, partial, total, counter, np.int32(bug)), order_seed=seed)
+        runs.append((total[0], int(counter[0])))
+    sums = [np.float32(0)] * 16
+    for b in range(16):
+        for v in x[64 * b:64 * (b + 1)]:
+            sums[b] = np.float32(sums[b] + v)
+    want = np.float32(0)
+    for v in sums:
+        want = np.float32(want + v)
+    return runs, want
+
+
+def test_a_last_block_reduction_is_order_proof_and_its_bugs_are_caught(selftest):
+    """Atomics and the last-block merge under shuffled block orders: a different block finishes last
+    in each order, yet the total is the same bits (the partials are added in block order) and the
+    counter is back at 0 after every launch. Taking the highest block index for the last one is
+    right in index order only, and the shuffled orders expose it; a counter that is not reset leaves
+    the next launch without a last block."""
+    runs, want = last_block_runs(selftest, bug=0)
+    assert all(total == want and counter == 0 for total, counter in runs), runs
+    runs, _ = last_block_runs(selftest, bug=1)
+    assert runs[0] == (want, 0) and any(np.isnan(total) for total, _ in runs[1:]), runs
+    runs, _ = last_block_runs(selftest, bug=2, seeds=(None, None))
+    assert runs == [(want, 16), (-1.0, 32)]
+
+
 def test_denormals_are_flushed_inside_a_launch_only(selftest):
     """FTZ/DAZ as -ftz=true: a denormal product and a denormal input become 0 in the kernel; the
     floating-point mode is restored afterwards (NumPy still sees the denormal)."""
@@ -373,6 +419,32 @@ def test_launches_are_checked_against_the_signature_and_limits(selftest, real):
                                                   np.int32(1)))
 
 
+def test_int8_int_and_bf16_cache_pointers_are_checked(real):
+    """The pointer types of the int8 and fused GEMVs: int8 values must be int8 (not uint8 bytes),
+    the flag and the counter int32 (not int64, which the kernel would read half of), a bf16 cache
+    uint16 (not float32) and writable."""
+    rng = np.random.default_rng(0)
+    W = weight_as("int8", rand(rng, 8, 64))
+    x, y, hidden = rand(rng, 1, 64), np.zeros((1, 8), np.float32), np.zeros((1, 8), np.float32)
+    ones, counter = np.ones(8, np.float32), np.zeros(1, np.int32)
+    norm = lambda W_q, counter: (x, W_q, W.scales, ones, hidden, ones, ones, y, counter, np.int32(8),  # noqa: E731
+                                 np.int32(64), np.int32(1), np.int32(1), np.float32(1e-5))
+    real.launch("gemv_int8_norm", (1,), (256,), norm(W.q, counter))
+    assert counter[0] == 0 and np.abs(y).max() > 0
+    for args, message in ((norm(W.q.view(np.uint8), counter), r"W must be a int8 array \(const signed char\*\)"),
+                          (norm(W.q, counter.astype(np.int64)), r"counter must be a int32 array \(int\*\)")):
+        with pytest.raises(cuda_cpu.KernelError, match=r"^gemv_int8_norm: " + message):
+            real.launch("gemv_int8_norm", (1,), (256,), args)
+    cache, kpos, pos, error = np.zeros((4, 8, 8), np.uint16), np.full(8, -1), np.zeros(1, np.int64), np.zeros(1, np.int32)
+    qkv = lambda k, v: (x, weight_as("bf16", rand(rng, 128, 64)), rand(rng, 128), np.zeros((1, 128), np.float32),  # noqa: E731
+                        k, v, kpos, pos, error, np.int32(128), np.int32(64), np.int32(1), np.int32(64), np.int32(8),
+                        np.int32(8), np.int32(8))
+    for args, message in ((qkv(cache.astype(np.float32), cache), r"k_cache must be a uint16 array \(unsigned short\*\)"),
+                          (qkv(cache, np.broadcast_to(cache, cache.shape)), r"v_cache \(unsigned short\*\) is written")):
+        with pytest.raises(cuda_cpu.KernelError, match=r"^gemv_bf16_qkv16: " + message):
+            real.launch("gemv_bf16_qkv16", (16,), (256,), args)
+
+
 def test_the_compiler_sees_the_parameter_types_the_parser_reads(real):
     """cuda_cpu_params_<kernel> spells the compiled C++ types; Kernels() refuses a mismatch, so the
     launch checks rest on the real signatures. Also: every kernel of SIGNATURES is in the build."""
@@ -381,8 +453,7 @@ def test_the_compiler_sees_the_parameter_types_the_parser_reads(real):
         assert [t for t, _ in real.kernels[name].params] == [t for t, _ in params]
     declared = {"attention_prefill_f32": pf.PREFILL_THREADS, "attention_prefill_bf16": pf.PREFILL_THREADS,
                 "attention_decode_f32": pf.DECODE_THREADS, "attention_decode_bf16": pf.DECODE_THREADS,
-                "gemv_bf16": pf.GEMV_WARPS * 32,
-                "gemv_f32": pf.GEMV_WARPS * 32, "layer_norm_rows": pf.NORM_THREADS}
+                "layer_norm_rows": pf.NORM_THREADS, **{twin.__name__: pf.GEMV_WARPS * 32 for twin in pf.GEMV_INSTANCES.values()}}
     for name, kernel in real.kernels.items():                           # no __launch_bounds__: CUDA's 1024
         assert real.bounds[name] == (declared[name] if kernel.bound else 1024), name
 
@@ -411,6 +482,29 @@ def test_out_of_bounds_reads_are_caught_by_the_sanitized_build(selftest):
     for launch, report in cases:
         with pytest.raises(cuda_cpu.KernelError, match=report):
             cuda_cpu.run_sanitized([launch], SELFTEST)
+
+
+@pytest.mark.parametrize("offset", [0, 1, 2, 3])
+def test_the_sanitized_build_keeps_each_array_s_alignment_and_guards_its_start(selftest, offset):
+    """An array that starts 4·offset bytes past a 16-byte boundary (a row view, say) is at the same
+    address modulo 16 in the sanitized child, as a GPU path chosen by alignment needs (kernel 7's
+    vector loads). A read of the element before it is still reported when that element is in an
+    8-byte granule of its own (ASan's shadow cannot poison part of a granule that the array uses)."""
+    asan_or_skip()
+    buf = np.empty(80 * 4, np.uint8)
+    x = np.ndarray((64,), np.float32, buf, (-buf.ctypes.data) % 16 + 4 * offset)   # offset floats past a boundary
+    x[...] = np.arange(64)
+    out = np.empty(2 * 32, np.float32)
+    assert x.ctypes.data % 16 == 4 * offset
+    plain = out.copy()
+    selftest.launch("address_and_before", (1,), (32,), (x, plain, np.int32(0)))
+    (_, sanitized, _), = cuda_cpu.run_sanitized([cuda_cpu.Launch("address_and_before", (1,), (32,), [x, out, np.int32(0)])],
+                                                SELFTEST)
+    assert np.array_equal(sanitized, plain) and set(plain[0::2]) == {4.0 * offset}
+    if offset % 2:
+        return
+    with pytest.raises(cuda_cpu.KernelError, match=r"AddressSanitizer: (use-after-poison|heap-buffer-overflow)"):
+        cuda_cpu.run_sanitized([cuda_cpu.Launch("address_and_before", (1,), (32,), [x, out, np.int32(1)])], SELFTEST)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -488,28 +582,10 @@ def ring_checks():
     return checks
 
 
-def kv_write_checks():
-    """Ring slots pos % W for 20 positions, then the append buffer, including a slot past its end."""
-    rng = np.random.default_rng(3)
-    H_kv, hd, W = 4, 8, 8
-    ring = [np.zeros((H_kv, W, hd), np.float32), np.zeros((H_kv, W, hd), np.float32), np.full(W, -1)]
-    want = [a.copy() for a in ring]
-    for p in range(20):
-        kn, vn = rand(rng, H_kv, hd), rand(rng, H_kv, hd)
-        pf._launch(pf.kv_write, (pf._blocks(H_kv * hd, 256),), (256,),
-                   (kn, vn, *ring, np.array([p]), np.int32(H_kv), np.int32(hd), np.int32(W), np.int32(W)))
-        want[0][:, p % W], want[1][:, p % W], want[2][p % W] = kn, vn, p
-    buf = [np.zeros((H_kv, 5, hd), np.float32), np.zeros((H_kv, 5, hd), np.float32), np.full(5, -1)]
-    for p in (3, 5):
-        pf._launch(pf.kv_write, (1,), (256,), (kn, vn, *buf, np.array([p]), np.int32(H_kv), np.int32(hd), np.int32(5), np.int32(0)))
-    return [("ring k", ring[0], want[0]), ("ring v", ring[1], want[1]), ("ring pos", ring[2], want[2]),
-            ("buffer pos", buf[2], np.array([-1, -1, -1, 3, -1])), ("buffer v", buf[1][:, 3], vn)]
-
-
-def gemv_checks(rows, out, inp):
+def gemv_checks(rows, out, inp, fmt="bf16"):
     rng = np.random.default_rng(rows * out + inp)
-    W, x = bf16_bits(rand(rng, out, inp)), rand(rng, rows, inp)
-    want = x.astype(np.float64) @ pf.bf16_to_f32(W).T.astype(np.float64)
+    W, x = weight_as(fmt, rand(rng, out, inp)), rand(rng, rows, inp)
+    want = x.astype(np.float64) @ widened(W).T.astype(np.float64)
     return [("y", pf.cuda_linear(x, W), want)]
 
 
@@ -520,12 +596,12 @@ def layer_norm_checks(rows, D):
 
 
 def embed_checks(dtype):
+    """The row of id 41, bit for bit the CPU path's (bf16 widened, int8 dequantised as Int8Weight rows)."""
     rng = np.random.default_rng(4)
-    E = rand(rng, 50, 96)
-    table, twin = (bf16_bits(E), pf.embed_bf16) if dtype == "bf16" else (E, pf.embed_f32)
+    table = weight_as(dtype, rand(rng, 50, 96))
     y = np.empty((1, 96), np.float32)
-    pf._launch(twin, (1,), (256,), (table, np.array([41]), y, np.int32(96)))
-    return [("row", y[0], pf.f32(table)[41])]
+    pf.cuda_embed(table, np.array([41]), y)
+    return [("row", y[0], pf.f32(table[41]))]
 
 
 def case_table():
@@ -555,15 +631,22 @@ def case_table():
     yield "attention_decode_f32", "buffer-and-rings", lambda mp: ring_checks()
     for kernel, bits in (("attention_decode_f32", False), ("attention_decode_bf16", True)):
         yield kernel, "live-slots-only", lambda mp, bits=bits: live_slots_checks(mp, bits)
-    yield "kv_write", "ring-and-append", lambda mp: kv_write_checks()
     for c in [(1, 37, 64), (3, 37, 300), (8, 37, 4), (1, 256, 2560), (2, 9, 1000)]:
         yield "gemv_bf16", "rows{}-out{}-in{}".format(*c), lambda mp, c=c: gemv_checks(*c)
-    for dtype in ("bf16", "f32"):
-        for c in [(1, 37, 5120), (3, 9, 300), (2, 5, 7)]:
+    for dtype in ("bf16", "f32", "int8"):
+        for c in [(1, 37, 5120)] + EPILOGUE_SHAPES[dtype][1:2] + [(2, 5, 32 if dtype == "int8" else 7)]:
             yield f"gemv_{dtype}", "epilogues-rows{}-out{}-in{}".format(*c), lambda mp, d=dtype, c=c: gemv_epilogue_checks(d, *c)
+    yield "gemv_int8", "unaligned", lambda mp: unaligned_int8_checks()
+    for dtype in ("bf16", "f32", "int8"):
+        for kv, suffix in (("float32", ""), ("bfloat16", "16")):   # a wrapping ring of 8; an append buffer of 32
+            yield f"gemv_{dtype}_qkv{suffix}", "ring8", lambda mp, d=dtype, kv=kv: qkv_checks(d, 8, 4, 8, 64, 8, 8, range(12), kv)
+            yield f"gemv_{dtype}_qkv{suffix}", "append32", lambda mp, d=dtype, kv=kv: qkv_checks(d, 8, 4, 8, 64, None, 32, (0, 5, 31), kv)
+        yield f"gemv_{dtype}_conv", "in64-d_inner96", lambda mp, d=dtype: conv_gemv_checks(d, 64, 96)
+        yield f"gemv_{dtype}_norm", "in320-D70", lambda mp, d=dtype: norm_gemv_checks(d, 320, 70)
+        yield f"gemv_{dtype}_norm", "in5120-D37-no-bias", lambda mp, d=dtype: norm_gemv_checks(d, 5120, 37, has_bias=False)
     for c in [(1, 64), (3, 2560), (2, 77)]:
         yield "layer_norm_rows", "rows{}-D{}".format(*c), lambda mp, c=c: layer_norm_checks(*c)
-    for dtype in ("bf16", "f32"):
+    for dtype in ("bf16", "f32", "int8"):
         yield f"embed_{dtype}", "row41", lambda mp, d=dtype: embed_checks(d)
 
 
@@ -590,7 +673,7 @@ def test_kernel_equals_its_twin(real, monkeypatch, kernel, case):
     compare, checks = run_case(real, monkeypatch, kernel, case)
     assert kernel in compare.errors, f"the case never launched {kernel}"
     for name, err in compare.errors.items():
-        assert err <= TWIN_TOL, (name, err)
+        assert err <= TWIN_TOL and compare.bf16_errors[name] <= BF16_TWIN_TOL, (name, err, compare.bf16_errors[name])
     for what, got, want in checks:                                      # the host result, from real kernels
         assert relative_error(np.asarray(want), got) <= MODEL_TOL, what
 
@@ -664,14 +747,122 @@ def test_real_shape_scan(real, monkeypatch, T):
         assert relative_error(want, got) <= MODEL_TOL, what
 
 
-@pytest.mark.parametrize("rows,out,inp", [(1, 2560, 10240), (8, 2560, 10240), (3, 10240, 2560)])
-def test_real_shape_gemv(real, monkeypatch, rows, out, inp):
+@pytest.mark.parametrize("fmt,rows,out,inp", [("bf16", 1, 2560, 10240), ("bf16", 8, 2560, 10240), ("bf16", 3, 10240, 2560),
+                                              ("int8", 1, 2560, 10240), ("int8", 3, 10240, 2560)])
+def test_real_shape_gemv(real, monkeypatch, fmt, rows, out, inp):
     """The MLP's down projection (10240 -> 2560) and up projection (2560 -> 10240) for 1..8 rows."""
     compare = TwinVsKernel(real)
     monkeypatch.setattr(pf, "_launch", compare)
-    (what, got, want), = gemv_checks(rows, out, inp)
-    assert list(compare.errors) == ["gemv_bf16"] and compare.errors["gemv_bf16"] <= TWIN_TOL
+    (what, got, want), = gemv_checks(rows, out, inp, fmt)
+    assert list(compare.errors) == [f"gemv_{fmt}"] and compare.errors[f"gemv_{fmt}"] <= TWIN_TOL
     assert relative_error(want, got) <= MODEL_TOL
+
+
+REAL_FUSED = {  # the decode step's fused GEMVs at the real shapes: D 2560, 40/20 heads of 64, d_inner 5120
+    "qkv-ring": lambda fmt: qkv_checks(fmt, 40, 20, 64, 2560, 512, 512, (1000,)),       # slot 488 of a full ring
+    "qkv-append": lambda fmt: qkv_checks(fmt, 40, 20, 64, 2560, None, 4096, (77,)),
+    "qkv16-ring": lambda fmt: qkv_checks(fmt, 40, 20, 64, 2560, 512, 512, (1000,), "bfloat16"),
+    "conv": lambda fmt: conv_gemv_checks(fmt, 2560, 5120, steps=1),                     # in_proj, 10240 x 2560
+    "norm-fc2": lambda fmt: norm_gemv_checks(fmt, 10240, 2560, has_bias=False),
+    "norm-attn-out_proj": lambda fmt: norm_gemv_checks(fmt, 2560, 2560),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REAL_FUSED))
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_real_shape_fused_gemvs(real, monkeypatch, fmt, case):
+    compare = TwinVsKernel(real)
+    monkeypatch.setattr(pf, "_launch", compare)
+    checks = REAL_FUSED[case](fmt)
+    (kernel, err), = compare.errors.items()
+    assert kernel.startswith(f"gemv_{fmt}_") and err <= TWIN_TOL and compare.bf16_errors[kernel] <= BF16_TWIN_TOL
+    for what, got, want in checks:
+        assert relative_error(np.asarray(want), got) <= MODEL_TOL, what
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_fused_layer_norm_is_bitwise_layer_norm_rows_under_any_block_order(real, fmt):
+    """The attention out_proj's GEMV with the next LayerNorm (1280 blocks at 2560 x 2560): for the
+    block orders index, shuffled (another block finishes last each time) and poison bytes, the
+    normalised row is bit for bit what layer_norm_rows makes of the residual it wrote, the residual
+    is the same bits every time, and the counter is back at 0 after every launch."""
+    rng = np.random.default_rng(2560)
+    W, x, bias = weight_as(fmt, rand(rng, 2560, 2560, scale=0.02)), rand(rng, 1, 2560), rand(rng, 2560, scale=0.1)
+    hidden0, norm_w, norm_b = rand(rng, 1, 2560, scale=2.0) + 0.3, 1 + rand(rng, 2560, scale=0.1), rand(rng, 2560, scale=0.1)
+    twin, grid, block, splits, w = pf.gemv_launch(W, "_norm", 2560, 2560)
+    assert grid[0] == 1280
+    runs = []
+    for seed, poison in ((None, 0xFF), (1, 0x00), (2, 0x7F), (3, 0xFF)):
+        hidden, normed, counter = hidden0.copy(), np.empty((1, 2560), np.float32), np.zeros(1, np.int32)
+        real.launch(twin.__name__, grid, block, (x, *w, bias, hidden, norm_w, norm_b, normed, counter, np.int32(2560),
+                                                 np.int32(2560), np.int32(1), splits, np.float32(1e-5)),
+                    order_seed=seed, poison=poison)
+        alone = np.empty_like(normed)
+        real.launch("layer_norm_rows", (1,), (pf.NORM_THREADS,), (hidden, norm_w, norm_b, alone, np.int32(2560),
+                                                                  np.float32(1e-5)))
+        assert counter[0] == 0 and bitwise_equal(normed, alone), seed
+        runs.append((hidden, normed))
+    assert all(bitwise_equal(h, runs[0][0]) and bitwise_equal(n, runs[0][1]) for h, n in runs)
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_fused_conv_is_bitwise_the_gemv_then_conv1d_silu_step(real, monkeypatch, fmt):
+    """in_proj's GEMV with the conv (real shape, 10240 x 2560) against the two launches it replaces,
+    the plain GEMV and conv1d_silu_step: the same bits of x̂, z and conv_state (the same sums, then
+    the same conv_step)."""
+    rng = np.random.default_rng(5120)
+    W, u = weight_as(fmt, rand(rng, 10240, 2560, scale=0.02)), rand(rng, 1, 2560)
+    weight, bias, state0 = rand(rng, 5120, 4, scale=0.5), rand(rng, 5120, scale=0.1), rand(rng, 3, 5120)
+    monkeypatch.setattr(pf, "_launch", cuda_cpu.Launcher(real))
+    state = state0.copy()
+    fused = pf.cuda_gemv_conv(u, W, np.empty((1, 10240), np.float32), state, weight, bias)
+    xz, state_alone = pf.cuda_gemv(u, W, np.empty((1, 10240), np.float32)), state0.copy()
+    x_hat = pf.cuda_conv1d_silu(xz[:, :5120], state_alone, weight, bias)
+    assert bitwise_equal(fused[:, :5120], x_hat) and bitwise_equal(fused[:, 5120:], xz[:, 5120:])
+    assert bitwise_equal(state, state_alone) and not bitwise_equal(state, state0)
+
+
+def bf16_store_checks(kernels, fmt):
+    """gemv_*_qkv16 through `kernels`: (the K/V bits it stored, f32_to_bf16 of the fp32 [k | v] it
+    wrote to y). Random features, and features whose W row is zero so that they are the bias
+    exactly: ties (1 + 2^-8 rounds down to even, 1 + 3·2^-8 up), a signalling and a negative NaN,
+    ±inf, the largest float (rounds to inf), ±0, a denormal (flushed: FTZ, as on the GPU)."""
+    special = np.array([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), np.inf, -np.inf, 3.4028235e38, 0.0, -0.0, 1e-40,
+                        0.0, 0.0], np.float32)
+    special[-2:] = np.array([0x7F800001, 0xFFC00001], np.uint32).view(np.float32)   # NaNs
+    rng = np.random.default_rng(16)
+    H, H_kv, hd, D = 8, 4, 8, 64
+    q_features, out = H * hd, (H + 2 * H_kv) * hd
+    w, bias = rand(rng, out, D, scale=D ** -0.5), rand(rng, out)
+    rows = q_features + 3 + np.arange(len(special)) * 5                 # spread over k and v
+    w[rows], bias[rows] = 0.0, special
+    kv = pf.KVCache(np.zeros((H_kv, 8, hd), np.uint16), np.zeros((H_kv, 8, hd), np.uint16), np.full(8, -1), 8)
+    y, step = np.empty((1, out), np.float32), StepBuffers(pos=13)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(pf, "_launch", cuda_cpu.Launcher(kernels))
+        pf.cuda_gemv_qkv(rand(rng, 1, D), weight_as(fmt, w), bias, y, kv, step, q_features)
+    assert step.buf["error"][0] == 0 and kv.pos[13 % 8] == 13
+    stored = np.stack([kv.k[:, 13 % 8], kv.v[:, 13 % 8]]).reshape(-1)    # (2·H_kv·hd,) as [k | v]
+    return stored, pf.f32_to_bf16(np.ascontiguousarray(y[0, q_features:])), y[0, rows]
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_bf16_kv_is_stored_as_f32_to_bf16_rounds(real, tmp_path, fmt):
+    """Bit for bit the CPU path's rounding (so GPU and CPU caches hold the same bits for the same
+    k, v), on the special values too; a kernels.cu whose store truncates instead is caught."""
+    stored, want, specials = bf16_store_checks(real, fmt)
+    assert np.isnan(specials[-2:]).all() and np.isinf(specials[3:5]).all() and specials[8] == 0   # as placed (FTZ)
+    assert np.array_equal(stored, want)
+    widened_specials = pf.bf16_to_f32(stored[3 + np.arange(len(specials)) * 5])
+    assert widened_specials[:6].tolist() == [1.0, 1 + 4 * 2 ** -8, -1.0, np.inf, -np.inf, np.inf]  # ties to even; max -> inf
+    assert np.isnan(widened_specials[-2:]).all() and stored[3 + 10 * 5] >> 15 == 1                 # NaNs, the sign kept
+    source = open(pf.KERNELS_CU).read()
+    old = "return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);"
+    assert source.count(old) == 1, "the rounding line is no longer in kernels.cu: update this test"
+    path = tmp_path / "kernels.cu"
+    path.write_text(source.replace(old, "return (unsigned short)(u >> 16);"))
+    stored, want, _ = bf16_store_checks(cuda_cpu.kernels(str(path)), fmt)
+    assert not np.array_equal(stored, want)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -770,6 +961,26 @@ MUTATIONS = {  # id: (text in kernels.cu, its replacement, the cases that must t
         "for (int p = 0; p < splits; p++) total += s_part[warp + p][t][r];",
         "for (int p = 0; p < splits - 1; p++) total += s_part[warp + p][t][r];",
         [("gemv_bf16", "epilogues-rows1-out37-in5120"), ("gemv_f32", "epilogues-rows1-out37-in5120")]),
+    "int8-bytes-not-sign-flipped": (
+        "const unsigned int u = q ^ 0x80808080u;",
+        "const unsigned int u = q;",
+        [("gemv_int8", "epilogues-rows1-out37-in5120"), ("gemv_int8_norm", "in320-D70")]),
+    "kv-slot-ignores-the-window": (
+        "const long long slot = window ? p % window : p;",
+        "const long long slot = p;",
+        [("gemv_bf16_qkv", "ring8"), ("gemv_int8_qkv16", "ring8")]),
+    "conv-state-not-shifted": (
+        "if (k < d_conv - 1) conv_state[k * d_inner + c] = window[k + 1];",
+        "if (k < d_conv - 1) conv_state[k * d_inner + c] = window[k];",
+        [("gemv_bf16_conv", "in64-d_inner96"), ("conv1d_silu_step", "T1")]),
+    "norm-run-by-the-block-before-the-last": (
+        "*s_last = atomicAdd(counter, 1) == (int)gridDim.x - 1;",
+        "*s_last = atomicAdd(counter, 1) == (int)gridDim.x - 2;",
+        [("gemv_bf16_norm", "in320-D70"), ("gemv_f32_norm", "in5120-D37-no-bias")]),
+    "norm-counter-not-reset": (
+        "if (threadIdx.x == 0) *counter = 0;",
+        "if (threadIdx.x == 0) *counter += 0;",
+        [("gemv_int8_norm", "in320-D70")]),
     "scan-step-dt-dot-reads-the-wrong-row": (
         "dt += xdbc[k] * dt_proj[(long long)c * dt_rank + k];",
         "dt += xdbc[k] * dt_proj[(long long)c * d_state + k];",
@@ -910,9 +1121,10 @@ def test_real_kernels_decode_equals_full_recompute_past_three_windows(real, mode
     full = model.forward(seq)                                           # the plain NumPy path
     assert maxdiff(np.array(cached), full[prompt_len - 1:]) <= WHOLE_MODEL_TOL
     steps, kinds = 3 * W + 5 + (prompt_len == 1), model.config.layer_kinds
-    assert launches.counts["kv_write"] == steps * (kinds.count("swa") + 1)   # sliding layers + layer L/2+1
-    assert launches.counts["scan_step"] == steps * kinds.count("mamba")
-    for kernel in ("embed_bf16", "layer_norm_rows", "gemv_bf16", "conv1d_silu_step", "attention_decode_f32"):
+    assert launches.counts["gemv_bf16_qkv"] == steps * (kinds.count("swa") + 1)   # sliding layers + layer L/2+1
+    assert launches.counts["gemv_bf16_conv"] == launches.counts["scan_step"] == steps * kinds.count("mamba")
+    assert launches.counts["gemv_bf16_norm"] == steps * 2 * len(kinds) and "conv1d_silu_step" not in launches.counts
+    for kernel in ("embed_bf16", "layer_norm_rows", "gemv_bf16", "attention_decode_f32"):
         assert launches.counts.get(kernel), kernel
 
 
@@ -945,6 +1157,20 @@ def test_real_kernels_greedy_generation_matches_reference_targets(real, model, r
         for p in PROMPTS:
             ids = list(gpu.generate(ref[f"{p}_input_ids"], 24, temperature=0.0, stop_ids=()))
             assert ids == ref[f"{p}_greedy_full_ids"].tolist(), p
+
+
+def test_real_kernels_int8_model_equals_the_cpu_int8_model(real, model_int8, ref, monkeypatch):
+    """int8 weights through the real kernels (gemv_int8 and its fused instances, embed_int8) against
+    the CPU int8 model, test_gpu.py's bar (INT8_TOL: only the order of fp32 sums differs); the
+    longest prompt (41 tokens: its prefill on dequantised blocks, its decode steps on the int8 instances)."""
+    with real_kernel_path(model_int8, monkeypatch) as (gpu, launches):
+        assert_int8_matches_cpu(gpu, launches, model_int8, ref, steps=8, prompts=("p2",))
+
+
+def test_real_kernels_a_short_kv_buffer_fails_the_decode_step_in_one_line(real, model, monkeypatch):
+    with real_kernel_path(model, monkeypatch) as (gpu, launches):
+        assert_a_short_kv_buffer_fails_the_step_in_one_line(gpu, monkeypatch)
+    assert launches.counts["gemv_bf16_qkv"]
 
 
 def test_real_kernels_whole_model_is_order_and_poison_proof(real, model, ref, monkeypatch):

@@ -365,9 +365,10 @@ def test_a_steady_decode_step_is_one_graph_launch_and_one_sync(model, fake):
     assert eager[0] == ("deviceSynchronize", None)                        # once: the cache new_cache() zeroed
     assert all(c[1] == "model" for c in device_work)                      # the step's buffers, λ, kernels: one stream
     kernels = [c for c in device_work if c[0] == "kernel"]
-    assert device_work[-len(kernels) - 3:] == [("memcpy H2D", "model"), *kernels, ("memcpy D2H", "model"),
+    assert device_work[-len(kernels) - 4:] == [("memcpy H2D", "model"), *kernels, ("memcpy D2H", "model"),  # error flag
+                                               ("memcpy D2H", "model"),                                  # logits
                                                ("synchronize", "model")]
-    assert [c[0] for c in captured] == ["begin_capture", "memcpy H2D", *["kernel"] * len(kernels), "memcpy D2H",
+    assert [c[0] for c in captured] == ["begin_capture", "memcpy H2D", *["kernel"] * len(kernels), "memcpy D2H", "memcpy D2H",
                                         "end_capture", "graph.launch", "synchronize"]
     graph = cache.cuda.graph
     assert [n for n, _ in graph.nodes][0] == "memcpy H2D" and [n for n, _ in graph.nodes][-1] == "memcpy D2H"
@@ -406,8 +407,8 @@ def test_graphs_off_steps_eagerly_through_the_same_pinned_buffers(model, fake, m
     for token in (68, 417):
         _, calls = calls_of(fake, lambda: gpu.step(cache, token))
         whats = [c[0] for c in calls]
-        assert whats[0] == "memcpy H2D" and whats[-2:] == ["memcpy D2H", "synchronize"]
-        assert set(whats[1:-2]) == {"kernel"} and all(c[1] == "model" for c in calls)
+        assert whats[0] == "memcpy H2D" and whats[-3:] == ["memcpy D2H", "memcpy D2H", "synchronize"]  # flag, logits
+        assert set(whats[1:-3]) == {"kernel"} and all(c[1] == "model" for c in calls)
 
 
 def test_a_refused_capture_falls_back_to_eager_steps(model, fake, capsys):

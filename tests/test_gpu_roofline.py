@@ -11,6 +11,7 @@ kernels.cu does (nvcc for sm_90 without spills, NVRTC as CuPy calls it); its tim
 import collections
 import ctypes
 import glob
+import inspect
 import os
 import re
 import subprocess
@@ -54,7 +55,12 @@ def one_step_launches(model, context):
 def test_sweep_products_are_the_gemv_launches_of_a_decode_step():
     model = random_model(SMALL_REAL)
     launches, _ = one_step_launches(model, 5)
-    seen = collections.Counter((int(a[6]), int(a[7]), int(a[8])) for name, a in launches if name == "gemv_bf16")
+    seen = collections.Counter()
+    for name, a in launches:            # every instance of kernel 7: plain, and the fused _qkv, _conv, _norm
+        if name.startswith("gemv_bf16"):
+            named = dict(zip(inspect.signature(getattr(pf, name)).parameters, a))
+            mode = int(named["mode"]) if "mode" in named else pf.GEMV_RESIDUAL if name.endswith("_norm") else pf.GEMV_PLAIN
+            seen[int(named["out_features"]), int(named["in_features"]), mode] += 1
     products = gemv_sweep.decode_products(SMALL_REAL)
     want = collections.Counter()
     for _, out, inp, mode, n in products:   # shapes repeat at these widths (fc2, out_proj: D x d_inner)

@@ -42,8 +42,8 @@ def bf16_bits(a):
 # kernels.cu parsed: signatures and #defines
 
 C_TYPES = {"const float*": np.float32, "float*": np.float32, "const long long*": np.int64, "long long*": np.int64,
-           "const unsigned short*": np.uint16, "int*": np.int32, "int": np.int32, "long long": np.int64,
-           "float": np.float32}
+           "const unsigned short*": np.uint16, "unsigned short*": np.uint16, "const signed char*": np.int8,
+           "int*": np.int32, "int": np.int32, "long long": np.int64, "float": np.float32}
 
 
 def kernel_signatures():
@@ -63,8 +63,8 @@ def kernel_signatures():
 
 SIGNATURES = kernel_signatures()
 TWINS = [pf.conv1d_silu_prefill, pf.conv1d_silu_step, pf.scan_prefill, pf.scan_step, pf.attention_prefill_f32,
-         pf.attention_prefill_bf16, pf.attention_decode_f32, pf.attention_decode_bf16, pf.kv_write, pf.gemv_bf16, pf.gemv_f32,
-         pf.layer_norm_rows, pf.embed_bf16, pf.embed_f32]
+         pf.attention_prefill_bf16, pf.attention_decode_f32, pf.attention_decode_bf16, *pf.GEMV_INSTANCES.values(),
+         pf.layer_norm_rows, pf.embed_bf16, pf.embed_f32, pf.embed_int8]
 
 
 def test_every_kernel_has_a_twin_with_its_parameters():
@@ -383,22 +383,6 @@ def test_attention_decode_over_a_preallocated_buffer_and_a_ring(checked):
         assert np.abs(got - want).max() < TOL, newest
 
 
-def test_kv_write_twin_ring_and_append():
-    rng = np.random.default_rng(3)
-    H_kv, hd, W = 4, 8, 8
-    ring_k, ring_v, ring_pos = np.zeros((H_kv, W, hd), np.float32), np.zeros((H_kv, W, hd), np.float32), np.full(W, -1)
-    for p in range(20):
-        kn, vn = rand(rng, H_kv, hd), rand(rng, H_kv, hd)
-        pf.kv_write(kn, vn, ring_k, ring_v, ring_pos, np.array([p]), H_kv, hd, W, W)
-        assert np.array_equal(ring_k[:, p % W], kn) and ring_pos[p % W] == p
-    assert sorted(ring_pos) == list(range(12, 20))
-    buf_k, buf_v, buf_pos = np.zeros((H_kv, 5, hd), np.float32), np.zeros((H_kv, 5, hd), np.float32), np.full(5, -1)
-    pf.kv_write(kn, vn, buf_k, buf_v, buf_pos, np.array([3]), H_kv, hd, 5, 0)
-    assert np.array_equal(buf_v[:, 3], vn) and buf_pos.tolist() == [-1, -1, -1, 3, -1]
-    pf.kv_write(kn, vn, buf_k, buf_v, buf_pos, np.array([5]), H_kv, hd, 5, 0)  # past the end: nothing written
-    assert buf_pos.tolist() == [-1, -1, -1, 3, -1]
-
-
 @pytest.mark.parametrize("rows,out,inp", [(1, 37, 64), (3, 37, 300), (8, 37, 4), (1, 256, 2560), (2, 9, 1000)])
 def test_gemv_bf16_twin_equals_linear(checked, rows, out, inp):
     rng = np.random.default_rng(rows * out + inp)
@@ -411,15 +395,29 @@ def test_gemv_bf16_twin_equals_linear(checked, rows, out, inp):
     assert checked.counts == {"gemv_bf16": 1}
 
 
+def weight_as(fmt, w):
+    """fp32 rows w (out, in) stored as kernel 7 reads them: "bf16" bits, "f32", or "int8" groups."""
+    return {"bf16": bf16_bits, "f32": lambda a: a, "int8": lambda a: pf.Int8Weight(*pf.quantize_int8(a))}[fmt](w)
+
+
+def widened(W):
+    """The fp32 matrix kernel 7 multiplies by: bf16 widened, int8 dequantised (q · s)."""
+    return pf.dequantize_int8(W.q, W.scales) if isinstance(W, pf.Int8Weight) else pf.f32(W)
+
+
+def first_rows(W, n):
+    """A row view of W's first n rows (an Int8Weight's values and scales alike)."""
+    return pf.Int8Weight(W.q[:n], W.scales[:n]) if isinstance(W, pf.Int8Weight) else W[:n]
+
+
 def gemv_epilogue_checks(dtype, rows, out, inp):
     """Kernel 7's epilogues (plain and residual with and without bias, the GMU gate, SwiGLU over
-    [gate; up], the residual updated in place) for bf16 or fp32 weights. With inp = 5120 and a small
-    out, split-K takes 8 warps per output."""
+    [gate; up], the residual updated in place) for bf16, fp32 or int8 weights. With inp = 5120 and a
+    small out, split-K takes 8 warps per output."""
     rng = np.random.default_rng(rows + out + inp)
-    W2 = rand(rng, 2 * out, inp, scale=inp ** -0.5)
-    W2 = bf16_bits(W2) if dtype == "bf16" else W2
-    Wf = pf.f32(W2)
-    W = W2[:out]
+    W2 = weight_as(dtype, rand(rng, 2 * out, inp, scale=inp ** -0.5))
+    Wf = widened(W2)
+    W = first_rows(W2, out)
     x, bias, aux = rand(rng, rows, inp), rand(rng, out), rand(rng, rows, out)
     acc = x @ Wf[:out].T
     checks = []
@@ -436,19 +434,143 @@ def gemv_epilogue_checks(dtype, rows, out, inp):
     return checks
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "f32"])
-@pytest.mark.parametrize("rows,out,inp", [(1, 37, 64), (3, 9, 300), (1, 192, 5120), (8, 5, 8)])
+EPILOGUE_SHAPES = {"bf16": [(1, 37, 64), (3, 9, 300), (1, 192, 5120), (8, 5, 8)],
+                   "f32": [(1, 37, 64), (3, 9, 300), (1, 192, 5120), (8, 5, 8)],
+                   "int8": [(1, 37, 64), (3, 9, 320), (1, 192, 5120), (8, 5, 32)]}   # int8: in a multiple of 32
+
+
+@pytest.mark.parametrize("dtype,rows,out,inp", [(d, *c) for d, cases in EPILOGUE_SHAPES.items() for c in cases])
 def test_gemv_epilogues(checked, dtype, rows, out, inp):
-    """Kernel 7's epilogues against the model's own formulas, bf16 and fp32 weights."""
+    """Kernel 7's epilogues against the model's own formulas, bf16, fp32 and int8 weights."""
     for what, got, want in gemv_epilogue_checks(dtype, rows, out, inp):
         scale = max(1.0, np.abs(want).max()) if what.startswith("mode") else 1.0
         assert np.abs(got - want).max() <= 1e-5 * scale, what
-    assert set(checked.counts) == {"gemv_bf16" if dtype == "bf16" else "gemv_f32"}
+    assert set(checked.counts) == {f"gemv_{dtype}"}
+
+
+def unaligned_int8_checks():
+    """int8 values that do not start on a 16-byte boundary take the column-by-column path."""
+    rng = np.random.default_rng(8)
+    W = weight_as("int8", rand(rng, 9, 64, scale=0.125))
+    buf = np.empty(W.q.size + 1, np.int8)
+    q = buf[1:].reshape(W.q.shape)
+    q[...] = W.q
+    assert q.ctypes.data % 16
+    x = rand(rng, 2, 64)
+    return [("y", pf.cuda_linear(x, pf.Int8Weight(q, W.scales)), x @ widened(W).T)]
+
+
+def test_gemv_int8_unaligned_values(checked):
+    (what, got, want), = unaligned_int8_checks()
+    assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
+    assert checked.counts == {"gemv_int8": 1}
+
+
+class StepBuffers:
+    """What the fused GEMVs read of a decode step (pf.CudaStep): its position and flag buffers."""
+
+    def __init__(self, pos=0):
+        self.pos = np.array([pos], np.int64)
+        self.buf = {"error": np.zeros(1, np.int32), "counter": np.zeros(1, np.int32)}
+
+
+def qkv_checks(fmt, H, H_kv, hd, D, window, slots, positions, kv_dtype="float32"):
+    """The Wqkv instance of kernel 7 for decode tokens at `positions`: y = [q | k | v] = x·Wᵀ + b
+    against the model's formula, and the cache it stores k and v into (a ring of W slots, or an
+    append buffer) slot for slot and bit for bit what the model's own kv_stored and kv_ring /
+    kv_append store for the same k and v; the step's error flag stays 0."""
+    rng = np.random.default_rng(H + D + slots + len(positions))
+    out = (H + 2 * H_kv) * hd
+    W, bias = weight_as(fmt, rand(rng, out, D, scale=D ** -0.5)), rand(rng, out, scale=0.1)
+    bits = pf.KV_DTYPES[kv_dtype]
+    got, want = [pf.KVCache(np.zeros((H_kv, slots, hd), bits), np.zeros((H_kv, slots, hd), bits), np.full(slots, -1),
+                            window) for _ in range(2)]
+    step, checks = StepBuffers(), []
+    for p in positions:
+        x = rand(rng, 1, D)
+        step.pos[0] = p
+        y = pf.cuda_gemv_qkv(x, W, bias, np.empty((1, out), np.float32), got, step, H * hd)
+        checks.append((f"y at {p}", y, x @ widened(W).T + bias))
+        k_new, v_new = y[:, H * hd:].reshape(2, H_kv, 1, hd)                   # (H_kv, 1, hd) each, as y holds them
+        (pf.kv_ring if window else pf.kv_append)(want, *pf.kv_stored(want, k_new, v_new), p)
+    return checks + [("k_cache", got.k, want.k), ("v_cache", got.v, want.v), ("kpos", got.pos, want.pos),
+                     ("error flag", step.buf["error"], np.zeros(1, np.int32))]
+
+
+def conv_gemv_checks(fmt, D, d_inner, d_conv=4, steps=3):
+    """in_proj's instance: y = [x̂ | z] for `steps` decode tokens in a row, x̂ = silu(causal_conv1d)
+    of the raw x = u·in_proj_xᵀ, z = u·in_proj_zᵀ; conv_state shifted as causal_conv1d leaves it."""
+    rng = np.random.default_rng(D + d_inner + d_conv)
+    W = weight_as(fmt, rand(rng, 2 * d_inner, D, scale=D ** -0.5))
+    weight, bias = rand(rng, d_inner, d_conv, scale=0.5), rand(rng, d_inner, scale=0.1)
+    state, want_state = rand(rng, d_conv - 1, d_inner), None
+    want_state, checks = state.copy(), []
+    for t in range(steps):
+        u = rand(rng, 1, D)
+        y = pf.cuda_gemv_conv(u, W, np.empty((1, 2 * d_inner), np.float32), state, weight, bias)
+        xz = u @ widened(W).T                                                  # (1, 2·d_inner)  raw [x | z]
+        conv, want_state = pf.causal_conv1d(xz[:, :d_inner], want_state, weight, bias)
+        checks += [(f"x̂ {t}", y[:, :d_inner], pf.silu(conv)), (f"z {t}", y[:, d_inner:], xz[:, d_inner:])]
+    return checks + [("conv_state", state, want_state)]
+
+
+def norm_gemv_checks(fmt, inp, D, has_bias=True):
+    """A residual GEMV with the next LayerNorm fused: hidden += x·Wᵀ (+ b) in place, normed =
+    layer_norm(hidden) with that LayerNorm's weight and bias; the block counter is back at 0."""
+    rng = np.random.default_rng(inp + D + has_bias)
+    W = weight_as(fmt, rand(rng, D, inp, scale=inp ** -0.5))
+    x, hidden0 = rand(rng, 1, inp), rand(rng, 1, D, scale=2.0) + 0.5
+    bias = rand(rng, D, scale=0.1) if has_bias else None
+    norm = {"weight": 1 + rand(rng, D, scale=0.1), "bias": rand(rng, D, scale=0.1)}
+    hidden, normed, step = hidden0.copy(), np.empty((1, D), np.float32), StepBuffers()
+    pf.cuda_gemv_norm(x, W, bias, hidden, norm, normed, step, 1e-5)
+    want = hidden0 + (x @ widened(W).T + (0 if bias is None else bias))
+    return [("hidden", hidden, want), ("normed", normed, pf.layer_norm(want, norm, 1e-5)),
+            ("counter", step.buf["counter"], np.zeros(1, np.int32))]
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "f32", "int8"])
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
+def test_gemv_qkv_stores_kv_into_rings_and_the_append_buffer(checked, fmt, kv_dtype):
+    """20 positions through a ring of 8 (slot p % 8), then an append buffer of 32 slots (slot p)."""
+    for window, slots, positions in ((8, 8, range(20)), (None, 32, (0, 1, 2, 7, 31))):
+        for what, got, want in qkv_checks(fmt, 8, 4, 8, 64, window, slots, positions, kv_dtype):
+            if got.dtype.kind in "iu":
+                assert np.array_equal(got, want), (window, what)
+            else:
+                assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max()), (window, what)
+    assert checked.counts == {f"gemv_{fmt}_qkv{'' if kv_dtype == 'float32' else '16'}": 25}
+
+
+def test_gemv_qkv_flags_a_slot_past_the_buffer_and_stores_nothing(checked):
+    """Position 5 of an append buffer of 5 slots: nothing of k, v or kpos is written, the flag is set."""
+    rng = np.random.default_rng(1)
+    W, bias = weight_as("bf16", rand(rng, 16 * 8, 64)), rand(rng, 16 * 8)
+    kv = pf.KVCache(np.zeros((4, 5, 8), np.float32), np.zeros((4, 5, 8), np.float32), np.full(5, -1), None)
+    step = StepBuffers(pos=5)
+    pf.cuda_gemv_qkv(rand(rng, 1, 64), W, bias, np.empty((1, 128), np.float32), kv, step, 64)
+    assert step.buf["error"][0] == pf.KV_SLOT_PAST_END and not kv.k.any() and not kv.v.any() and (kv.pos == -1).all()
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "f32", "int8"])
+def test_gemv_conv_is_in_proj_then_the_decode_conv(checked, fmt):
+    for what, got, want in conv_gemv_checks(fmt, 64, 96):
+        assert np.abs(got - want).max() <= 1e-5, what
+    assert checked.counts == {f"gemv_{fmt}_conv": 3}
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "f32", "int8"])
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_gemv_norm_is_the_residual_then_the_next_layer_norm(checked, fmt, has_bias):
+    for what, got, want in norm_gemv_checks(fmt, 320, 70, has_bias):
+        assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max()), what
+    assert checked.counts == {f"gemv_{fmt}_norm": 1}
 
 
 def test_gemv_splits_give_small_outputs_more_warps():
     assert pf.gemv_splits(192, 5120) == 8 and pf.gemv_splits(2560, 10240) == 4 and pf.gemv_splits(200064, 2560) == 1
     assert pf.gemv_splits(10240, 2560) == 1 and pf.gemv_splits(5, 8) == 1     # at least a 256-column step per warp
+    assert pf.gemv_splits(2560, 1536) == 4 and pf.gemv_splits(2560, 1536, vec=16) == 2   # int8: 512-column steps
     assert all(pf.GEMV_WARPS % pf.gemv_splits(o, i) == 0 for o in (1, 7, 192, 5000) for i in (4, 300, 5120))
 
 
@@ -456,17 +578,23 @@ def test_layer_norm_and_embed_twins(checked):
     rng = np.random.default_rng(12)
     x, p = rand(rng, 3, 70), {"weight": rand(rng, 70), "bias": rand(rng, 70)}
     assert np.abs(pf.cuda_layer_norm(x, p, np.empty_like(x), 1e-5) - pf.layer_norm(x, p, 1e-5)).max() < TOL
-    E = rand(rng, 11, 70)
-    for table, twin in ((E, pf.embed_f32), (bf16_bits(E), pf.embed_bf16)):
-        y = np.empty((1, 70), np.float32)
-        pf._launch(twin, (1,), (256,), (table, np.array([7]), y, np.int32(70)))
-        assert np.array_equal(y[0], pf.f32(table)[7])
+    E = rand(rng, 11, 96)
+    for fmt in ("f32", "bf16", "int8"):                                    # the CPU path's rows, bit for bit
+        table, y = weight_as(fmt, E), np.empty((1, 96), np.float32)
+        pf.cuda_embed(table, np.array([7]), y)
+        assert np.array_equal(y[0], pf.f32(table[7]))
+    assert checked.counts == {"layer_norm_rows": 1, "embed_f32": 1, "embed_bf16": 1, "embed_int8": 1}
 
 
-def test_cuda_linear_many_rows_widens_tiles():
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_cuda_linear_many_rows_widens_tiles(monkeypatch, fmt):
+    """Above GEMV_MAX_ROWS rows, blocks of W's rows are widened (dequantised) to fp32 for the matmul."""
     rng = np.random.default_rng(11)
-    W, x = bf16_bits(rand(rng, 70, 48)), rand(rng, 20, 48)
-    assert np.abs(pf.cuda_linear(x, W) - x @ pf.bf16_to_f32(W).T).max() < TOL
+    W, x = weight_as(fmt, rand(rng, 70, 64)), rand(rng, 20, 64)
+    monkeypatch.setattr(pf, "matmul_t", lambda x, Wb, out: blocks.append(Wb.shape) or out.__setitem__(..., x @ Wb.T))
+    blocks = []
+    assert np.abs(pf.cuda_linear(x, W) - x @ widened(W).T).max() < TOL
+    assert blocks == [(70, 64)]                                             # one block: 70 rows are under 64 MB
 
 
 # ------------------------------------------------------------------------------------------------
@@ -492,6 +620,29 @@ def test_kernels_cu_compiles_with_nvcc_without_spills(tmp_path):
         props = re.search(rf"Function properties for {name}\n\s*(.*)", report)
         assert props, f"{name} missing from ptxas report"
         assert props.group(1).strip() == "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads", (name, props.group(1))
+
+
+def test_int8_gemvs_convert_no_integer_to_float(tmp_path):
+    """Kernel 7's int8 instances turn each int8 weight into a float with an integer OR and an FP32
+    add (kernels.cu, section 7), never with an int-to-float conversion, which issues at a fraction
+    of the FP32 rate: in their PTX the only cvt.rn.f32 from an integer are the two of
+    layer_norm_row's `/ D` (in the _norm instances, as in layer_norm_rows itself)."""
+    nvcc = find_nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found: the PTX check needs the CUDA toolkit")
+    ptx = tmp_path / "kernels.ptx"
+    run = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", "-ftz=true", "-ptx", "-o", str(ptx), KERNELS_CU],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    text = ptx.read_text()
+
+    def conversions(name):
+        body = re.search(rf"\.entry {name}\((.*?)\n}}\n", text, re.S)
+        assert body, name
+        return len(re.findall(r"cvt\.rn\.f32\.[su]\d+", body.group(0)))
+    assert conversions("layer_norm_rows") == 2
+    for name in (n for n in SIGNATURES if n.startswith("gemv_int8")):
+        assert conversions(name) == (2 if name.endswith("_norm") else 0), name
 
 
 def find_libnvrtc():
@@ -601,13 +752,60 @@ def test_gpu_bf16_matmul_equals_twin(rows, out, inp):
     assert_close(host, dev, tol=1e-5, what="gemv")
 
 
-def test_gpu_kv_write_equals_twin():
+def on_device(cupy, a):
+    """A NumPy array, an Int8Weight, a KVCache or StepBuffers as CuPy arrays (the same type)."""
+    if isinstance(a, pf.Int8Weight):
+        return pf.Int8Weight(cupy.asarray(a.q), cupy.asarray(a.scales))
+    if isinstance(a, pf.KVCache):
+        return pf.KVCache(cupy.asarray(a.k), cupy.asarray(a.v), cupy.asarray(a.pos), a.window)
+    if isinstance(a, StepBuffers):
+        step = StepBuffers()
+        step.pos, step.buf = cupy.asarray(a.pos), {k: cupy.asarray(v) for k, v in a.buf.items()}
+        return step
+    return cupy.asarray(a) if isinstance(a, np.ndarray) else a
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_gpu_int8_and_fused_gemvs_equal_twins(fmt):
+    """Kernel 7's instances at the real shapes on the GPU against their twins: the plain product
+    (1 and 3 rows, and 20 rows through the dequantised blocks), Wqkv storing K/V into a ring and
+    the append buffer (fp32; bf16 bits within one rounding step), in_proj with the conv, fc2 with
+    the next LayerNorm (the counter back at 0)."""
     cupy = gpu_or_skip()
-    rng = np.random.default_rng(0)
-    kn, vn = rand(rng, 20, 64), rand(rng, 20, 64)
-    for window, slots, p in ((512, 512, 1000), (0, 4096, 77)):
-        kc, vc, kp = np.zeros((20, slots, 64), np.float32), np.zeros((20, slots, 64), np.float32), np.full(slots, -1)
-        args = (kn, vn, kc, vc, kp, np.array([p]), np.int32(20), np.int32(64), np.int32(slots), np.int32(window))
-        _, _, ha, da = on_both(cupy, lambda *a: pf._launch(pf.kv_write, (5,), (256,), a), *args)
-        for i in (2, 3, 4):
-            assert np.array_equal(ha[i], da[i])
+    rng = np.random.default_rng(19)
+    host_and_device = lambda fn, *args: (fn(*args), fn(*[on_device(cupy, a) for a in args]))  # noqa: E731
+    W = weight_as(fmt, rand(rng, 2560, 10240, scale=10240 ** -0.5))
+    for rows in (1, 3, 20):
+        h, d = host_and_device(pf.cuda_linear, rand(rng, rows, 10240), W)
+        assert_close([h], [cupy.asnumpy(d)], what=f"{rows} rows")
+    Wqkv, bqkv = weight_as(fmt, rand(rng, 5120, 2560, scale=2560 ** -0.5)), rand(rng, 5120)
+    x = rand(rng, 1, 2560)
+    for window, slots, p, kv_dtype in ((512, 512, 1000, "float32"), (None, 4096, 77, "float32"), (512, 512, 700, "bfloat16")):
+        bits = pf.KV_DTYPES[kv_dtype]
+        kv = pf.KVCache(np.zeros((20, slots, 64), bits), np.zeros((20, slots, 64), bits), np.full(slots, -1), window)
+        hkv, dkv, hstep, dstep = kv, on_device(cupy, kv), StepBuffers(p), on_device(cupy, StepBuffers(p))
+        yh = pf.cuda_gemv_qkv(x, Wqkv, bqkv, np.empty((1, 5120), np.float32), hkv, hstep, 2560)
+        yd = pf.cuda_gemv_qkv(cupy.asarray(x), on_device(cupy, Wqkv), cupy.asarray(bqkv), cupy.empty((1, 5120), cupy.float32),
+                              dkv, dstep, 2560)
+        assert_close([yh], [cupy.asnumpy(yd)], what="qkv")
+        assert np.array_equal(hkv.pos, cupy.asnumpy(dkv.pos)) and int(dstep.buf["error"][0]) == 0
+        for a, b in ((hkv.k, dkv.k), (hkv.v, dkv.v)):
+            a, b = pf.f32(a), pf.f32(cupy.asnumpy(b))
+            assert np.abs(a - b).max() <= (1e-5 if kv_dtype == "float32" else 2 ** -8) * np.abs(a).max(), kv_dtype
+    in_proj, state = weight_as(fmt, rand(rng, 10240, 2560, scale=2560 ** -0.5)), rand(rng, 3, 5120)
+    conv_w, conv_b = rand(rng, 5120, 4, scale=0.5), rand(rng, 5120, scale=0.1)
+    hstate, dstate = state.copy(), cupy.asarray(state)
+    yh = pf.cuda_gemv_conv(x, in_proj, np.empty((1, 10240), np.float32), hstate, conv_w, conv_b)
+    yd = pf.cuda_gemv_conv(cupy.asarray(x), on_device(cupy, in_proj), cupy.empty((1, 10240), cupy.float32), dstate,
+                           cupy.asarray(conv_w), cupy.asarray(conv_b))
+    assert_close([yh, hstate], [cupy.asnumpy(yd), cupy.asnumpy(dstate)], what="conv")
+    hidden, norm = rand(rng, 1, 2560), {"weight": 1 + rand(rng, 2560, scale=0.1), "bias": rand(rng, 2560, scale=0.1)}
+    m = rand(rng, 1, 10240)
+    hh, dh, hstep, dstep = hidden.copy(), cupy.asarray(hidden), StepBuffers(), on_device(cupy, StepBuffers())
+    nh = pf.cuda_gemv_norm(m, W, None, hh, norm, np.empty((1, 2560), np.float32), hstep, 1e-5)
+    nd = pf.cuda_gemv_norm(cupy.asarray(m), on_device(cupy, W), None, dh, {k: cupy.asarray(v) for k, v in norm.items()},
+                           cupy.empty((1, 2560), cupy.float32), dstep, 1e-5)
+    assert_close([hh, nh], [cupy.asnumpy(dh), cupy.asnumpy(nd)], what="norm")
+    assert int(dstep.buf["counter"][0]) == 0
+    alone = pf.cuda_layer_norm(dh, {k: cupy.asarray(v) for k, v in norm.items()}, cupy.empty_like(nd), 1e-5)
+    assert np.array_equal(cupy.asnumpy(alone).view(np.uint32), cupy.asnumpy(nd).view(np.uint32))  # the same bits

@@ -118,7 +118,7 @@ inline double max(double a, double b) { return fmax(a, b); }
 // (The atomics accept any type, more than CUDA does: nvcc, in test_kernels.py, is the judge of that.)
 
 template <typename T> inline T __ldg(const T* p) { return *p; }
-template <typename T> inline T __ldcg(const T* p) { return *p; }     // (L2 only: what other blocks wrote)
+template <typename T> inline T __ldcg(const T* p) { return *p; }     // through L2 on a GPU: the same value here
 inline void __threadfence() {}
 inline void __threadfence_block() {}
 
@@ -258,6 +258,9 @@ template <> inline const char* type_name<const long long*>() { return "const lon
 template <> inline const char* type_name<long long*>() { return "long long*"; }
 template <> inline const char* type_name<int*>() { return "int*"; }
 template <> inline const char* type_name<const unsigned short*>() { return "const unsigned short*"; }
+template <> inline const char* type_name<unsigned short*>() { return "unsigned short*"; }
+template <> inline const char* type_name<const signed char*>() { return "const signed char*"; }
+template <> inline const char* type_name<int*>() { return "int*"; }
 template <> inline const char* type_name<int>() { return "int"; }
 template <> inline const char* type_name<long long>() { return "long long"; }
 template <> inline const char* type_name<float>() { return "float"; }

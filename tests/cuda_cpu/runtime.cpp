@@ -634,8 +634,25 @@ int launch(const LaunchConfig* c, void (*thunk)(void**), void** args) {
 CUDA_CPU_EXPORT const char* cuda_cpu_error() { return cuda_cpu::error; }
 
 // Memory from this library's malloc: under ASan, an exact-size allocation with redzones around it.
-CUDA_CPU_EXPORT void* cuda_cpu_malloc(size_t n) { return malloc(n); }
-CUDA_CPU_EXPORT void cuda_cpu_free(void* p) { free(p); }
+// It starts `misalign` (< 16) bytes past malloc's 16-byte boundary, where the array it copies lay
+// modulo 16 (a kernel may choose its path by alignment: kernel 7 does); those bytes are poisoned
+// like a redzone, so a read before the array is still caught (to ASan's 8-byte granules: bytes that
+// share a granule with the array's first ones cannot be poisoned).
+CUDA_CPU_EXPORT void* cuda_cpu_malloc(size_t n, size_t misalign) {
+    char* p = static_cast<char*>(malloc(n + misalign));
+    if (!p) return nullptr;
+#if defined(__SANITIZE_ADDRESS__)
+    __asan_poison_memory_region(p, misalign);
+#endif
+    return p + misalign;
+}
+CUDA_CPU_EXPORT void cuda_cpu_free(void* p, size_t misalign) {
+    char* start = static_cast<char*>(p) - misalign;
+#if defined(__SANITIZE_ADDRESS__)
+    __asan_unpoison_memory_region(start, misalign);
+#endif
+    free(start);
+}
 
 // The next launch's array arguments, n pairs of [begin, end) addresses: cp.async sources must lie in one.
 CUDA_CPU_EXPORT void cuda_cpu_set_arrays(const unsigned long long* bounds, int n) {

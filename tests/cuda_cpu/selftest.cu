@@ -185,3 +185,39 @@ extern "C" __global__ void copy_async_from(const float* x, float* out, int offse
 extern "C" __global__ void arrivals(int* order, int* counter) {
     if (threadIdx.x == 0) order[blockIdx.y * gridDim.x + blockIdx.x] = atomicAdd(counter, 1);
 }
+
+// out[t] = the address of x modulo 16 (every thread), and x[t - shift]: shift > 0 reads before x's
+// start. Kernel 7 picks its path by alignment, so the sanitized build must keep it.
+extern "C" __global__ void address_and_before(const float* x, float* out, int shift) {
+    const int t = threadIdx.x;
+    out[2 * t] = (float)((unsigned long long)x % 16);
+    out[2 * t + 1] = x[t - shift];
+}
+
+// A last-block reduction, as kernel 7's _norm instances run the LayerNorm: each block writes the sum
+// of its x into partial[block], fences, counts itself on *counter; the block that finds the count
+// at gridDim.x − 1 adds the partials in block order into total[0] and sets *counter back to 0.
+// bug 1: block gridDim.x − 1 takes itself for the last one (true in index order only);
+// bug 2: the counter is never reset (a second launch, or a graph replay, finds no last block).
+extern "C" __global__ void last_block_sum(const float* x, float* partial, float* total, int* counter, int bug) {
+    __shared__ float s[1024];
+    __shared__ int s_last;
+    const int t = threadIdx.x;
+    s[t] = x[blockIdx.x * blockDim.x + t];
+    __syncthreads();
+    if (t == 0) {
+        float sum = 0.0f;
+        for (int i = 0; i < (int)blockDim.x; i++) sum += s[i];
+        partial[blockIdx.x] = sum;
+        __threadfence();
+        const int done = atomicAdd(counter, 1);
+        s_last = bug == 1 ? blockIdx.x == gridDim.x - 1 : done == (int)gridDim.x - 1;
+    }
+    __syncthreads();
+    if (!s_last || t != 0) return;
+    __threadfence();
+    float sum = 0.0f;
+    for (int b = 0; b < (int)gridDim.x; b++) sum += __ldcg(partial + b);
+    total[0] = sum;
+    if (bug != 2) *counter = 0;
+}
