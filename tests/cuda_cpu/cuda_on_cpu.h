@@ -260,7 +260,6 @@ template <> inline const char* type_name<int*>() { return "int*"; }
 template <> inline const char* type_name<const unsigned short*>() { return "const unsigned short*"; }
 template <> inline const char* type_name<unsigned short*>() { return "unsigned short*"; }
 template <> inline const char* type_name<const signed char*>() { return "const signed char*"; }
-template <> inline const char* type_name<int*>() { return "int*"; }
 template <> inline const char* type_name<int>() { return "int"; }
 template <> inline const char* type_name<long long>() { return "long long"; }
 template <> inline const char* type_name<float>() { return "float"; }
