@@ -641,7 +641,11 @@ def case_table():
         for kv, suffix in (("float32", ""), ("bfloat16", "16")):   # a wrapping ring of 8; an append buffer of 32
             yield f"gemv_{dtype}_qkv{suffix}", "ring8", lambda mp, d=dtype, kv=kv: qkv_checks(d, 8, 4, 8, 64, 8, 8, range(12), kv)
             yield f"gemv_{dtype}_qkv{suffix}", "append32", lambda mp, d=dtype, kv=kv: qkv_checks(d, 8, 4, 8, 64, None, 32, (0, 5, 31), kv)
+        for kv, suffix in (("float32", ""), ("bfloat16", "16")):      # split-K: 1024 inputs
+            yield f"gemv_{dtype}_qkv{suffix}", "ring8-D1024", lambda mp, d=dtype, kv=kv: qkv_checks(d, 8, 4, 8, 1024, 8, 8,
+                                                                                                  range(3), kv)
         yield f"gemv_{dtype}_conv", "in64-d_inner96", lambda mp, d=dtype: conv_gemv_checks(d, 64, 96)
+        yield f"gemv_{dtype}_conv", "in1024-d_inner40", lambda mp, d=dtype: conv_gemv_checks(d, 1024, 40)  # split-K
         yield f"gemv_{dtype}_norm", "in320-D70", lambda mp, d=dtype: norm_gemv_checks(d, 320, 70)
         yield f"gemv_{dtype}_norm", "in5120-D37-no-bias", lambda mp, d=dtype: norm_gemv_checks(d, 5120, 37, has_bias=False)
     for c in [(1, 64), (3, 2560), (2, 77)]:
@@ -1050,6 +1054,8 @@ BEYOND_THE_HARNESS = {
                              "block, running at the same time on a GPU, could otherwise merge before them",
     ("block_sum", 2): "a warp that runs ahead could write the next sum's slot before a slower warp read this "
                       "sum's: every thread reads the slots in the pass before the first shuffle of the next sum",
+    ("gemv_norm", 1): "every writer's output is written and fenced before thread 0 counts the block in; another "
+                      "block, running at the same time on a GPU, could otherwise normalise a row missing it",
 }
 KERNELS_CU_TEXT = open(pf.KERNELS_CU).read()
 BARRIER_KERNELS = [k for k in sorted(SIGNATURES) if cuda_cpu.barrier_lines(KERNELS_CU_TEXT, k)]
