@@ -69,6 +69,51 @@ __device__ __forceinline__ float block_max(float v, float* s_warp) {
     return best;
 }
 
+// ------------------------------------------------------------------------------------------------
+// Programmatic dependent launch (PDL, sm_90+), for the kernels of a decode step (phi4flash.py,
+// PDL_KERNELS). A decode step is a chain of a few hundred kernels. Launched with the programmatic-
+// stream-serialization attribute (phi4flash.py, _launch_pdl), a kernel may start while the one
+// before it still runs, so that its blocks are resident and its first weight loads are in flight
+// when its predecessor ends, instead of the GPU ramping up after every kernel boundary. A kernel
+// launched this way must not touch what its predecessor may still be writing. The rules, for
+// every kernel in PDL_KERNELS (tests/test_cuda_cpu.py checks them on the CPU, see tests/cuda_cpu):
+//   1. Before pdl_wait() a thread reads only its kernel's IMMUTABLE parameters (weights: nothing
+//      writes them after loading) and writes nothing, not even shared memory. It may load weights
+//      into registers and ask L2 for them (prefetch_l2).
+//   2. Every thread of every block calls pdl_wait() once; no thread returns before it. (A block
+//      that exited without waiting could let this kernel complete before its predecessor has, and
+//      the next kernel waits only for this one.)
+//   3. pdl_wait() waits until the predecessor has completed and its writes are visible
+//      (griddepcontrol.wait), then at once lets the next kernel launch (griddepcontrol.
+//      launch_dependents), so that the next kernel's prologue overlaps this one's body.
+// Launched without the attribute (older GPUs, PHI4FLASH_PDL=0, prefill) the kernels run as before:
+// the wait returns at once.
+#define IMMUTABLE   // marks a parameter a kernel may read before pdl_wait(): a weight
+
+__device__ __forceinline__ void pdl_wait() {
+#ifdef __CUDA_ARCH__
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+#else   // kernels.cu on the CPU (tests/cuda_cpu): CUDA's device-runtime names for the same two steps
+    cudaGridDependencySynchronize();
+    cudaTriggerProgrammaticLaunchCompletion();
+#endif
+}
+
+// A hint that L2 fetch the bytes [p, p + bytes) (p 16-byte aligned; bytes rounded down to a
+// multiple of 16): one bulk prefetch on sm_90+, nothing before it. Only for IMMUTABLE data.
+__device__ __forceinline__ void prefetch_l2(const void* p, unsigned int bytes) {
+#ifdef __CUDA_ARCH__
+#if __CUDA_ARCH__ >= 900
+    if (bytes >= 16) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes & ~15u) : "memory");
+#endif
+#else
+    cuda_cpu_prefetch_l2(p, bytes);
+#endif
+}
+
 // ================================================================================================
 // 1a. conv1d_silu_prefill: Mamba's depthwise causal conv over T new tokens, then SiLU.
 //

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import math
 import mmap
@@ -1470,6 +1471,7 @@ def check_load_options(device, kv_dtype):
 # tests compare it with the model's own functions. The constants below mirror kernels.cu's
 # #defines (a test checks they agree).
 
+PDL_KERNELS = frozenset()  # kernels launched with programmatic dependent launch: they keep kernels.cu's PDL rules
 CUDA_PREFILL_CHUNK = 4096  # prompt tokens per cuda_layers(): each chunk widens the bf16 weights once
 KERNELS_CU = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.cu")
 CUDA_GRAPHS = os.environ.get("PHI4FLASH_CUDA_GRAPHS", "1") != "0"  # replay the decode step as a CUDA graph
@@ -1561,11 +1563,80 @@ def _kernel(name):
 
 def _launch(twin, grid, block, args):
     """Run kernels.cu's kernel named like `twin` on CuPy arrays, or the NumPy `twin` itself on NumPy
-    arrays. Scalars must be np.int32 / np.int64 / np.float32, as the kernel's C parameters."""
+    arrays. Scalars must be np.int32 / np.int64 / np.float32, as the kernel's C parameters. A kernel
+    of PDL_KERNELS goes with programmatic dependent launch where it can (_pdl_driver)."""
     if get_xp(args[0]) is np:
         twin(*args)
+    elif twin.__name__ in PDL_KERNELS and _pdl_driver() is not None:
+        _launch_pdl(_pdl_driver(), _kernel(twin.__name__), grid, block, args)
     else:
         _kernel(twin.__name__)(grid, block, args)
+
+
+# Programmatic dependent launch (kernels.cu, "Programmatic dependent launch", states the rules its
+# kernels keep). CuPy launches with cuLaunchKernel, which takes no launch attributes; the attribute
+# that lets a kernel start while its predecessor still runs needs cuLaunchKernelEx, which NVIDIA's
+# cuda-bindings expose (installed with the cuda12 / cuda13 extras, optional like CuPy itself). In a
+# CUDA graph the launches become programmatic edges. PHI4FLASH_PDL=0 turns it off.
+PDL = os.environ.get("PHI4FLASH_PDL", "1") != "0"
+_pdl = None               # [cuda.bindings' driver module, or None when PDL is off here], once decided
+
+
+def _pdl_driver():
+    """cuda.bindings' driver module when kernels go with PDL, else None; the first call decides, and
+    says on stderr why not when it cannot (no cuda-bindings, a GPU below sm_90)."""
+    global _pdl
+    if _pdl is None:
+        driver, why = None, None
+        if PDL:
+            try:
+                from cuda.bindings import driver
+            except ImportError:
+                why = "cuda-bindings is not installed (pip install cuda-bindings, or the cuda12 / cuda13 extra)"
+            else:
+                import cupy
+                arch = int(cupy.cuda.Device().compute_capability)    # e.g. 90 for sm_90
+                why = f"the GPU is sm_{arch}, and it needs sm_90 or newer" if arch < 90 else None
+        if why:
+            print(f"phi4flash: kernels launch without programmatic dependent launch: {why}", file=sys.stderr)
+        _pdl = [driver if PDL and not why else None]
+    return _pdl[0]
+
+
+def pdl_off(reason):
+    """Launch plainly from now on (a CUDA graph refused the PDL launches): one stderr line says why."""
+    global _pdl
+    if _pdl is not None and _pdl[0] is not None:
+        print(f"phi4flash: kernels launch without programmatic dependent launch from now on: {reason}", file=sys.stderr)
+    _pdl = [None]
+
+
+def _c_value(a):
+    """A kernel argument as the C value cuLaunchKernelEx copies: a device pointer for a CuPy array,
+    else the scalar with the width of its C type (np.int32 -> int, np.int64 -> long long, np.float32 -> float)."""
+    if hasattr(a, "data") and hasattr(a.data, "ptr"):
+        return ctypes.c_void_p(a.data.ptr)
+    return {np.int32: ctypes.c_int32, np.int64: ctypes.c_int64, np.float32: ctypes.c_float}[type(a)](a.item())
+
+
+def _launch_pdl(driver, kernel, grid, block, args):
+    """kernel(grid, block, args) on the current CuPy stream, as CuPy would launch it, plus the
+    programmatic-stream-serialization attribute: the kernel may begin while the one before it ends."""
+    import cupy
+    config = driver.CUlaunchConfig()
+    config.gridDimX, config.gridDimY, config.gridDimZ = (tuple(grid) + (1, 1))[:3]
+    config.blockDimX, config.blockDimY, config.blockDimZ = (tuple(block) + (1, 1))[:3]
+    config.sharedMemBytes = 0
+    config.hStream = driver.CUstream(cupy.cuda.get_current_stream().ptr)
+    attribute = driver.CUlaunchAttribute()
+    attribute.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    attribute.value.programmaticStreamSerializationAllowed = 1
+    config.attrs, config.numAttrs = [attribute], 1
+    values = [_c_value(a) for a in args]                                  # alive until the launch has copied them
+    pointers = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])  # void* kernelParams[]
+    error, = driver.cuLaunchKernelEx(config, driver.CUfunction(kernel.kernel.ptr), ctypes.addressof(pointers), 0)
+    if error != driver.CUresult.CUDA_SUCCESS:
+        raise RuntimeError(f"cuLaunchKernelEx of {kernel.name}: {error!r}")
 
 
 def _blocks(n, per_block):
@@ -2550,8 +2621,12 @@ def _capture(model, cache, step, stream):
             _step_nodes(model, cache, step, stream)
         finally:
             graph = stream.end_capture()
-    except Exception as e:  # any CUDA/CuPy refusal: fall back to eager steps for this cache
-        step.graph_error = f"{type(e).__name__}: {(str(e) or '-').splitlines()[0]}"
+    except Exception as e:  # any CUDA/CuPy refusal: without PDL once more, then eager steps for this cache
+        error = f"{type(e).__name__}: {(str(e) or '-').splitlines()[0]}"
+        if _pdl_driver() is not None:
+            pdl_off(f"the CUDA graph capture refused them ({error})")
+            return _capture(model, cache, step, stream)
+        step.graph_error = error
         print(f"phi4flash: CUDA graph capture failed ({step.graph_error}); decoding without graphs", file=sys.stderr)
         return None
     return graph

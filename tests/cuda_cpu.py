@@ -28,7 +28,10 @@ Options of a launch: order_seed shuffles the block order and the thread order be
 race-free kernel gives bitwise the same result for every order); poison is the byte written over
 the kernel's __shared__ variables before each block (a kernel that reads shared memory it never
 wrote gives different results for different bytes); skip_barrier is a source line whose
-__syncthreads() does nothing, as if deleted (do the tests notice?). Denormals are flushed
+__syncthreads() does nothing, as if deleted (do the tests notice?); pdl checks kernels.cu's rules
+for programmatic dependent launch (every block reaches pdl_wait, and under AddressSanitizer the
+arguments not marked IMMUTABLE cannot be touched before it; cuda_on_cpu.h says how). Launcher
+launches the kernels of phi4flash.PDL_KERNELS with pdl on. Denormals are flushed
 (FTZ/DAZ), as CuPy's NVRTC -ftz=true does; uninitialised locals get a pattern
 (-ftrivial-auto-var-init=pattern).
 
@@ -78,16 +81,17 @@ FAST_FLAGS = ["-O2"]
 SANITIZE_FLAGS = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
                   "-fno-sanitize-recover=all", "-fsanitize-sections=cuda_shared"]  # redzones around shared arrays too
 
-Launch = namedtuple("Launch", "name grid block args")
+Launch = namedtuple("Launch", "name grid block args pdl", defaults=(False,))
 
 
 class KernelError(RuntimeError):
     """A launch the GPU would refuse, or an error found while the kernel ran; names the kernel."""
 
 
-class Kernel(namedtuple("Kernel", "name params bound")):
+class Kernel(namedtuple("Kernel", "name params bound immutable", defaults=(frozenset(),))):
     """One extern "C" __global__ function: params [(C type, name)], bound the text inside
-    __launch_bounds__(...) (its first argument), or None."""
+    __launch_bounds__(...) (its first argument), or None; immutable the names of the parameters
+    marked IMMUTABLE (kernels.cu: what a PDL kernel may read before its pdl_wait)."""
 
 
 def default_source():
@@ -185,12 +189,15 @@ def parse_kernels(src):
             bound = _top_level_split(inside)[0].strip()
         name = re.match(r"\s*(\w+)\s*(?=\()", src[pos:])
         params_text, _ = _balanced(src, pos + name.end())
-        params = []
+        params, immutable = [], set()
         for p in _top_level_split(params_text):
             p = " ".join(p.split())
-            pm = re.fullmatch(r"(.*?\*?)\s*(\w+)", p)
+            marked = re.match(r"IMMUTABLE\s+", p)
+            pm = re.fullmatch(r"(.*?\*?)\s*(\w+)", p[marked.end():] if marked else p)
             params.append((pm.group(1).replace(" *", "*").strip(), pm.group(2)))
-        found[name.group(1)] = Kernel(name.group(1), params, bound)
+            if marked:
+                immutable.add(pm.group(2))
+        found[name.group(1)] = Kernel(name.group(1), params, bound, frozenset(immutable))
     return found
 
 
@@ -374,11 +381,17 @@ def clone_args(args):
 # ------------------------------------------------------------------------------------------------
 # Launching
 
+class Region(ctypes.Structure):
+    _fields_ = [("begin", ctypes.c_ulonglong), ("bytes", ctypes.c_ulonglong), ("immutable", ctypes.c_int),
+                ("name", ctypes.c_char_p)]
+
+
 class LaunchConfig(ctypes.Structure):
     _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("seed", ctypes.c_ulonglong),
                 ("shuffled", ctypes.c_int), ("poison", ctypes.c_int),
                 ("shared_begin", ctypes.c_ulonglong), ("shared_end", ctypes.c_ulonglong),
-                ("skip_barrier_line", ctypes.c_int)]
+                ("skip_barrier_line", ctypes.c_int), ("pdl", ctypes.c_int),
+                ("regions", ctypes.POINTER(Region)), ("n_regions", ctypes.c_int)]
 
 
 def _dims(what, dims):
@@ -479,27 +492,30 @@ class Kernels:
             raise KernelError(f"{name}: {pname} must be (heads, rows, hd) with contiguous rows and heads "
                               f"{stride} elements apart, got strides {a.strides}")
 
-    def launch(self, name, grid, block, args, order_seed=None, poison=0xFF, skip_barrier=None):
+    def launch(self, name, grid, block, args, order_seed=None, poison=0xFF, skip_barrier=None, pdl=False):
         """Run kernel `name` over `grid` x `block` on the NumPy arrays in `args` (outputs in place).
         order_seed: None for index order, else the seed of a shuffled block and thread order.
         skip_barrier: a source line whose __syncthreads() is to do nothing, as if deleted (to show
-        that the tests notice; no rebuild needed)."""
+        that the tests notice; no rebuild needed). pdl: check kernels.cu's PDL rules (every block
+        reaches pdl_wait; under ASan, the arguments not marked IMMUTABLE are untouchable until it)."""
         if name not in self.kernels:
             raise KernelError(f"no kernel {name} in {self.source}")
         grid, block = self.check_geometry(name, grid, block)
         values = self.check_args(name, args)
         config = LaunchConfig(grid, block, 0 if order_seed is None else int(order_seed), order_seed is not None,
-                              int(poison) & 0xFF, *self.shared[name], skip_barrier or 0)
+                              int(poison) & 0xFF, *self.shared[name], skip_barrier or 0, int(bool(pdl)))
         # As cudaLaunchKernel takes them: an array of pointers to the argument values, here one
         # 8-byte slot per argument (little-endian, so an int32 or float sits in the low 4 bytes).
         slots = (ctypes.c_uint64 * len(values))()
-        copies, bounds = [], []
-        for i, ((ctype, _), v) in enumerate(zip(self.kernels[name].params, values)):
+        copies, bounds, regions = [], [], []
+        for i, ((ctype, pname), v) in enumerate(zip(self.kernels[name].params, values)):
             if isinstance(v, np.ndarray):
                 slots[i] = self._pointer(v, not ctype.startswith("const"), copies)
                 bounds += [slots[i], slots[i] + extent(v)]        # cp.async sources must lie in an argument
+                regions.append(Region(slots[i], extent(v), pname in self.kernels[name].immutable, pname.encode()))
             else:
                 slots[i] = int(v.view(np.uint32 if v.itemsize == 4 else np.uint64))
+        config.regions, config.n_regions = (Region * len(regions))(*regions), len(regions)
         base = ctypes.addressof(slots)
         argv = (ctypes.c_void_p * len(values))(*range(base, base + 8 * len(values), 8))
         self.lib.cuda_cpu_set_arrays((ctypes.c_uint64 * len(bounds))(*bounds), len(bounds) // 2)
@@ -541,15 +557,17 @@ def kernels(source=None):
 
 class Launcher:
     """A drop-in for phi4flash._launch(twin, grid, block, args): runs the REAL kernel named like the
-    twin on the NumPy arrays, and counts the launches per kernel."""
+    twin on the NumPy arrays, and counts the launches per kernel. The kernels phi4flash launches with
+    programmatic dependent launch (PDL_KERNELS) are launched with their PDL rules checked."""
 
     def __init__(self, compiled=None, **launch_options):
         self.kernels = compiled or kernels()
         self.options, self.counts = launch_options, {}       # order_seed, poison, skip_barrier
 
     def __call__(self, twin, grid, block, args):
+        import phi4flash
         name = twin.__name__
-        self.kernels.launch(name, grid, block, args, **self.options)
+        self.kernels.launch(name, grid, block, args, **{"pdl": name in phi4flash.PDL_KERNELS, **self.options})
         self.counts[name] = self.counts.get(name, 0) + 1
 
 
@@ -598,7 +616,8 @@ def run_sanitized(launches, source=None, order_seed=None, poison=0xFF, timeout=9
         request, reply = os.path.join(tmp, "request.pkl"), os.path.join(tmp, "reply.pkl")
         with open(request, "wb") as f:
             pickle.dump({"source": source, "lib": lib, "order_seed": order_seed, "poison": poison,
-                         "launches": [(n, g, b, _pack_args(a)) for n, g, b, a in launches]}, f)
+                         "launches": [(n, g, b, _pack_args(a), pdl) for n, g, b, a, pdl in (Launch(*x) for x in launches)]},
+                        f)
         env = dict(os.environ)
         env["LD_PRELOAD"] = libasan + (":" + env["LD_PRELOAD"] if env.get("LD_PRELOAD") else "")
         env["ASAN_OPTIONS"] = "detect_leaks=0:halt_on_error=1:exitcode=66"   # Python itself leaks by design
@@ -620,9 +639,9 @@ def _sanitized_worker(request, reply):
     k = Kernels(job["source"], lib=job["lib"], exact_buffers=True)
     out = []
     try:
-        for name, grid, block, args in job["launches"]:
+        for name, grid, block, args, pdl in job["launches"]:
             args = _unpack_args(args)
-            k.launch(name, grid, block, args, job["order_seed"], job["poison"])
+            k.launch(name, grid, block, args, job["order_seed"], job["poison"], pdl=pdl)
             out.append(_pack_args(args))
         result = {"args": out}
     except KernelError as e:

@@ -507,6 +507,52 @@ def test_the_sanitized_build_keeps_each_array_s_alignment_and_guards_its_start(s
         cuda_cpu.run_sanitized([cuda_cpu.Launch("address_and_before", (1,), (32,), [x, out, np.int32(1)])], SELFTEST)
 
 
+PDL_ERRORS = [
+    (3, False, r"block \(1,0,0\): the block exited without reaching cudaGridDependencySynchronize \(kernels.cu's "
+               r"pdl_wait\): PDL rule 2"),
+    (4, False, r"divergent barrier: thread \(0,0,0\) waits at cudaGridDependencySynchronize \(pdl_wait\) "
+               r"\(selftest.cu:\d+\) while thread \(16,0,0\) has exited"),
+    (5, False, r"cudaTriggerProgrammaticLaunchCompletion \(selftest.cu:\d+\) before this thread's "
+               r"cudaGridDependencySynchronize: kernels.cu's PDL rule 3"),
+    (6, False, r"cudaGridDependencySynchronize \(pdl_wait\) \(selftest.cu:\d+\) reached a second time"),
+    (7, False, r"prefetch_l2 \(selftest.cu:\d+\) of argument 'x', which is not IMMUTABLE"),
+    (8, False, r"prefetch_l2 \(selftest.cu:\d+\) of 1024 bytes at 0x[0-9a-f]+: not inside any argument"),
+]
+
+
+def pdl_args(mode):
+    w = np.arange(128, dtype=np.float32)
+    return w, (w * 0.5).astype(np.float32), np.zeros(128, np.float32), np.int32(mode)
+
+
+@pytest.mark.parametrize("mode, _, message", PDL_ERRORS)
+def test_the_pdl_rules_are_checked(selftest, mode, _, message):
+    """kernels.cu's PDL rules on a kernel that keeps them (mode 0) and breaks each in turn: a
+    block that exits without the wait (only an error when launched as PDL), a thread that does, a
+    trigger before the wait, a second wait, an L2 prefetch of a non-IMMUTABLE argument or past one."""
+    w, x, out, _ = pdl_args(0)
+    selftest.launch("pdl_rules", (2,), (64,), (w, x, out, np.int32(0)), pdl=True, order_seed=5)
+    assert np.array_equal(out, w + x)
+    if mode == 3:
+        selftest.launch("pdl_rules", (2,), (64,), pdl_args(3))           # not a PDL launch: rule 2 not needed
+    with pytest.raises(cuda_cpu.KernelError, match=message):
+        selftest.launch("pdl_rules", (2,), (64,), pdl_args(mode), pdl=True)
+
+
+def test_a_pdl_kernel_touching_a_mutable_argument_before_its_wait_is_named(selftest):
+    """Under AddressSanitizer the arguments not marked IMMUTABLE are poisoned from the start of each
+    block of a PDL launch until its wait: a read (mode 1) or a write (mode 2) of one before the
+    wait is reported, with the argument's name. The same launches without the PDL check pass."""
+    asan_or_skip()
+    fine = cuda_cpu.run_sanitized([cuda_cpu.Launch("pdl_rules", (2,), (64,), list(pdl_args(0)), True)], SELFTEST)
+    assert np.array_equal(fine[0][2], pdl_args(0)[0] * 1.5)
+    for mode, name in ((1, "x"), (2, "out")):
+        cuda_cpu.run_sanitized([cuda_cpu.Launch("pdl_rules", (2,), (64,), list(pdl_args(mode)))], SELFTEST)
+        with pytest.raises(cuda_cpu.KernelError, match=rf"(?s)use-after-poison.*touched argument '{name}' before "
+                                                        r"cudaGridDependencySynchronize|touched argument '" + name):
+            cuda_cpu.run_sanitized([cuda_cpu.Launch("pdl_rules", (2,), (64,), list(pdl_args(mode)), True)], SELFTEST)
+
+
 # ------------------------------------------------------------------------------------------------
 # 2. Every kernel against its twin, on test_kernels.py's cases
 

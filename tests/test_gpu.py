@@ -351,11 +351,12 @@ def test_bench_kernel_traffic_counts_every_weight_once_per_step(request, monkeyp
         stats = bench.kernel_profile(gpu, 12, 2)
         seen = []
         pf_launch = pf._launch
-        monkeypatch.setattr(pf, "_launch", lambda twin, grid, block, args: seen.append((twin, args)) or
-                            pf_launch(twin, grid, block, args))
-        _, cache = gpu.prefill([5, 68, 417])
-        seen.clear()
-        gpu.step(cache, 322)
+        with monkeypatch.context() as m:      # undone here, inside gpu_code_path (the test's own undo would
+            m.setattr(pf, "_launch", lambda twin, grid, block, args: seen.append((twin, args)) or  # restore
+                      pf_launch(twin, grid, block, args))                                          # its checker)
+            _, cache = gpu.prefill([5, 68, 417])
+            seen.clear()
+            gpu.step(cache, 322)
     assert set(stats) == {twin.__name__ for twin, _ in seen} and all(k["launches"] >= 1 for k in stats.values())
     names = {twin.__name__: [n.rstrip("_") for n in inspect.signature(twin).parameters] for twin, _ in seen}
     weights = 0

@@ -132,7 +132,7 @@ template <typename T> inline T atomicCAS(T* p, T compare, T v) { T old = *p; if 
 // Block barriers and warp intrinsics: implemented in runtime.cpp
 
 namespace cuda_cpu {
-enum BarrierKind { SYNC = 0, SYNC_OR = 1, SYNC_AND = 2, SYNC_COUNT = 3 };
+enum BarrierKind { SYNC = 0, SYNC_OR = 1, SYNC_AND = 2, SYNC_COUNT = 3, PDL_WAIT = 4 };
 enum WarpKind { SHFL_IDX = 0, SHFL_UP = 1, SHFL_DOWN = 2, SHFL_XOR = 3, BALLOT = 4, SYNCWARP = 5 };
 
 int block_sync(int kind, int predicate, const char* file, int line);
@@ -225,12 +225,49 @@ inline void __pipeline_memcpy_async(void* dst_shared, const void* src_global, st
 inline void __pipeline_commit() { ::cuda_cpu::copy_async_commit(); }
 inline void __pipeline_wait_prior(std::size_t prior) { ::cuda_cpu::copy_async_wait(prior); }
 
+// Programmatic dependent launch (kernels.cu's pdl_wait and prefetch_l2), checked against the rules
+// kernels.cu states. On the CPU the predecessor has always completed, so what is checked is the
+// kernel's side of the contract (runtime.cpp):
+//   * cudaGridDependencySynchronize() is a rendezvous of the whole block, like a barrier: every
+//     thread must reach it (a thread that exits first is a divergent-barrier error), at most once;
+//     in a launch checked for PDL (LaunchConfig.pdl) a block that ends without it is an error;
+//   * cudaTriggerProgrammaticLaunchCompletion() must come after the thread's wait;
+//   * in the AddressSanitizer build, every pointer argument not marked IMMUTABLE is poisoned from
+//     the start of each block until its rendezvous, so a read or a write of it before the wait is
+//     reported, naming the argument;
+//   * cuda_cpu_prefetch_l2(p, bytes) does nothing but check that p is 16-byte aligned and that the
+//     bytes lie inside an IMMUTABLE argument.
+
+namespace cuda_cpu {
+void pdl_trigger(const char* file, int line);
+void prefetch_l2(const void* p, unsigned int bytes, const char* file, int line);
+}  // namespace cuda_cpu
+
+inline void cudaGridDependencySynchronize(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    ::cuda_cpu::block_sync(::cuda_cpu::PDL_WAIT, 0, file, line);
+}
+inline void cudaTriggerProgrammaticLaunchCompletion(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    ::cuda_cpu::pdl_trigger(file, line);
+}
+inline void cuda_cpu_prefetch_l2(const void* p, unsigned int bytes, const char* file = __builtin_FILE(),
+                                 int line = __builtin_LINE()) {
+    ::cuda_cpu::prefetch_l2(p, bytes, file, line);
+}
+
 // ------------------------------------------------------------------------------------------------
 // Launch entries: the file tests/cuda_cpu.py generates includes kernels.cu, then one
 // CUDA_CPU_ENTRY(kernel, launch bound) per kernel. Python calls cuda_cpu_launch_<kernel> with the
 // launch geometry and an array of pointers to the argument values, as cudaLaunchKernel takes them.
 
 namespace cuda_cpu {
+// A pointer argument of a launch: where it lies, its name, and whether it may be read before the
+// PDL wait (IMMUTABLE). Under AddressSanitizer the others are poisoned until the wait.
+struct Region {
+    unsigned long long begin, bytes;
+    int immutable;
+    const char* name;
+};
+
 struct LaunchConfig {
     unsigned int grid[3], block[3];
     unsigned long long seed;     // thread/block order when shuffled
@@ -238,7 +275,11 @@ struct LaunchConfig {
     int poison;                  // byte written over the kernel's shared memory before each block
     unsigned long long shared_begin, shared_end;   // that memory: byte offsets into the section
     int skip_barrier_line;       // > 0: the __syncthreads() on this source line does nothing, as if deleted
+    int pdl;                     // checked as a PDL launch: every block must reach cudaGridDependencySynchronize
+    const Region* regions;       // the pointer arguments, for the PDL checks
+    int n_regions;
 };
+
 
 int launch(const LaunchConfig* config, void (*thunk)(void** args), void** args);
 

@@ -78,6 +78,7 @@ struct Fiber {
     // What the fiber waits at (barrier or warp operation), and the result it gets back.
     int kind = 0, line = 0, arg = 0, width = 0;
     const char* file = "";
+    bool pdl_waited = false;            // has passed cudaGridDependencySynchronize (kernels.cu's pdl_wait)
     unsigned int mask = 0;
     unsigned long long value = 0, result = 0;
     // cp.async: the copies issued and not yet waited for, and the groups committed so far
@@ -98,6 +99,10 @@ void** kernel_args = nullptr;
 int skip_barrier_line = 0;             // a __syncthreads() knocked out for this launch (tests)
 int poison_byte = 0xFF;                // the launch's poison: also what a pending cp.async destination holds
 std::vector<std::pair<const char*, const char*>> arrays;   // [begin, end) of the launch's array arguments
+int pdl_checked = 0;                   // a PDL launch: every block must reach the wait
+bool block_waited = false;             // the running block has passed its PDL rendezvous
+const Region* regions = nullptr;       // the launch's pointer arguments (PDL checks)
+int n_regions = 0;
 bool failed = false;
 char error[2048];
 std::mutex launch_mutex;
@@ -335,9 +340,41 @@ void poison_shared(int byte, unsigned long long begin_offset, unsigned long long
 // Barriers
 
 const char* barrier_name(int kind) {
-    static const char* names[] = {"__syncthreads", "__syncthreads_or", "__syncthreads_and", "__syncthreads_count"};
-    return kind >= 0 && kind < 4 ? names[kind] : "barrier";
+    static const char* names[] = {"__syncthreads", "__syncthreads_or", "__syncthreads_and", "__syncthreads_count",
+                                  "cudaGridDependencySynchronize (pdl_wait)"};
+    return kind >= 0 && kind < 5 ? names[kind] : "barrier";
 }
+
+// ------------------------------------------------------------------------------------------------
+// Programmatic dependent launch: the arguments a block may not touch before its wait are poisoned
+// (AddressSanitizer builds only) from the start of the block until its rendezvous.
+
+void guard_arguments(bool poison) {
+#if defined(__SANITIZE_ADDRESS__)
+    for (int i = 0; i < n_regions; i++) {
+        if (regions[i].immutable || !regions[i].bytes) continue;
+        void* p = reinterpret_cast<void*>(regions[i].begin);
+        if (poison) __asan_poison_memory_region(p, regions[i].bytes);
+        else __asan_unpoison_memory_region(p, regions[i].bytes);
+    }
+#else
+    (void)poison;
+#endif
+}
+
+#if defined(__SANITIZE_ADDRESS__)
+// ASan's report names an address; this names the argument it belongs to, when it is one the PDL
+// guard poisoned (the report itself says "use-after-poison").
+void name_guarded_argument(const char*) {
+    const unsigned long long a = reinterpret_cast<unsigned long long>(__asan_get_report_address());
+    for (int i = 0; i < n_regions; i++)
+        if (!regions[i].immutable && a >= regions[i].begin && a < regions[i].begin + regions[i].bytes && !block_waited)
+            fprintf(stderr, "cuda_cpu: block (%u,%u,%u) thread (%u,%u,%u) touched argument '%s' before "
+                    "cudaGridDependencySynchronize (kernels.cu's pdl_wait): PDL rule 1 allows only IMMUTABLE "
+                    "arguments there\n", now.block.x, now.block.y, now.block.z, now.thread.x, now.thread.y,
+                    now.thread.z, regions[i].name);
+}
+#endif
 
 const char* warp_name(int kind) {
     static const char* names[] = {"__shfl_sync", "__shfl_up_sync", "__shfl_down_sync", "__shfl_xor_sync",
@@ -394,9 +431,14 @@ bool open_barrier() {
         count += (int)g->value;
     }
     int result = first->kind == SYNC_OR ? count > 0 : first->kind == SYNC_AND ? count == n_threads : count;
+    if (first->kind == PDL_WAIT) {                 // the predecessor is complete: the guarded arguments open
+        block_waited = true;
+        guard_arguments(false);
+    }
     for (int i = 0; i < n_threads; i++) {
         fibers[i].result = (unsigned long long)result;
         fibers[i].state = READY;
+        if (first->kind == PDL_WAIT) fibers[i].pdl_waited = true;
     }
     return true;
 }
@@ -453,6 +495,11 @@ bool complete_warp_op(Fiber* base, unsigned int mask) {
 int block_sync(int kind, int predicate, const char* file, int line) {
     if (kind == SYNC && line == skip_barrier_line) return 0;
     Fiber* f = current;
+    if (kind == PDL_WAIT && f->pdl_waited) {
+        set_error("%s (%s:%d) reached a second time: kernels.cu's PDL rule 2 (once per thread)", barrier_name(kind),
+                  base_name(file), line);
+        fail_in_fiber();
+    }
     f->state = AT_BARRIER;
     f->kind = kind, f->file = file, f->line = line, f->value = (unsigned long long)predicate;
     yield(false);
@@ -545,6 +592,34 @@ void copy_async_wait(std::size_t prior) {
     f->copies.resize(kept);
 }
 
+void pdl_trigger(const char* file, int line) {
+    if (!current->pdl_waited) {
+        set_error("cudaTriggerProgrammaticLaunchCompletion (%s:%d) before this thread's "
+                  "cudaGridDependencySynchronize: kernels.cu's PDL rule 3 (the trigger right after the wait)",
+                  base_name(file), line);
+        fail_in_fiber();
+    }
+}
+
+void prefetch_l2(const void* p, unsigned int bytes, const char* file, int line) {
+    const unsigned long long a = reinterpret_cast<unsigned long long>(p), n = bytes & ~15u;
+    if (a % 16) {
+        set_error("prefetch_l2 (%s:%d) of address 0x%llx: not 16-byte aligned (cp.async.bulk.prefetch needs it)",
+                  base_name(file), line, a);
+        fail_in_fiber();
+    }
+    for (int i = 0; i < n_regions; i++)
+        if (a >= regions[i].begin && a + n <= regions[i].begin + regions[i].bytes) {
+            if (regions[i].immutable) return;
+            set_error("prefetch_l2 (%s:%d) of argument '%s', which is not IMMUTABLE (kernels.cu: only weights)",
+                      base_name(file), line, regions[i].name);
+            fail_in_fiber();
+        }
+    set_error("prefetch_l2 (%s:%d) of %llu bytes at 0x%llx: not inside any argument of the launch", base_name(file),
+              line, n, a);
+    fail_in_fiber();
+}
+
 // ------------------------------------------------------------------------------------------------
 // A launch
 
@@ -562,6 +637,7 @@ bool run_block(int threads, bool shuffled) {
         f->result = 0;
         f->copies.clear();
         f->groups = 0;
+        f->pdl_waited = false;
         start_fiber(f);
         pass_order[i] = i;
     }
@@ -577,6 +653,11 @@ bool run_block(int threads, bool shuffled) {
         }
         bool all_done = true;
         for (int i = 0; i < threads; i++) all_done = all_done && fibers[i].state == DONE;
+        if (all_done && pdl_checked && !block_waited) {
+            set_error("the block exited without reaching cudaGridDependencySynchronize (kernels.cu's pdl_wait): PDL "
+                      "rule 2 (with the PDL attribute, the kernel could complete before its predecessor)");
+            return false;
+        }
         if (all_done) return true;
         if (!open_barrier()) return false;
     }
@@ -598,6 +679,10 @@ int launch(const LaunchConfig* c, void (*thunk)(void**), void** args) {
         return 1;
     }
     kernel_thunk = thunk, kernel_args = args, skip_barrier_line = c->skip_barrier_line, poison_byte = c->poison;
+    pdl_checked = c->pdl, regions = c->regions, n_regions = c->n_regions;
+#if defined(__SANITIZE_ADDRESS__)
+    __asan_set_error_report_callback(name_guarded_argument);
+#endif
     now.block_dim = dim3(c->block[0], c->block[1], c->block[2]);
     now.grid_dim = dim3(c->grid[0], c->grid[1], c->grid[2]);
     rng_state = c->seed;
@@ -618,7 +703,10 @@ int launch(const LaunchConfig* c, void (*thunk)(void**), void** args) {
         now.block = {(unsigned)(i % c->grid[0]), (unsigned)(i / c->grid[0] % c->grid[1]),
                      (unsigned)(i / ((long long)c->grid[0] * c->grid[1]))};
         poison_shared(c->poison, c->shared_begin, c->shared_end);
+        block_waited = false;
+        guard_arguments(pdl_checked != 0);       // until the block's rendezvous (ASan builds)
         run_block(threads, c->shuffled != 0);
+        guard_arguments(false);
     }
 #if defined(__x86_64__)
     _mm_setcsr(saved_csr);

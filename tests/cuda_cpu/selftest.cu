@@ -221,3 +221,45 @@ extern "C" __global__ void last_block_sum(const float* x, float* partial, float*
     total[0] = sum;
     if (bug != 2) *counter = 0;
 }
+
+// Programmatic dependent launch, kernels.cu's rules (see there): before the wait, only IMMUTABLE
+// arguments are read and nothing is written. pdl_wait below is kernels.cu's, spelled with CUDA's
+// device-runtime names (nvcc declares them for sm_90; tests/cuda_cpu supplies them on the CPU).
+#define IMMUTABLE
+__device__ __forceinline__ void pdl_wait() {
+    cudaGridDependencySynchronize();
+    cudaTriggerProgrammaticLaunchCompletion();
+}
+
+__device__ __forceinline__ void prefetch_l2(const void* p, unsigned int bytes) {
+#ifdef __CUDA_ARCH__
+    if (bytes >= 16) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes & ~15u) : "memory");
+#else
+    cuda_cpu_prefetch_l2(p, bytes);
+#endif
+}
+
+// mode 0: correct: w[i] loaded before the wait, x[i] after it; out[i] = w[i] + x[i]; the L2 hint
+//         covers the block's slice of w.
+// mode 1: reads x before the wait.   mode 2: writes out before the wait.
+// mode 3: block 1 returns before the wait.   mode 4: threads t >= 16 return before it.
+// mode 5: the trigger before the wait.   mode 6: waits twice.
+// mode 7: prefetches x (not IMMUTABLE).   mode 8: prefetches past the end of w.
+extern "C" __global__ void pdl_rules(IMMUTABLE const float* w, const float* x, float* out, int mode) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    const float wi = w[i];
+    float early = 0.0f;
+    if (threadIdx.x == 0) {
+        if (mode == 0) prefetch_l2(w + blockIdx.x * blockDim.x, blockDim.x * sizeof(float));
+        if (mode == 7) prefetch_l2(x, 16);
+        if (mode == 8) prefetch_l2(w + blockIdx.x * blockDim.x, 2 * gridDim.x * blockDim.x * sizeof(float));
+    }
+    if (mode == 1) early = x[i];
+    if (mode == 2) out[i] = 0.0f;
+    if (mode == 3 && blockIdx.x == 1) return;
+    if (mode == 4 && threadIdx.x >= 16) return;
+    if (mode == 5) cudaTriggerProgrammaticLaunchCompletion();
+    pdl_wait();
+    if (mode == 6) pdl_wait();
+    out[i] = wi + x[i] + early;
+}
