@@ -265,9 +265,11 @@ extern "C" __global__ void scan_prefill(const float* x, const float* dt, const f
 //   advances h[c, n]; lane n == 0 writes the channel's outputs.
 // Traffic: dt_proj once (4 * d_inner * dt_rank bytes, 3.3 MB for the real model), the state read
 //   and written (8 * d_inner * d_state), A_log (4 * d_inner * d_state), 20 * d_inner for the vectors.
-extern "C" __global__ void scan_step(const float* x, const float* xdbc, const float* dt_proj, const float* dt_bias,
-                                     const float* A_log, const float* D, const float* z, float* ssm_state,
-                                     float* y, float* y_gated, int d_inner, int d_state, int dt_rank) {
+extern "C" __global__ void scan_step(const float* x, const float* xdbc, IMMUTABLE const float* dt_proj,
+                                     IMMUTABLE const float* dt_bias, IMMUTABLE const float* A_log,
+                                     IMMUTABLE const float* D, const float* z, float* ssm_state, float* y,
+                                     float* y_gated, int d_inner, int d_state, int dt_rank) {
+    pdl_wait();                                              // a decode-step kernel (rules above): x, xdbc come from x_proj
     int c = blockIdx.x * SCAN_CHANNELS + threadIdx.x / d_state;
     int n = threadIdx.x % d_state;
     bool live = c < d_inner;
@@ -722,6 +724,7 @@ __device__ __forceinline__ void attention_decode(const float* q, const KV* k, co
                                                  int* splits_done, float* out, int S, int H, int H_kv, int head_dim,
                                                  long long kv_head_stride, int window, int n_splits, float lambda_init,
                                                  float eps, DecodeShared<KV>& sh) {
+    pdl_wait();                                      // a decode-step kernel: q, the K/V and qpos are the step's own
     const int G = H / H_kv, hd = head_dim, F2 = 2 * head_dim, Q = 2 * G;
     const int split = blockIdx.x, g = blockIdx.y, tid = threadIdx.x;
     const float scale = 1.0f / sqrtf((float)hd);
@@ -804,9 +807,9 @@ __device__ __forceinline__ void attention_decode(const float* q, const KV* k, co
 
 extern "C" __global__ void __launch_bounds__(DECODE_THREADS)
 attention_decode_f32(const float* q, const float* k, const float* v, const long long* qpos, const long long* kpos,
-                     const float* lambda, const float* subln, float* partial_acc, float* partial_m, float* partial_l,
-                     int* splits_done, float* out, int S, int H, int H_kv, int head_dim, long long kv_head_stride,
-                     int window, int n_splits, float lambda_init, float eps) {
+                     IMMUTABLE const float* lambda, IMMUTABLE const float* subln, float* partial_acc,
+                     float* partial_m, float* partial_l, int* splits_done, float* out, int S, int H, int H_kv,
+                     int head_dim, long long kv_head_stride, int window, int n_splits, float lambda_init, float eps) {
     __shared__ DecodeShared<float> sh;
     attention_decode(q, k, v, qpos, kpos, lambda, subln, partial_acc, partial_m, partial_l, splits_done, out, S, H,
                      H_kv, head_dim, kv_head_stride, window, n_splits, lambda_init, eps, sh);
@@ -814,9 +817,10 @@ attention_decode_f32(const float* q, const float* k, const float* v, const long 
 
 extern "C" __global__ void __launch_bounds__(DECODE_THREADS)
 attention_decode_bf16(const float* q, const unsigned short* k, const unsigned short* v, const long long* qpos,
-                      const long long* kpos, const float* lambda, const float* subln, float* partial_acc,
-                      float* partial_m, float* partial_l, int* splits_done, float* out, int S, int H, int H_kv,
-                      int head_dim, long long kv_head_stride, int window, int n_splits, float lambda_init, float eps) {
+                      const long long* kpos, IMMUTABLE const float* lambda, IMMUTABLE const float* subln,
+                      float* partial_acc, float* partial_m, float* partial_l, int* splits_done, float* out, int S,
+                      int H, int H_kv, int head_dim, long long kv_head_stride, int window, int n_splits,
+                      float lambda_init, float eps) {
     __shared__ DecodeShared<unsigned short> sh;
     attention_decode(q, k, v, qpos, kpos, lambda, subln, partial_acc, partial_m, partial_l, splits_done, out, S, H,
                      H_kv, head_dim, kv_head_stride, window, n_splits, lambda_init, eps, sh);
@@ -932,9 +936,21 @@ __device__ __forceinline__ uint4 load16(const void* p) {
     return v;
 }
 
+// The L2 prefetch of a GEMV's prologue (before its pdl_wait: weights only), when the rows are 16-byte
+// aligned (a bulk prefetch needs it). PDL_PREFETCH=0 (phi4flash.py compiles kernels.cu with it when
+// PHI4FLASH_PDL_PREFETCH=0) leaves it out, to measure what it buys.
+#ifndef PDL_PREFETCH
+#define PDL_PREFETCH 1
+#endif
+__device__ __forceinline__ void prefetch_rows(const void* p, unsigned int bytes) {
+#if PDL_PREFETCH
+    if ((unsigned long long)p % 16 == 0) prefetch_l2(p, bytes);
+#endif
+}
+
 // The three weight formats. Each reads VEC consecutive weights of a row at element index i (row ·
 // in_features + column) into Raw, and multiplies them by the VEC matching floats of x (dot); load1
-// reads one weight, for the unaligned path.
+// reads one weight, for the unaligned path; prefetch asks L2 for n whole rows from row `first`.
 struct Bf16Weights {
     static constexpr int VEC = 8;
     struct Raw { uint4 a; };
@@ -942,6 +958,9 @@ struct Bf16Weights {
     __device__ bool aligned() const { return ((unsigned long long)w % 16) == 0; }
     __device__ void load(long long i, Raw& r) const { r.a = load16(w + i); }
     __device__ float load1(long long i) const { return bf16_bits_to_float(w[i]); }
+    __device__ void prefetch(long long first, int n, int in_features) const {
+        prefetch_rows(w + first * in_features, 2u * n * in_features);
+    }
     __device__ static float dot(const float* x, const Raw& r) {
         float4 a = reinterpret_cast<const float4*>(x)[0], b = reinterpret_cast<const float4*>(x)[1];
         return a.x * bf16_bits_to_float(r.a.x & 0xffffu) + a.y * bf16_bits_to_float(r.a.x >> 16) +
@@ -961,6 +980,9 @@ struct F32Weights {
         r.b = __ldg(reinterpret_cast<const float4*>(w + i) + 1);
     }
     __device__ float load1(long long i) const { return w[i]; }
+    __device__ void prefetch(long long first, int n, int in_features) const {
+        prefetch_rows(w + first * in_features, 4u * n * in_features);
+    }
     __device__ static float dot(const float* x, const Raw& r) {
         float4 a = reinterpret_cast<const float4*>(x)[0], b = reinterpret_cast<const float4*>(x)[1];
         return a.x * r.a.x + a.y * r.a.y + a.z * r.a.z + a.w * r.a.w + b.x * r.b.x + b.y * r.b.y + b.z * r.b.z +
@@ -992,12 +1014,31 @@ struct Int8Weights {
     __device__ float load1(long long i) const {
         return int8_at((unsigned char)q[i] ^ 0x80u, 0) * scales[i / GROUP];
     }
+    __device__ void prefetch(long long first, int n, int in_features) const {
+        prefetch_rows(q + first * in_features, 1u * n * in_features);
+        prefetch_rows(scales + first * (in_features / GROUP), 4u * n * (in_features / GROUP));
+    }
     __device__ static float dot(const float* x, const Raw& r) {
         const float4* x4 = reinterpret_cast<const float4*>(x);
         return (int8_dot4(x4[0], r.q.x) + int8_dot4(x4[1], r.q.y) + int8_dot4(x4[2], r.q.z) +
                 int8_dot4(x4[3], r.q.w)) * r.s;
     }
 };
+
+// Every GEMV kernel starts here (kernels.cu's PDL rules): its prologue asks L2 for the block's rows of
+// W (n_w = 2 for SwiGLU's gate and up rows), which nothing writes; then it waits for the step's
+// previous kernel, after which it may read x and the rest.
+template <typename F>
+__device__ __noinline__ void gemv_prefetch(const F W, int out_features, int in_features, int n_w, int splits) {
+    const int first = blockIdx.x * (GEMV_WARPS / splits), n = min(GEMV_WARPS / splits, out_features - first);
+    for (int r = 0; r < n_w && n > 0; r++) W.prefetch(first + (long long)r * out_features, n, in_features);
+}
+
+template <typename F>
+__device__ __forceinline__ void gemv_prologue(const F& W, int out_features, int in_features, int n_w, int splits) {
+    if (threadIdx.x == 0) gemv_prefetch(W, out_features, in_features, n_w, splits);  // (out of line: no registers
+    pdl_wait();                                                                      // kept from the body)
+}
 
 // The output feature of this thread's warp, and whether this thread writes it (lane 0 of its first warp).
 __device__ __forceinline__ int gemv_output(int splits) {
@@ -1103,6 +1144,7 @@ template <typename F>
 __device__ __forceinline__ void gemv(const F& W, const float* x, const float* bias, const float* aux, float* y,
                                      int rows, int out_features, int in_features, int mode, int has_bias, int splits,
                                      float (*s_part)[GEMV_MAX_ROWS][2]) {
+    gemv_prologue(W, out_features, in_features, mode == GEMV_SWIGLU ? 2 : 1, splits);
     if (rows == 1)  // a decode step: one row, no per-row predicates (they cost a quarter of its speed)
         gemv_rows<F, 1, GEMV_UNROLL>(W, x, bias, aux, y, rows, out_features, in_features, mode, has_bias, splits,
                                      s_part);
@@ -1116,6 +1158,7 @@ __device__ __forceinline__ void gemv_qkv(const F& W, const float* x, const float
                                          KV* v_cache, long long* kpos, const long long* pos, int* error,
                                          int out_features, int in_features, int splits, int q_features, int head_dim,
                                          int slots, int window, float (*s_part)[GEMV_MAX_ROWS][2]) {
+    gemv_prologue(W, out_features, in_features, 1, splits);
     float sum[2][1];
     gemv_sums<F, 1, GEMV_UNROLL>(W, x, 1, out_features, in_features, 1, splits, s_part, sum);
     const int o = gemv_output(splits);
@@ -1131,6 +1174,7 @@ template <typename F>
 __device__ __forceinline__ void gemv_conv(const F& W, const float* x, float* y, float* conv_state,
                                           const float* conv_weight, const float* conv_bias, int out_features,
                                           int in_features, int splits, int d_conv, float (*s_part)[GEMV_MAX_ROWS][2]) {
+    gemv_prologue(W, out_features, in_features, 1, splits);
     float sum[2][1];
     gemv_sums<F, 1, GEMV_UNROLL>(W, x, 1, out_features, in_features, 1, splits, s_part, sum);
     const int o = gemv_output(splits), d_inner = out_features / 2;
@@ -1146,6 +1190,7 @@ __device__ __forceinline__ void gemv_norm(const F& W, const float* x, const floa
                                           const float* norm_weight, const float* norm_bias, float* normed,
                                           int* counter, int out_features, int in_features, int has_bias, int splits,
                                           float eps, float (*s_part)[GEMV_MAX_ROWS][2], float* s_warp, int* s_last) {
+    gemv_prologue(W, out_features, in_features, 1, splits);
     float sum[2][1];
     gemv_sums<F, 1, GEMV_UNROLL>(W, x, 1, out_features, in_features, 1, splits, s_part, sum);
     const int o = gemv_output(splits);
@@ -1165,64 +1210,66 @@ __device__ __forceinline__ void gemv_norm(const F& W, const float* x, const floa
 // The instances: one per weight format and epilogue. bf16 and int8 keep 4 blocks per SM (at most 64
 // registers); fp32 takes 2 (up to 128: ptxas spills its 8-wide loads when it keeps 64).
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * WARP, 4)
-gemv_bf16(const float* x, const unsigned short* W, const float* bias, const float* aux, float* y, int rows,
-          int out_features, int in_features, int mode, int has_bias, int splits) {
+gemv_bf16(const float* x, IMMUTABLE const unsigned short* W, IMMUTABLE const float* bias, const float* aux, float* y,
+          int rows, int out_features, int in_features, int mode, int has_bias, int splits) {
     __shared__ float s_part[GEMV_WARPS][GEMV_MAX_ROWS][2];
     gemv(Bf16Weights{W}, x, bias, aux, y, rows, out_features, in_features, mode, has_bias, splits, s_part);
 }
 
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * WARP, 2)
-gemv_f32(const float* x, const float* W, const float* bias, const float* aux, float* y, int rows,
+gemv_f32(const float* x, IMMUTABLE const float* W, IMMUTABLE const float* bias, const float* aux, float* y, int rows,
          int out_features, int in_features, int mode, int has_bias, int splits) {
     __shared__ float s_part[GEMV_WARPS][GEMV_MAX_ROWS][2];
     gemv(F32Weights{W}, x, bias, aux, y, rows, out_features, in_features, mode, has_bias, splits, s_part);
 }
 
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * WARP, 4)
-gemv_int8(const float* x, const signed char* W, const float* scales, const float* bias, const float* aux, float* y,
-          int rows, int out_features, int in_features, int mode, int has_bias, int splits) {
+gemv_int8(const float* x, IMMUTABLE const signed char* W, IMMUTABLE const float* scales, IMMUTABLE const float* bias,
+          const float* aux, float* y, int rows, int out_features, int in_features, int mode, int has_bias,
+          int splits) {
     __shared__ float s_part[GEMV_WARPS][GEMV_MAX_ROWS][2];
     gemv(Int8Weights{W, scales}, x, bias, aux, y, rows, out_features, in_features, mode, has_bias, splits, s_part);
 }
 
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * WARP, 4)
-gemv_bf16_qkv(const float* x, const unsigned short* W, const float* bias, float* y, float* k_cache, float* v_cache,
-              long long* kpos, const long long* pos, int* error, int out_features, int in_features, int splits,
-              int q_features, int head_dim, int slots, int window) {
+gemv_bf16_qkv(const float* x, IMMUTABLE const unsigned short* W, IMMUTABLE const float* bias, float* y,
+              float* k_cache, float* v_cache, long long* kpos, const long long* pos, int* error, int out_features,
+              int in_features, int splits, int q_features, int head_dim, int slots, int window) {
     __shared__ float s_part[GEMV_WARPS][GEMV_MAX_ROWS][2];
     gemv_qkv(Bf16Weights{W}, x, bias, y, k_cache, v_cache, kpos, pos, error, out_features, in_features, splits,
              q_features, head_dim, slots, window, s_part);
 }
 
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * WARP, 2)
-gemv_f32_qkv(const float* x, const float* W, const float* bias, float* y, float* k_cache, float* v_cache,
-             long long* kpos, const long long* pos, int* error, int out_features, int in_features, int splits,
-             int q_features, int head_dim, int slots, int window) {
+gemv_f32_qkv(const float* x, IMMUTABLE const float* W, IMMUTABLE const float* bias, float* y, float* k_cache,
+             float* v_cache, long long* kpos, const long long* pos, int* error, int out_features, int in_features,
+             int splits, int q_features, int head_dim, int slots, int window) {
     __shared__ float s_part[GEMV_WARPS][GEMV_MAX_ROWS][2];
     gemv_qkv(F32Weights{W}, x, bias, y, k_cache, v_cache, kpos, pos, error, out_features, in_features, splits,
              q_features, head_dim, slots, window, s_part);
 }
 
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * WARP, 4)
-gemv_int8_qkv(const float* x, const signed char* W, const float* scales, const float* bias, float* y, float* k_cache,
-              float* v_cache, long long* kpos, const long long* pos, int* error, int out_features, int in_features,
-              int splits, int q_features, int head_dim, int slots, int window) {
+gemv_int8_qkv(const float* x, IMMUTABLE const signed char* W, IMMUTABLE const float* scales,
+              IMMUTABLE const float* bias, float* y, float* k_cache, float* v_cache, long long* kpos,
+              const long long* pos, int* error, int out_features, int in_features, int splits, int q_features,
+              int head_dim, int slots, int window) {
     __shared__ float s_part[GEMV_WARPS][GEMV_MAX_ROWS][2];
     gemv_qkv(Int8Weights{W, scales}, x, bias, y, k_cache, v_cache, kpos, pos, error, out_features, in_features,
              splits, q_features, head_dim, slots, window, s_part);
 }
 
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * WARP, 4)
-gemv_bf16_qkv16(const float* x, const unsigned short* W, const float* bias, float* y, unsigned short* k_cache,
-                unsigned short* v_cache, long long* kpos, const long long* pos, int* error, int out_features,
-                int in_features, int splits, int q_features, int head_dim, int slots, int window) {
+gemv_bf16_qkv16(const float* x, IMMUTABLE const unsigned short* W, IMMUTABLE const float* bias, float* y,
+                unsigned short* k_cache, unsigned short* v_cache, long long* kpos, const long long* pos, int* error,
+                int out_features, int in_features, int splits, int q_features, int head_dim, int slots, int window) {
     __shared__ float s_part[GEMV_WARPS][GEMV_MAX_ROWS][2];
     gemv_qkv(Bf16Weights{W}, x, bias, y, k_cache, v_cache, kpos, pos, error, out_features, in_features, splits,
              q_features, head_dim, slots, window, s_part);
 }
 
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * WARP, 2)
-gemv_f32_qkv16(const float* x, const float* W, const float* bias, float* y, unsigned short* k_cache,
+gemv_f32_qkv16(const float* x, IMMUTABLE const float* W, IMMUTABLE const float* bias, float* y, unsigned short* k_cache,
                unsigned short* v_cache, long long* kpos, const long long* pos, int* error, int out_features,
                int in_features, int splits, int q_features, int head_dim, int slots, int window) {
     __shared__ float s_part[GEMV_WARPS][GEMV_MAX_ROWS][2];
@@ -1231,43 +1278,45 @@ gemv_f32_qkv16(const float* x, const float* W, const float* bias, float* y, unsi
 }
 
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * WARP, 4)
-gemv_int8_qkv16(const float* x, const signed char* W, const float* scales, const float* bias, float* y,
-                unsigned short* k_cache, unsigned short* v_cache, long long* kpos, const long long* pos, int* error,
-                int out_features, int in_features, int splits, int q_features, int head_dim, int slots, int window) {
+gemv_int8_qkv16(const float* x, IMMUTABLE const signed char* W, IMMUTABLE const float* scales,
+                IMMUTABLE const float* bias, float* y, unsigned short* k_cache, unsigned short* v_cache,
+                long long* kpos, const long long* pos, int* error, int out_features, int in_features, int splits,
+                int q_features, int head_dim, int slots, int window) {
     __shared__ float s_part[GEMV_WARPS][GEMV_MAX_ROWS][2];
     gemv_qkv(Int8Weights{W, scales}, x, bias, y, k_cache, v_cache, kpos, pos, error, out_features, in_features,
              splits, q_features, head_dim, slots, window, s_part);
 }
 
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * WARP, 4)
-gemv_bf16_conv(const float* x, const unsigned short* W, float* y, float* conv_state, const float* conv_weight,
-               const float* conv_bias, int out_features, int in_features, int splits, int d_conv) {
+gemv_bf16_conv(const float* x, IMMUTABLE const unsigned short* W, float* y, float* conv_state,
+               IMMUTABLE const float* conv_weight, IMMUTABLE const float* conv_bias, int out_features,
+               int in_features, int splits, int d_conv) {
     __shared__ float s_part[GEMV_WARPS][GEMV_MAX_ROWS][2];
     gemv_conv(Bf16Weights{W}, x, y, conv_state, conv_weight, conv_bias, out_features, in_features, splits, d_conv,
               s_part);
 }
 
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * WARP, 2)
-gemv_f32_conv(const float* x, const float* W, float* y, float* conv_state, const float* conv_weight,
-              const float* conv_bias, int out_features, int in_features, int splits, int d_conv) {
+gemv_f32_conv(const float* x, IMMUTABLE const float* W, float* y, float* conv_state, IMMUTABLE const float* conv_weight,
+              IMMUTABLE const float* conv_bias, int out_features, int in_features, int splits, int d_conv) {
     __shared__ float s_part[GEMV_WARPS][GEMV_MAX_ROWS][2];
     gemv_conv(F32Weights{W}, x, y, conv_state, conv_weight, conv_bias, out_features, in_features, splits, d_conv,
               s_part);
 }
 
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * WARP, 4)
-gemv_int8_conv(const float* x, const signed char* W, const float* scales, float* y, float* conv_state,
-               const float* conv_weight, const float* conv_bias, int out_features, int in_features, int splits,
-               int d_conv) {
+gemv_int8_conv(const float* x, IMMUTABLE const signed char* W, IMMUTABLE const float* scales, float* y,
+               float* conv_state, IMMUTABLE const float* conv_weight, IMMUTABLE const float* conv_bias,
+               int out_features, int in_features, int splits, int d_conv) {
     __shared__ float s_part[GEMV_WARPS][GEMV_MAX_ROWS][2];
     gemv_conv(Int8Weights{W, scales}, x, y, conv_state, conv_weight, conv_bias, out_features, in_features, splits,
               d_conv, s_part);
 }
 
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * WARP, 4)
-gemv_bf16_norm(const float* x, const unsigned short* W, const float* bias, float* hidden, const float* norm_weight,
-               const float* norm_bias, float* normed, int* counter, int out_features, int in_features, int has_bias,
-               int splits, float eps) {
+gemv_bf16_norm(const float* x, IMMUTABLE const unsigned short* W, IMMUTABLE const float* bias, float* hidden,
+               IMMUTABLE const float* norm_weight, IMMUTABLE const float* norm_bias, float* normed, int* counter,
+               int out_features, int in_features, int has_bias, int splits, float eps) {
     __shared__ float s_part[GEMV_WARPS][GEMV_MAX_ROWS][2];
     __shared__ float s_warp[GEMV_WARPS];
     __shared__ int s_last;
@@ -1276,9 +1325,9 @@ gemv_bf16_norm(const float* x, const unsigned short* W, const float* bias, float
 }
 
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * WARP, 2)
-gemv_f32_norm(const float* x, const float* W, const float* bias, float* hidden, const float* norm_weight,
-              const float* norm_bias, float* normed, int* counter, int out_features, int in_features, int has_bias,
-              int splits, float eps) {
+gemv_f32_norm(const float* x, IMMUTABLE const float* W, IMMUTABLE const float* bias, float* hidden,
+              IMMUTABLE const float* norm_weight, IMMUTABLE const float* norm_bias, float* normed, int* counter,
+              int out_features, int in_features, int has_bias, int splits, float eps) {
     __shared__ float s_part[GEMV_WARPS][GEMV_MAX_ROWS][2];
     __shared__ float s_warp[GEMV_WARPS];
     __shared__ int s_last;
@@ -1287,9 +1336,10 @@ gemv_f32_norm(const float* x, const float* W, const float* bias, float* hidden, 
 }
 
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * WARP, 4)
-gemv_int8_norm(const float* x, const signed char* W, const float* scales, const float* bias, float* hidden,
-               const float* norm_weight, const float* norm_bias, float* normed, int* counter, int out_features,
-               int in_features, int has_bias, int splits, float eps) {
+gemv_int8_norm(const float* x, IMMUTABLE const signed char* W, IMMUTABLE const float* scales,
+               IMMUTABLE const float* bias, float* hidden, IMMUTABLE const float* norm_weight,
+               IMMUTABLE const float* norm_bias, float* normed, int* counter, int out_features, int in_features,
+               int has_bias, int splits, float eps) {
     __shared__ float s_part[GEMV_WARPS][GEMV_MAX_ROWS][2];
     __shared__ float s_warp[GEMV_WARPS];
     __shared__ int s_last;
@@ -1337,8 +1387,10 @@ __device__ __forceinline__ void layer_norm_row(const float* x, const float* weig
 }
 
 extern "C" __global__ void __launch_bounds__(NORM_THREADS)
-layer_norm_rows(const float* x, const float* weight, const float* bias, float* y, int D, float eps) {
+layer_norm_rows(const float* x, IMMUTABLE const float* weight, IMMUTABLE const float* bias, float* y, int D,
+                float eps) {
     __shared__ float s_warp[NORM_THREADS / WARP];
+    pdl_wait();                                              // a decode-step kernel: x is the embedding just written
     layer_norm_row(x + (long long)blockIdx.x * D, weight, bias, y + (long long)blockIdx.x * D, D, eps, s_warp);
 }
 

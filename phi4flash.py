@@ -1471,7 +1471,11 @@ def check_load_options(device, kv_dtype):
 # tests compare it with the model's own functions. The constants below mirror kernels.cu's
 # #defines (a test checks they agree).
 
-PDL_KERNELS = frozenset()  # kernels launched with programmatic dependent launch: they keep kernels.cu's PDL rules
+# The kernels a decode step launches after its first one (the embedding row, which follows the graph's
+# copy-in node, not a kernel): they keep kernels.cu's rules for programmatic dependent launch, and
+# _launch gives them its attribute (wherever they are launched: the rules make that safe anywhere).
+PDL_KERNELS = frozenset({"layer_norm_rows", "scan_step", "attention_decode_f32", "attention_decode_bf16",
+                         *(f"gemv_{w}{e}" for w in ("bf16", "f32", "int8") for e in ("", "_qkv", "_qkv16", "_conv", "_norm"))})
 CUDA_PREFILL_CHUNK = 4096  # prompt tokens per cuda_layers(): each chunk widens the bf16 weights once
 KERNELS_CU = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.cu")
 CUDA_GRAPHS = os.environ.get("PHI4FLASH_CUDA_GRAPHS", "1") != "0"  # replay the decode step as a CUDA graph
@@ -1552,12 +1556,14 @@ _module = None
 
 
 def _kernel(name):
-    """Kernel `name` of kernels.cu, compiled once by NVRTC for the current GPU."""
+    """Kernel `name` of kernels.cu, compiled once by NVRTC for the current GPU (PHI4FLASH_PDL_PREFETCH=0:
+    without the GEMVs' L2 prefetch, to measure it)."""
     global _module
     if _module is None:
         import cupy
         with open(KERNELS_CU) as f:
-            _module = cupy.RawModule(code=f.read(), options=("-std=c++17", "-ftz=true"))
+            prefetch = () if os.environ.get("PHI4FLASH_PDL_PREFETCH", "1") != "0" else ("-DPDL_PREFETCH=0",)
+            _module = cupy.RawModule(code=f.read(), options=("-std=c++17", "-ftz=true", *prefetch))
     return _module.get_function(name)
 
 

@@ -115,10 +115,11 @@ class TwinVsKernel:
 
     def __call__(self, twin, grid, block, args):
         name = twin.__name__
-        self.launches.append(cuda_cpu.Launch(name, grid, block, cuda_cpu.clone_args(args)))
+        pdl = name in pf.PDL_KERNELS                                    # its PDL rules checked too
+        self.launches.append(cuda_cpu.Launch(name, grid, block, cuda_cpu.clone_args(args), pdl))
         twin_args = cuda_cpu.clone_args(args)
         twin(*twin_args)
-        self.kernels.launch(name, grid, block, args, **self.options)
+        self.kernels.launch(name, grid, block, args, **{"pdl": pdl, **self.options})
         params = self.kernels.kernels[name].params
         written = [(ctype, t, a) for (ctype, _), t, a in zip(params, twin_args, args) if ctype in WRITTEN]
         err = max(relative_error(t, a) for ctype, t, a in written if ctype != "unsigned short*")
@@ -135,7 +136,8 @@ class Recorder:
         self.launches = []
 
     def __call__(self, twin, grid, block, args):
-        self.launches.append(cuda_cpu.Launch(twin.__name__, grid, block, cuda_cpu.clone_args(args)))
+        self.launches.append(cuda_cpu.Launch(twin.__name__, grid, block, cuda_cpu.clone_args(args),
+                                             twin.__name__ in pf.PDL_KERNELS))
         twin(*args)
 
 
@@ -931,7 +933,7 @@ def recorded_launches(monkeypatch, kernel, cases=None):
 
 def replay(kernels, launch, **options):
     args = cuda_cpu.clone_args(launch.args)
-    kernels.launch(launch.name, launch.grid, launch.block, args, **options)
+    kernels.launch(launch.name, launch.grid, launch.block, args, **{"pdl": launch.pdl, **options})
     return args
 
 
@@ -977,18 +979,63 @@ def test_decode_merge_is_the_same_bits_whichever_block_merges(real, selftest, mo
 # 5. The sanitized build
 
 def test_every_kernel_runs_clean_under_asan_and_ubsan(real, monkeypatch):
-    """Every launch of section 2's cases (65 launches, all kernels), each pointer argument in a
-    malloc of exactly its extent, in one child process; the outputs equal the -O2 build's, bit for
-    bit (no FMA contraction on either side, and neither reorders float sums)."""
+    """Every launch of section 2's cases (all kernels), each pointer argument in a malloc of exactly
+    its extent, in one child process; the outputs equal the -O2 build's, bit for bit (no FMA
+    contraction on either side, and neither reorders float sums). The kernels of PDL_KERNELS run as
+    PDL launches: every argument not marked IMMUTABLE is poisoned until the block's pdl_wait, so an
+    access before it would be reported (kernels.cu's PDL rule 1)."""
     asan_or_skip()
     launches = [launch for kernel in sorted(SIGNATURES) for launch in recorded_launches(monkeypatch, kernel)]
     assert sorted({launch.name for launch in launches}) == sorted(SIGNATURES)
+    assert {launch.name for launch in launches if launch.pdl} == pf.PDL_KERNELS
     results = cuda_cpu.run_sanitized(launches, order_seed=5, poison=0x00)
     for launch, sanitized in zip(launches, results):
         plain = replay(real, launch)
         for (ctype, pname), a, b in zip(real.kernels[launch.name].params, plain, sanitized):
             if ctype in WRITTEN:
                 assert bitwise_equal(a, b), (launch.name, pname)
+
+
+PDL_MUTATIONS = {  # id: (text in kernels.cu, its replacement, the kernel, the error, caught by ASan)
+    "layer-norm-reads-x-before-its-wait": (
+        "    pdl_wait();                                              // a decode-step kernel: x is the embedding just "
+        "written\n    layer_norm_row(x + (long long)blockIdx.x * D, weight, bias, y + (long long)blockIdx.x * D, D, eps, "
+        "s_warp);\n",
+        "    layer_norm_row(x + (long long)blockIdx.x * D, weight, bias, y + (long long)blockIdx.x * D, D, eps, s_warp);\n"
+        "    pdl_wait();\n",
+        "layer_norm_rows", r"touched argument 'x' before cudaGridDependencySynchronize", True),
+    "scan-step-writes-its-state-before-its-wait": (
+        "    pdl_wait();                                              // a decode-step kernel (rules above): x, xdbc come "
+        "from x_proj\n",
+        "    if (threadIdx.x == 0 && blockIdx.x == 0) ssm_state[0] = 0.0f;\n    pdl_wait();\n",
+        "scan_step", r"touched argument 'ssm_state' before cudaGridDependencySynchronize", True),
+    "gemv-block-leaves-before-its-wait": (
+        "    gemv(Bf16Weights{W}, x, bias, aux, y, rows, out_features, in_features, mode, has_bias, splits, s_part);",
+        "    if (blockIdx.x == 1) return;\n"
+        "    gemv(Bf16Weights{W}, x, bias, aux, y, rows, out_features, in_features, mode, has_bias, splits, s_part);",
+        "gemv_bf16", r"the block exited without reaching cudaGridDependencySynchronize", False),
+}
+
+
+@pytest.mark.parametrize("mutation", sorted(PDL_MUTATIONS))
+def test_a_kernel_breaking_a_pdl_rule_is_caught(real, monkeypatch, tmp_path, mutation):
+    """A read or a write before the wait (AddressSanitizer: the argument is named), a block that
+    leaves without waiting (the -O2 build): each on its kernel's section-2 launches, as PDL launches."""
+    old, new, kernel, error, sanitized = PDL_MUTATIONS[mutation]
+    source = open(pf.KERNELS_CU).read()
+    assert source.count(old) == 1, "the mutation's text is no longer in kernels.cu: update PDL_MUTATIONS"
+    path = tmp_path / "kernels.cu"
+    path.write_text(source.replace(old, new))
+    launches = recorded_launches(monkeypatch, kernel, cases=1)
+    assert launches and all(launch.pdl for launch in launches)
+    if sanitized:
+        asan_or_skip()
+        with pytest.raises(cuda_cpu.KernelError, match=error):
+            cuda_cpu.run_sanitized(launches, source=str(path))
+        cuda_cpu.run_sanitized(launches)                                # kernels.cu itself: clean
+    else:
+        with pytest.raises(cuda_cpu.KernelError, match=error):
+            replay(cuda_cpu.kernels(str(path)), launches[0])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ def kernel_signatures():
     for name, params in re.findall(pattern, src):
         found[name] = []
         for p in params.split(","):
-            p = " ".join(p.split())
+            p = " ".join(p.split()).removeprefix("IMMUTABLE ")            # (a marker for the PDL rules, no type)
             m = re.fullmatch(r"(.*?\*?)\s*(\w+)", p)
             ctype = m.group(1).replace(" *", "*").strip()
             found[name].append((ctype, m.group(2)))

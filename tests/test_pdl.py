@@ -180,3 +180,22 @@ def test_a_capture_that_refuses_pdl_launches_is_captured_again_without(monkeypat
 
 def test_the_pdl_kernels_are_kernels_of_kernels_cu():
     assert set(pf.PDL_KERNELS) <= set(SIGNATURES)
+
+
+@pytest.mark.parametrize("weights, kv_dtype", [("bfloat16", "float32"), ("int8", "bfloat16")])
+def test_a_decode_step_launches_only_pdl_kernels_after_its_first(tmp_path, monkeypatch, weights, kv_dtype):
+    """The embedding row follows the graph's copy-in node (not a kernel) and launches plainly; every
+    other kernel of the step keeps the PDL rules and goes with the attribute."""
+    import convert
+    from conftest import TINY
+    from test_gpu import gpu_code_path
+    convert.convert(TINY, tmp_path / "m", dtype=weights)
+    model = pf.load(tmp_path / "m", kv_dtype=kv_dtype)
+    with gpu_code_path(model, monkeypatch) as (gpu, _):
+        _, cache = gpu.prefill([5, 68, 417])
+        launched, launch = [], pf._launch
+        with monkeypatch.context() as m:
+            m.setattr(pf, "_launch", lambda twin, *a: launched.append(twin.__name__) or launch(twin, *a))
+            gpu.step(cache, 322)
+    assert launched[0] == ("embed_int8" if weights == "int8" else "embed_bf16") and launched[0] not in pf.PDL_KERNELS
+    assert set(launched[1:]) <= pf.PDL_KERNELS and len(launched) == 45        # the 8-layer fixture: 3 + 42
