@@ -735,6 +735,7 @@ def main(argv=None):
             bandwidths = device_bandwidths(_cupy)
             t = time.perf_counter()
             model = random_device_model(cfg, args.dtype)
+            model.kv_dtype = args.kv_dtype                                # its caches' K/V, as load(kv_dtype=) sets it
             _sync()
             results["load_s"] = results["generate_s"] = time.perf_counter() - t
         else:

@@ -2,6 +2,7 @@
 built and in variants: the numbers behind notes/gpu.md's "Decode on a GPU: the measured picture".
 
     python notes/gemv_sweep.py [--json notes/results/gemv-sweep.json] [--variants base,unroll2] [--contexts 2048]
+    python notes/gemv_sweep.py --chain --json out.json     # only the chain below (4), as PHI4FLASH_PDL says
 
 1. The real decode step (random real-size weights) at each --contexts length, captured as a CUDA
    graph with only some of its launches kept (all, the GEMVs, the attention, the LayerNorms, ...),
@@ -14,6 +15,8 @@ built and in variants: the numbers behind notes/gpu.md's "Decode on a GPU: the m
    denominator as bench.py's roofline: the products' floor is their weight bytes over the read
    bandwidth), an empty launch inside a graph, and torch's bf16 linear on the same shapes when torch
    is importable.
+4. --chain: the 138 products of a step back to back, each with its own weights, as one graph: the
+   cost of a launch boundary beyond the bytes' floor, with and without programmatic dependent launch.
 
 Which products a decode step makes, and how many of each, comes from the config's layer schedule
 (decode_products), not from a typed table; tests/test_gpu_roofline.py checks it against the
@@ -223,11 +226,41 @@ def step_breakdown(cp, context, read_GBps):
     return out
 
 
+def gemv_chain(cp, read_GBps, repeats=5):
+    """Every product of a real decode step (SHAPES: 138 launches), each with its own random bf16
+    weights so every read comes from HBM, launched back to back by phi4flash.cuda_gemv (so with
+    programmatic dependent launch unless PHI4FLASH_PDL=0) and captured as one graph: the products'
+    time per step against their floor (weight bytes over the read bandwidth), and what each launch
+    boundary costs beyond the floor. Run once per setting, each in its own process (notes/gpu_check.sh)."""
+    rng = cp.random.default_rng(1)
+    launches, nbytes = [], 0
+    for label, out, inp, mode, per_step in SHAPES:
+        rows = 2 * out if mode == pf.GEMV_SWIGLU else out
+        x, y = rng.standard_normal((1, inp), dtype=cp.float32), cp.zeros((1, out), cp.float32)
+        for _ in range(per_step):
+            W = (rng.standard_normal((rows, inp), dtype=cp.float32).view(cp.uint32) >> 16).astype(cp.uint16)
+            launches.append(lambda x=x, W=W, y=y, mode=mode, out=out: pf.cuda_gemv(x, W, y, mode, out_features=out))
+            nbytes += W.nbytes
+    step = graph_time(cp, launches, repeats) * len(launches)             # seconds per replay of the chain
+    floor = nbytes / (1e9 * read_GBps)
+    pdl = pf._pdl_driver() is not None
+    out = {"launches": len(launches), "weights_GB": nbytes / 1e9, "pdl": pdl,
+           "prefetch": os.environ.get("PHI4FLASH_PDL_PREFETCH", "1") != "0",
+           "step_ms": 1e3 * step, "floor_ms": 1e3 * floor, "x_floor": step / floor,
+           "per_boundary_us": 1e6 * (step - floor) / len(launches)}
+    print(f"the GEMV chain ({len(launches)} launches, {nbytes / 1e9:.2f} GB, PDL {'on' if pdl else 'off'}, "
+          f"prefetch {'on' if out['prefetch'] else 'off'}): {out['step_ms']:.3f} ms per step, floor "
+          f"{out['floor_ms']:.3f} ms ({out['x_floor']:.3f}x), {out['per_boundary_us']:.2f} us per boundary", flush=True)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
     ap.add_argument("--contexts", default="2048,32768", help="decode-step breakdowns at these contexts ('' for none)")
+    ap.add_argument("--chain", action="store_true",
+                    help="only: the decode step's 138 products as one graph of distinct weights (gemv_chain)")
     args = ap.parse_args(argv)
     try:
         cp = pf.require_cupy()
@@ -235,6 +268,12 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     results = bench.device_bandwidths(cp)                                # the roofline's read bandwidth, and the copy's
+    if args.chain:
+        results["chain"] = gemv_chain(cp, results["read_GBps"])
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+        return 0
     results["empty_launch_in_graph_us"] = empty_launch_us(cp)
     floor = sum(weight_bytes(p) * p[4] for p in SHAPES) / (1e9 * results["read_GBps"])
     results["products_floor_ms"] = 1e3 * floor
