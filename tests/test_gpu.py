@@ -132,6 +132,16 @@ def test_gpu_decode_and_chunks_mix_and_the_shared_buffer_grows(model, monkeypatc
 
 
 BF16_KV_SIZES = (5, 1, 1, 9) + (1,) * 24 + (17, 1, 1)   # chunks and steps, 3 windows of decode steps, growth
+# Two paths that store a bf16 K/V cache differ by more than their fp32 summation order: an fp32 value
+# ~1e-6 from a rounding boundary lands on the other side of it in one path (one bf16 step), and every
+# later layer's input then moves a little too (its attention saw the flipped key), so later layers'
+# K/V differ by up to ~1e-4 before rounding. How many flip depends on the order of the CPU path's
+# sums, so on NumPy's BLAS: of the 4,800 elements stored in assert_bf16_kv_path_equals_cpu, 10 with
+# NumPy 2.4 (logits' relative RMSE 1.1e-5) and 24 with NumPy 1.24, the floor (8.9e-5, one chunk
+# 2.2e-4; a difference of 1.5e-4 before rounding, several bf16 steps for a value near zero). So the
+# bounds: at most 1 % of the elements differ, each by one bf16 step plus 5e-4, and the logits by
+# BF16_KV_FLIPS_RMSE; the arithmetic itself is held to 3e-6 from the same cache bits.
+BF16_KV_FLIPS_RMSE = 5e-4
 
 
 def relative_rmse(got, want):
@@ -143,10 +153,10 @@ def assert_bf16_kv_path_equals_cpu(model, gpu, launches, monkeypatch):
     """A bfloat16 K/V cache on the GPU code path (`gpu`, its launch checker) against the CPU path with
     the same option.
     1. Chunks (the prefill kernels) and decode steps (attention_decode) mixed on one cache whose
-       shared K/V starts too small and grows. The two paths' fp32 K/V differ by ~1e-6 before they
-       are rounded, so a few elements (10 of the 4,800 stored here, measured) land on the
-       neighbouring bf16 value: the caches are the same bits elsewhere, and those differ by one bf16
-       step. The logits' relative RMSE: 1.1e-5 measured (fp32 K/V: 9.5e-7); the bound, 3e-5.
+       shared K/V starts too small and grows. A few elements round to a neighbouring bf16 value
+       (10 or 24 of the 4,800 stored here, measured: above); the caches are the same bits elsewhere.
+       The logits' relative RMSE: 1.1e-5 / 8.9e-5 measured (fp32 K/V: 9.5e-7); the bound,
+       BF16_KV_FLIPS_RMSE.
     2. Decode steps from the same cache bits on both paths: the attention reads the same values, so
        only fp32 summation order is left: relative RMSE <= 3e-6 (3.5e-7 to 4.5e-7 measured)."""
     seq = np.random.default_rng(19).integers(0, 500, sum(BF16_KV_SIZES))
@@ -156,7 +166,7 @@ def assert_bf16_kv_path_equals_cpu(model, gpu, launches, monkeypatch):
     want = [cpu.run(cpu_cache, seq[a:a + n], "all" if n > 1 else "last") for a, n in zip(starts, BF16_KV_SIZES)]
     cache = gpu.new_cache(2)
     got = [gpu.run(cache, seq[a:a + n], "all" if n > 1 else "last") for a, n in zip(starts, BF16_KV_SIZES)]
-    assert relative_rmse(np.concatenate(got), np.concatenate(want)) <= 3e-5
+    assert relative_rmse(np.concatenate(got), np.concatenate(want)) <= BF16_KV_FLIPS_RMSE
     flipped = stored = 0
     for i, kv in cache.kv.items():
         n = kv.k.shape[1] if kv.window else kv.length
@@ -164,7 +174,8 @@ def assert_bf16_kv_path_equals_cpu(model, gpu, launches, monkeypatch):
         assert kv.k.dtype == np.uint16 and np.array_equal(kv.pos[:n], cpu_cache.kv[i].pos[:n]), i
         for a, b in zip(mine, theirs):
             flipped, stored = flipped + int((a != b).sum()), stored + a.size
-            assert np.abs(a.astype(np.int32) - b.astype(np.int32)).max() <= 1, i   # one bf16 step at most
+            wide, want = pf.bf16_to_f32(a), pf.bf16_to_f32(b)             # one bf16 step (<= 2^-7 of the value)
+            assert (np.abs(wide - want) <= 2 ** -7 * np.abs(want) + 5e-4).all(), i   # + what earlier flips moved
     assert flipped <= stored // 100
     assert cache.shared(model.config).k.shape[1] >= len(seq)
     for token in (7, 99, 345):                                        # one step each from the same bits
@@ -540,14 +551,14 @@ def test_gpu_greedy_generation_and_turns_match_cpu(gpu_model, model, ref):
 def test_gpu_bf16_kv_cache_equals_the_cpu_path_with_the_same_option(cupy_gpu, converted, ref):
     """bf16 K/V on the device (the Wqkv GEMV's _qkv16 store, attention_*_bf16) against the CPU path
     with the same option: 24 greedy steps after a prefill, replayed as a CUDA graph. The bound is the
-    one through the twins (assert_bf16_kv_path_equals_cpu): a few K/V elements round to the
-    neighbouring bf16 value, the rest is fp32 summation order."""
+    one through the twins (BF16_KV_FLIPS_RMSE): a few K/V elements round to the neighbouring bf16
+    value, the rest is fp32 summation order."""
     gpu, cpu = pf.load(converted, device="cuda", kv_dtype="bfloat16"), pf.load(converted, kv_dtype="bfloat16")
     for p in PROMPTS:
         ids = ref[f"{p}_input_ids"]
         seq, rows, cache = greedy_decode(gpu, ids, 24)
         want_seq, want_rows, _ = greedy_decode(cpu, ids, 24)
-        assert seq == want_seq and relative_rmse(np.array(rows), np.array(want_rows)) <= 3e-5, p
+        assert seq == want_seq and relative_rmse(np.array(rows), np.array(want_rows)) <= BF16_KV_FLIPS_RMSE, p
         assert cache.cuda.graph is not None and cache.cuda.graph_error == ""
         assert all(kv.k.dtype == np.uint16 for kv in cache.kv.values())
 
