@@ -122,18 +122,19 @@ def decode_bytes_data():
     weights = {w: weight_bytes(cfg, w) for w in ("bfloat16", "int8")}
     parts = [step_parts(cfg, "float32", x) for x in xs]
     stack = [{"label": "weights (bf16)", "y": [weights["bfloat16"] / GB] * len(xs)}]
-    stack += [{"label": name, "y": [p[name] / GB for p in parts]} for name in parts[0]]
+    stack += [{"label": name + (", read and written" if name == "Mamba states" else ""), "y": [p[name] / GB for p in parts]}
+              for name in parts[0]]
     totals = [{"label": OPTIONS[w, kv][0], "colour": OPTIONS[w, kv][1], "weights": w, "kv_dtype": kv,
                "y": [(weights[w] + sum(step_parts(cfg, kv, x).values())) / GB for x in xs]}
               for w, kv in OPTIONS if w in weights]
-    plain_series = {"label": "Phi-4-mini-reasoning: 32 layers, each its own K/V (bf16)",
+    plain_series = {"label": f"Phi-4-mini-reasoning ({plain['parameters'] / 1e9:.2f}B): "
+                             f"{PHI4_MINI_REASONING['num_hidden_layers']} layers, each its own K/V (bf16)",
                     "y": [(plain["weights"] + x * plain["kv_per_token"]) / GB for x in xs]}
     floors = [{"label": "SambaY, bf16 weights only", "y": weights["bfloat16"] / GB},
               {"label": "SambaY, int8 weights only", "y": weights["int8"] / GB},
               {"label": "Phi-4-mini-reasoning, weights only", "y": plain["weights"] / GB}]
     return {"x": xs, "stack": stack, "totals": totals, "plain": plain_series, "floors": floors,
-            "readers": bench.shared_kv_readers(cfg), "plain_parameters": plain["parameters"],
-            "sambay_parameters": sum(math.prod(s) for s in phi4flash.tensor_shapes(cfg).values())}
+            "readers": bench.shared_kv_readers(cfg), "sambay": params_text(cfg)}
 
 
 def cache_memory_data():
@@ -147,7 +148,7 @@ def cache_memory_data():
             "stack": [{"label": name, "y": [p[name] / GB for p in parts]} for name in parts[0]],
             "bf16_kv": {"label": "SambaY, bf16 K/V", "colour": OPTIONS["bfloat16", "bfloat16"][1],
                         "y": [sum(cache_parts(cfg, "bfloat16", x).values()) / GB for x in xs]},
-            "plain": {"label": "Phi-4-mini-reasoning (bf16 K/V, 32 layers)",
+            "plain": {"label": f"Phi-4-mini-reasoning (bf16 K/V, {PHI4_MINI_REASONING['num_hidden_layers']} layers)",
                       "y": [x * plain["kv_per_token"] / GB for x in xs]}}
 
 
@@ -393,24 +394,24 @@ def plot_decode_bytes(data, path):
     a.stackplot(x, *[s["y"] for s in data["stack"]], labels=["SambaY, " + t for t in _stack_labels(data["stack"],
                 data["readers"])], colors=["#9ecae1", "#fdae6b", "#a1d99b", "tab:blue"])
     a.plot(x, data["plain"]["y"], color=PLAIN_COLOUR, lw=1.8, label=data["plain"]["label"])
-    a.set_title("What one decode step reads (SambaY: bf16 weights, fp32 K/V)", loc="left")
+    a.set_title(f"What one decode step reads (SambaY {data['sambay']}: bf16 weights, fp32 K/V)", loc="left")
     a.legend(loc="upper left", fontsize=8)
     for s in data["totals"]:
         b.plot(x, s["y"], color=s["colour"], lw=1.8, label="SambaY, " + s["label"])
     b.plot(x, data["plain"]["y"], color=PLAIN_COLOUR, lw=1.8, label=data["plain"]["label"])
-    b.set_title("With the options of note 11", loc="left")
+    b.set_title("With the options of note 11; dotted: the weights-only floors", loc="left")
     b.legend(loc="upper left", fontsize=8)
     bf16, int8, plain = data["floors"]
-    for ax in (a, b):                                    # the floors: what a step reads at context 0
+    for ax, text, gap in ((a, "weights-only floor: ", ", "), (b, "", "\n")):   # a step's bytes at context 0
         ax.axhline(bf16["y"], color="tab:blue", ls=":", lw=1.2)
-        ax.annotate(f"weights-only floor: SambaY bf16 {bf16['y']:.2f} GB, Phi-4-mini-reasoning {plain['y']:.2f} GB",
-                    (x[-1], bf16["y"]), xytext=(-4, -11), textcoords="offset points", ha="right", fontsize=8)
+        ax.annotate(f"{text}SambaY bf16 {bf16['y']:.2f} GB{gap}Phi-4-mini-reasoning {plain['y']:.2f} GB",
+                    (x[0], bf16["y"]), xytext=(4, -3), textcoords="offset points", ha="left", va="top", fontsize=8)
         ax.set_xlabel("context (K tokens)")
         ax.set_ylabel("bytes read per token (GB)")
         ax.set_xlim(0, x[-1])
-        ax.set_ylim(0, max(max(data["plain"]["y"]), max(max(s["y"]) for s in data["totals"])) * 1.02)
+        ax.set_ylim(0, max(max(data["plain"]["y"]), max(max(s["y"]) for s in data["totals"])) * 1.3)  # room: legend
     b.axhline(int8["y"], color="tab:green", ls=":", lw=1.2)
-    b.annotate(f"weights-only floor: SambaY int8 {int8['y']:.2f} GB", (x[-1], int8["y"]), xytext=(-4, -11),
+    b.annotate(f"SambaY int8 {int8['y']:.2f} GB", (x[-1], int8["y"]), xytext=(-4, -11),
                textcoords="offset points", ha="right", fontsize=8)
     _save(fig, path)
 
