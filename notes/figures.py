@@ -66,7 +66,8 @@ class MissingResults(Exception):
 
 def weight_bytes(cfg, weights_dtype):
     """Bytes of every stored tensor of a converted file (the table convert.py writes)."""
-    return sum(math.prod(shape) * convert.BYTES[d] for shape, d in phi4flash.stored_tensors(cfg, weights_dtype).values())
+    stored = phi4flash.stored_tensors(cfg, weights_dtype).values()
+    return sum(math.prod(shape) * convert.BYTES[d] for shape, d in stored)
 
 
 def kv_row(cfg, kv_dtype):
@@ -122,8 +123,8 @@ def decode_bytes_data():
     weights = {w: weight_bytes(cfg, w) for w in ("bfloat16", "int8")}
     parts = [step_parts(cfg, "float32", x) for x in xs]
     stack = [{"label": "weights (bf16)", "y": [weights["bfloat16"] / GB] * len(xs)}]
-    stack += [{"label": name + (", read and written" if name == "Mamba states" else ""), "y": [p[name] / GB for p in parts]}
-              for name in parts[0]]
+    stack += [{"label": name + (", read and written" if name == "Mamba states" else ""),
+               "y": [p[name] / GB for p in parts]} for name in parts[0]]
     totals = [{"label": OPTIONS[w, kv][0], "colour": OPTIONS[w, kv][1], "weights": w, "kv_dtype": kv,
                "y": [(weights[w] + sum(step_parts(cfg, kv, x).values())) / GB for x in xs]}
               for w, kv in OPTIONS if w in weights]
@@ -230,7 +231,8 @@ def decode_roofline_data(device="cpu", results=RESULTS):
             "colour": OPTIONS[r["dtype"], kv][1], "denominator": denominator, "bandwidth_GBps": bandwidth / GB,
             "x": [d["context"] for d in r["decode"]], "y": [1e3 * d["s_per_token"] for d in r["decode"]],
             "share": [d["roofline_s"] / d["s_per_token"] for d in r["decode"]],
-            "roofline": roofline_line(cfg, r["weights_GB"] * GB, kv, bandwidth, max(d["context"] for d in r["decode"]))})
+            "roofline": roofline_line(cfg, r["weights_GB"] * GB, kv, bandwidth,
+                                      max(d["context"] for d in r["decode"]))})
     for path, r in (real_size_runs(results) if device == "cpu" else []):
         cfg = real_size_config(r)
         panel = panels.setdefault("real", {"title": f"real size: {params_text(cfg)} parameters, CPU, "
@@ -420,7 +422,8 @@ def plot_cache_memory(data, path):
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4), layout="constrained")
     x = np.array(data["x"]) / 1024
-    ax.stackplot(x, *[s["y"] for s in data["stack"]], labels=[f"SambaY, {t} (fp32)" for t in _stack_labels(data["stack"])],
+    ax.stackplot(x, *[s["y"] for s in data["stack"]],
+                 labels=[f"SambaY, {t} (fp32)" for t in _stack_labels(data["stack"])],
                  colors=["#fdae6b", "#a1d99b", "tab:blue"])
     ax.plot(x, data["bf16_kv"]["y"], color=data["bf16_kv"]["colour"], lw=1.8, ls="--", label=data["bf16_kv"]["label"])
     ax.plot(x, data["plain"]["y"], color=PLAIN_COLOUR, lw=1.8, label=data["plain"]["label"])
@@ -440,7 +443,8 @@ def _roofline_legend(fig, series, many=True):
     """One legend for all panels: the options in OPTIONS order, then what a dot and a dashed line are."""
     from matplotlib.lines import Line2D
     present = {(s["weights"], s["kv_dtype"]) for s in series}
-    handles = [Line2D([], [], color=OPTIONS[o][1], marker="o", ls="--", label=OPTIONS[o][0]) for o in OPTIONS if o in present]
+    handles = [Line2D([], [], color=OPTIONS[o][1], marker="o", ls="--", label=OPTIONS[o][0])
+               for o in OPTIONS if o in present]
     handles.append(Line2D([], [], color="grey", marker="o", ls="", label="measured: the median step"))
     denominators = " / ".join(sorted({s["denominator"] for s in series}))
     handles.append(Line2D([], [], color="grey", ls="--", label=f"roofline: the step's bytes at the {denominators} "
@@ -508,8 +512,8 @@ def plot_masks(data, path):
                  fontweight="bold", fontsize=10)
     for ax, layer in zip(top.subplots(1, 3), data["layers"]):
         ax.imshow(np.array(layer["mask"]), cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
-        ax.set_title(f"layer {layer['layer']}: {layer['what']}" + (f", W = {layer['window']}" if layer["window"] else ""),
-                     loc="left")
+        window = f", W = {layer['window']}" if layer["window"] else ""
+        ax.set_title(f"layer {layer['layer']}: {layer['what']}{window}", loc="left")
         ax.set_xlabel("key position s")
         ax.set_ylabel("query position t")
         ticks = list(range(0, T, 4))
@@ -545,8 +549,9 @@ def plot_trace_diff(data, path):
     index = {n: i for i, n in enumerate(data["names"])}
     found = [d for c in ("clean", "reference") for d in data[c]["diffs"].values() if d > 0]
     floor = 10.0 ** (math.floor(math.log10(min(found))) - 1)   # where an exact 0 is drawn on the log axis
-    for key, colour, marker, text in (("clean", "tab:red", "o", "against a clean phi4flash trace (every tensor)"),
-                                      ("reference", "tab:blue", "s", "against the fixture's reference.npz (residuals)")):
+    for key, colour, marker, text in (
+            ("clean", "tab:red", "o", "against a clean phi4flash trace (every tensor)"),
+            ("reference", "tab:blue", "s", "against the fixture's reference.npz (residuals)")):
         c = data[key]
         names = list(c["diffs"])
         ax.plot([index[n] for n in names], [max(c["diffs"][n], floor) for n in names], color=colour, marker=marker,
@@ -571,7 +576,8 @@ def plot_trace_diff(data, path):
     for s in starts[1:]:
         ax.axvline(s - 0.5, color="#e8e8e8", lw=0.8, zorder=0)
     ax.set_xlim(-0.7, len(data["names"]) - 0.3)
-    ax.set_xlabel("traced tensors in forward order, by layer (mixer_in, [memory, shared K/V,] mixer_out, mlp_out, residual)")
+    ax.set_xlabel("traced tensors in forward order, by layer "
+                  "(mixer_in, [memory, shared K/V,] mixer_out, mlp_out, residual)")
     ax.set_ylabel("max |ours − reference|")
     ax.set_title(f"Noise in layer 3's attn.out_proj: where the traces part ({data['tokens']} tokens)", loc="left")
     ax.legend(loc="lower right", fontsize=8)
