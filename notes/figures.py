@@ -235,8 +235,9 @@ def decode_roofline_data(device="cpu", results=RESULTS):
                                       max(d["context"] for d in r["decode"]))})
     for path, r in (real_size_runs(results) if device == "cpu" else []):
         cfg = real_size_config(r)
-        panel = panels.setdefault("real", {"title": f"real size: {params_text(cfg)} parameters, CPU, "
-                                                    f"{r['machine']['cpus']} cores", "series": []})
+        size = "real" if cfg == bench.SIZES["real"] else f"reduced {params_text(cfg)}"   # --layers, --hidden
+        panel = panels.setdefault(size, {"title": f"{size} size: {params_text(cfg)} parameters, CPU, "
+                                                  f"{r['machine']['cpus']} cores", "series": []})
         for w, entry in r["dtypes"].items():
             run = entry["run"]
             found = {"float32": ([run["prefill_tokens"]], [1e3 * statistics.median(run["decode_s"])])}
@@ -254,7 +255,8 @@ def decode_roofline_data(device="cpu", results=RESULTS):
     if not panels:
         raise MissingResults(f"no decode results for the {device} in {_rel(results)}/: {DECODE_COMMANDS[device]} "
                              "makes them")
-    return {"device": device, "panels": [panels[p] for p in bench.SIZES if p in panels]}
+    order = [p for p in bench.SIZES if p in panels] + [p for p in panels if p not in bench.SIZES]
+    return {"device": device, "panels": [panels[p] for p in order]}
 
 
 def prefill_data(results=RESULTS):
