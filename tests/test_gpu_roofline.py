@@ -9,8 +9,6 @@ reading the shared K/V. The denominator, device_bandwidths' read-only kernel, co
 kernels.cu does (nvcc for sm_90 without spills, NVRTC as CuPy calls it); its time is the GPU's.
 """
 import collections
-import ctypes
-import glob
 import inspect
 import os
 import re
@@ -23,7 +21,7 @@ import pytest
 import phi4flash as pf
 from conftest import ROOT
 from test_gpu import random_model
-from test_kernels import find_libnvrtc, find_nvcc
+from test_kernels import find_nvcc, nvrtc_compile
 
 sys.path.insert(0, os.path.join(ROOT, "notes"))
 import bench  # noqa: E402
@@ -129,19 +127,6 @@ def test_the_read_kernel_compiles_with_nvcc_without_spills(tmp_path):
 
 
 def test_the_read_kernel_compiles_with_nvrtc_as_cupy_calls_it():
-    lib = find_libnvrtc()
-    if lib is None:
-        pytest.skip("libnvrtc not found (pip install nvidia-cuda-nvrtc, or a CUDA toolkit with NVRTC)")
-    for builtins in glob.glob(os.path.join(os.path.dirname(lib), "libnvrtc-builtins.so*")):
-        ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
-    nvrtc = ctypes.CDLL(lib)
-    prog = ctypes.c_void_p()
-    assert nvrtc.nvrtcCreateProgram(ctypes.byref(prog), bench.READ_KERNEL.encode(), b"read_only.cu", 0, None, None) == 0
     opts = [b"-arch=compute_90", b"--device-as-default-execution-space"]  # RawKernel's defaults: no -std, no -ftz
-    result = nvrtc.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
-    size = ctypes.c_size_t()
-    nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-    log = ctypes.create_string_buffer(size.value)
-    nvrtc.nvrtcGetProgramLog(prog, log)
-    nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
-    assert result == 0 and "warning" not in log.value.decode(errors="replace").lower(), log.value[-3000:]
+    result, log = nvrtc_compile(bench.READ_KERNEL.encode(), b"read_only.cu", opts)
+    assert result == 0 and "warning" not in log.lower(), log[-3000:]

@@ -655,9 +655,9 @@ def find_libnvrtc():
     return candidates[0] if candidates else None
 
 
-def test_kernels_cu_compiles_with_nvrtc_as_cupy_calls_it():
-    """CuPy's RawModule compiles with NVRTC (no host headers, -ftz=true -std=c++17
-    --device-as-default-execution-space); nvcc alone would not catch NVRTC-only failures."""
+def nvrtc_compile(src, name, opts):
+    """Compile CUDA source with NVRTC as CuPy does (skip the test when libnvrtc is missing): the
+    result code and the compiler's log."""
     lib = find_libnvrtc()
     if lib is None:
         pytest.skip("libnvrtc not found (pip install nvidia-cuda-nvrtc, or a CUDA toolkit with NVRTC)")
@@ -665,16 +665,21 @@ def test_kernels_cu_compiles_with_nvrtc_as_cupy_calls_it():
         ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)  # NVRTC 13.0 dlopens it by name, not from its own folder
     nvrtc = ctypes.CDLL(lib)
     prog = ctypes.c_void_p()
-    src = open(KERNELS_CU, "rb").read()
-    assert nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src, b"kernels.cu", 0, None, None) == 0
-    opts = [b"-std=c++17", b"-ftz=true", b"-arch=compute_90", b"--device-as-default-execution-space"]
+    assert nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src, name, 0, None, None) == 0
     result = nvrtc.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
     size = ctypes.c_size_t()
     nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
     log = ctypes.create_string_buffer(size.value)
     nvrtc.nvrtcGetProgramLog(prog, log)
     nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
-    text = log.value.decode(errors="replace")
+    return result, log.value.decode(errors="replace")
+
+
+def test_kernels_cu_compiles_with_nvrtc_as_cupy_calls_it():
+    """CuPy's RawModule compiles with NVRTC (no host headers, -ftz=true -std=c++17
+    --device-as-default-execution-space); nvcc alone would not catch NVRTC-only failures."""
+    opts = [b"-std=c++17", b"-ftz=true", b"-arch=compute_90", b"--device-as-default-execution-space"]
+    result, text = nvrtc_compile(open(KERNELS_CU, "rb").read(), b"kernels.cu", opts)
     assert result == 0, text[-3000:]
     assert "warning" not in text.lower(), text[-3000:]
 
