@@ -311,6 +311,19 @@ def weight_tensors(model):
             yield from (a for a in found if not any(a.base is b for b in found))
 
 
+def _ms_per_matrix(fn, arrays, x, repeats):
+    """Milliseconds of fn(x, W) per matrix W, the best of `repeats` passes over the cycled arrays
+    (a first call outside the clock compiles and warms)."""
+    fn(x, arrays[0])
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for a in arrays:
+            fn(x, a)
+        best = min(best, time.perf_counter() - t)
+    return 1e3 * best / len(arrays)
+
+
 def bf16_profile(rows=10240, cols=2560, repeats=5):
     """Where a bf16 weight's time goes in a few-row product, on a matrix of the real MLP's shape
     cycled through 8 copies (420 MB) so every read comes from RAM as in decoding: fp32 BLAS on the
@@ -320,16 +333,6 @@ def bf16_profile(rows=10240, cols=2560, repeats=5):
     mats = [convert.f32_to_bf16(rng.standard_normal((rows, cols), dtype=np.float32)) for _ in range(8)]
     f32s = [phi4flash.bf16_to_f32(m) for m in mats[:4]]
     gemv = phi4flash.compiled_gemv()
-
-    def ms(fn, arrays, x):
-        fn(x, arrays[0])
-        best = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            for a in arrays:
-                fn(x, a)
-            best = min(best, time.perf_counter() - t)
-        return 1e3 * best / len(arrays)
 
     def compiled(x, W):
         gemv(x, W, np.empty((x.shape[0], W.shape[0]), np.float32))
@@ -341,10 +344,11 @@ def bf16_profile(rows=10240, cols=2560, repeats=5):
     xs = {T: rng.standard_normal((T, cols), dtype=np.float32) for T in (1, 4, 16, 32, 64, 128)}
     # BLAS first, the compiled product last: numba's threads spin a while after each call, and BLAS's
     # threads measured in that while would show the stall the decode step avoids (cpu_threads)
-    blas = {T: ms(lambda x, W: x @ W.T, f32s, x) for T, x in xs.items()}
-    blocks = {T: ms(phi4flash.bf16_matmul_blocks, mats, x) for T, x in xs.items()}
+    blas = {T: _ms_per_matrix(lambda x, W: x @ W.T, f32s, x, repeats) for T, x in xs.items()}
+    blocks = {T: _ms_per_matrix(phi4flash.bf16_matmul_blocks, mats, x, repeats) for T, x in xs.items()}
     with threadpool_limits(1, "blas"):  # as a compiled step runs
-        fast = {T: ms(compiled, mats, x) if gemv is not None else float("nan") for T, x in xs.items()}
+        fast = {T: _ms_per_matrix(compiled, mats, x, repeats) if gemv is not None else float("nan")
+                for T, x in xs.items()}
     print("| rows | fp32 BLAS ms | compiled bf16 ms (GB/s) | NumPy widen + BLAS ms (GB/s) |\n|---|---|---|---|")
     gb = lambda t: mats[0].nbytes / t / 1e6  # noqa: E731
     for T in xs:
@@ -362,15 +366,11 @@ def int8_profile(rows=10240, cols=2560, repeats=5):
     del f32s
     bf16, int8 = phi4flash.compiled_gemv(), phi4flash.compiled_gemv_int8()
 
-    def ms(fn, arrays, x):
-        fn(x, arrays[0])
-        best = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            for a in arrays:
-                fn(x, a)
-            best = min(best, time.perf_counter() - t)
-        return 1e3 * best / len(arrays)
+    def compiled_int8(x, W):
+        int8(x, W.q, W.scales, np.empty((x.shape[0], rows), np.float32))
+
+    def compiled_bf16(x, W):
+        bf16(x, W, np.empty((x.shape[0], rows), np.float32))
 
     from threadpoolctl import threadpool_limits
     bw = copy_bandwidth()
@@ -379,13 +379,11 @@ def int8_profile(rows=10240, cols=2560, repeats=5):
           f"(values + scales, {nbytes / 1e6:.1f} MB) at that rate: {1e3 * nbytes / bw:.2f} ms, bf16's "
           f"{1e3 * mats[0].nbytes / bw:.2f} ms\n")
     xs = {T: rng.standard_normal((T, cols), dtype=np.float32) for T in (1, 4, 16, 32, 64, 128, 512)}
-    blocks = {T: ms(phi4flash.int8_matmul_blocks, int8s, x) for T, x in xs.items()}
-    bf16_blocks = {T: ms(phi4flash.bf16_matmul_blocks, mats, x) for T, x in xs.items()}
+    blocks = {T: _ms_per_matrix(phi4flash.int8_matmul_blocks, int8s, x, repeats) for T, x in xs.items()}
+    bf16_blocks = {T: _ms_per_matrix(phi4flash.bf16_matmul_blocks, mats, x, repeats) for T, x in xs.items()}
     with threadpool_limits(1, "blas"):  # as a compiled step runs
-        fast = {T: ms(lambda x, W: int8(x, W.q, W.scales, np.empty((x.shape[0], rows), np.float32)), int8s, x)
-                for T, x in xs.items() if T <= 128}
-        fast16 = {T: ms(lambda x, W: bf16(x, W, np.empty((x.shape[0], rows), np.float32)), mats, x)
-                  for T, x in xs.items() if T <= 128}
+        fast = {T: _ms_per_matrix(compiled_int8, int8s, x, repeats) for T, x in xs.items() if T <= 128}
+        fast16 = {T: _ms_per_matrix(compiled_bf16, mats, x, repeats) for T, x in xs.items() if T <= 128}
     print("| rows | compiled int8 ms (GB/s) | compiled bf16 ms (GB/s) | int8 blocks + BLAS ms | bf16 blocks + BLAS ms |\n"
           "|---|---|---|---|---|")
     for T in xs:
