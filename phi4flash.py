@@ -828,7 +828,7 @@ def _is_int(v):
 
 
 def _is_number(v):
-    return (_is_int(v) or isinstance(v, (float, np.floating))) and not isinstance(v, (bool, np.bool_))
+    return _is_int(v) or isinstance(v, (float, np.floating))             # bool is neither
 
 
 API_ARGS = {  # argument -> (is it acceptable, given the model; what is expected)

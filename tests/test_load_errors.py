@@ -112,6 +112,8 @@ def bad_calls(model):
         (lambda: gen(temperature=float("inf")), "temperature: expected a finite number >= 0 (0 = greedy), got inf"),
         (lambda: gen(temperature=-0.5), "temperature: expected a finite number >= 0 (0 = greedy), got -0.5"),
         (lambda: gen(temperature="0.6"), "temperature: expected a finite number >= 0 (0 = greedy), got '0.6'"),
+        (lambda: gen(temperature=True), "temperature: expected a finite number >= 0 (0 = greedy), got True"),
+        (lambda: gen(top_p=True), "top_p: expected a number in (0, 1], got True"),
         (lambda: gen(top_p=0), "top_p: expected a number in (0, 1], got 0"),
         (lambda: gen(top_p=1.5), "top_p: expected a number in (0, 1], got 1.5"),
         (lambda: gen(top_p=float("nan")), "top_p: expected a number in (0, 1], got nan"),
