@@ -22,6 +22,12 @@ def ref():
     return np.load(os.path.join(TINY, "reference.npz"))
 
 
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """An empty conversion cache (PHI4FLASH_CACHE) for the programs a test module runs."""
+    return tmp_path_factory.mktemp("phi4flash-cache")
+
+
 @pytest.fixture(scope="session")
 def converted(tmp_path_factory):
     """The tiny fixture converted with the default settings (bf16 weight matrices)."""

@@ -295,15 +295,12 @@ def test_save_and_load_read_the_conversation_once(model, tmp_path):
 # ----------------------------------------------------------------------------------------------
 # The program: one-shot and piped
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("phi4flash-cache")
-
-
-def chat_run(*args, stdin=None, cache=None):
+def chat_run(*args, stdin=None, cache=None, text=True):
+    """chat.py ARGS with the conversion cache `cache`; text=False: stdin and the outputs as bytes (a pipe
+    carries bytes, not text; an argument may be bytes either way)."""
     env = {**os.environ, "PHI4FLASH_CACHE": str(cache)}
     return subprocess.run([sys.executable, os.path.join(ROOT, "chat.py"), *args], input=stdin,
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+                          capture_output=True, text=text, cwd=ROOT, env=env, timeout=120)
 
 
 def test_one_shot_chat_prints_the_greedy_generation(tmp_path, model):

@@ -36,10 +36,11 @@ def tree(path):
 
 
 def one_error_line(r, *words, code=2):
-    assert r.returncode == code, (r.returncode, r.stderr)
-    assert "Traceback" not in r.stderr, r.stderr
-    lines = [line for line in r.stderr.strip().splitlines() if not line.startswith("note: ")]
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    err = r.stderr.decode("utf-8", "replace") if isinstance(r.stderr, bytes) else r.stderr  # a run with text=False
+    assert r.returncode == code, (r.returncode, err)
+    assert "Traceback" not in err, err
+    lines = [line for line in err.strip().splitlines() if not line.startswith("note: ")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
     for w in words:
         assert str(w) in lines[0], (w, lines[0])
     return lines[0]

@@ -19,30 +19,9 @@ import pytest
 import chat
 import phi4flash
 from conftest import ROOT, TINY, copy_snapshot
-from test_chat import spawn, suffix_tokens, turn_stats
+from test_chat import chat_run, spawn, suffix_tokens, turn_stats
 from test_failures import one_error_line, partials, run, start_slow, tree
 from test_hf_cache import REPO, fake_hub
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("phi4flash-cache")
-
-
-def chat_bytes(*args, stdin=None, cache, env=None):
-    """chat.py with arguments and stdin given as bytes (a command line and a pipe carry bytes, not text)."""
-    return subprocess.run([sys.executable, os.path.join(ROOT, "chat.py"), *args], input=stdin, capture_output=True,
-                          cwd=ROOT, env={**os.environ, "PHI4FLASH_CACHE": str(cache), **(env or {})}, timeout=120)
-
-
-def one_line(r, *words, code=2):
-    err = r.stderr.decode("utf-8", "replace")
-    assert r.returncode == code and "Traceback" not in err, err
-    lines = [line for line in err.strip().splitlines() if not line.startswith("note: ")]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-    return lines[0]
 
 
 def stats(child):
@@ -65,13 +44,13 @@ def bye(child):
 # 1. Input that is not text
 
 def test_invalid_utf8_in_a_one_shot_prompt_is_one_line(cache_dir):
-    r = chat_bytes("--temp", "0", "-n", "2", stdin=b"hi \xff there\n", cache=cache_dir)
-    assert one_line(r) == "error: stdin: not valid UTF-8 text (byte 0xff at character 4)" and r.stdout == b""
-    r = chat_bytes("--prompt", b"caf\xe9?", "--temp", "0", "-n", "2", cache=cache_dir)
-    assert one_line(r) == "error: --prompt: not valid UTF-8 text (byte 0xe9 at character 4)" and r.stdout == b""
-    r = chat_bytes("--prompt", "hi", "--system", b"be \xc3", cache=cache_dir)
-    assert one_line(r) == "error: --system: not valid UTF-8 text (byte 0xc3 at character 4)"
-    r = chat_bytes("--temp", "0", "-n", "2", stdin="café\n".encode(), cache=cache_dir)  # valid UTF-8 still works
+    r = chat_run("--temp", "0", "-n", "2", stdin=b"hi \xff there\n", cache=cache_dir, text=False)
+    assert one_error_line(r) == "error: stdin: not valid UTF-8 text (byte 0xff at character 4)" and r.stdout == b""
+    r = chat_run("--prompt", b"caf\xe9?", "--temp", "0", "-n", "2", cache=cache_dir, text=False)
+    assert one_error_line(r) == "error: --prompt: not valid UTF-8 text (byte 0xe9 at character 4)" and r.stdout == b""
+    r = chat_run("--prompt", "hi", "--system", b"be \xc3", cache=cache_dir, text=False)
+    assert one_error_line(r) == "error: --system: not valid UTF-8 text (byte 0xc3 at character 4)"
+    r = chat_run("--temp", "0", "-n", "2", stdin="café\n".encode(), cache=cache_dir, text=False)  # valid UTF-8 still works
     assert r.returncode == 0 and r.stdout.strip(), r.stderr
 
 
